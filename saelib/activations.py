@@ -1,0 +1,165 @@
+"""The on-disk activation cache: one LM pass per (model, hook, corpus split, size), reused by every SAE of a study.
+
+Activations of ``blocks.{L}.hook_resid_post`` are computed with ``stop_at_layer`` (no logits), special-token
+positions dropped, and written to a memory-mapped ``.npy`` with a progress file so an interrupted build resumes.
+Serving shuffles rows per epoch from a seed. This module does not tokenize text (see ``saelib.corpus``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+ACTS_FILE = "acts.npy"
+META_FILE = "meta.json"
+PROGRESS_FILE = "progress.json"
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything that determines the cached activations; its hash names the cache folder."""
+
+    model_name: str
+    hook_name: str
+    corpus_id: str
+    """Dataset name + corpus version + split, from ``saelib.corpus``."""
+    n_rows: int
+    context_size: int
+    dtype: str = "float32"
+
+    def digest(self) -> str:
+        blob = json.dumps({**self.__dict__, "cache_version": CACHE_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ActivationCache:
+    """A finished cache folder: ``acts`` is a read-only memmap (n_rows, d_in); ``mean_D`` its per-dimension mean."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / META_FILE).read_text())
+        if not self.meta.get("complete"):
+            raise RuntimeError(f"activation cache {self.folder} is incomplete; build it with build_activation_cache")
+        self.acts = np.load(self.folder / ACTS_FILE, mmap_mode="r")
+        self.mean_D = torch.tensor(self.meta["mean"], dtype=torch.float32)
+
+    @property
+    def n_rows(self) -> int:
+        return self.acts.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.acts.shape[1]
+
+    def rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.acts[start:stop]))
+
+
+def build_activation_cache(
+    model, tokens_NS: np.ndarray, key: CacheKey, root: Path, special_ids: set[int], lm_batch_size: int = 16,
+) -> ActivationCache:
+    """Compute (or finish, or just open) the cache for ``key`` from token sequences ``tokens_NS``.
+
+    Rows come from sequences in order, special-token positions excluded, until ``key.n_rows`` are written.
+    """
+    folder = Path(root) / key.digest()
+    if (folder / META_FILE).exists() and json.loads((folder / META_FILE).read_text()).get("complete"):
+        return ActivationCache(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    d_in = model.cfg.d_model
+    acts = _open_acts_file(folder / ACTS_FILE, key.n_rows, d_in)
+    progress = _read_progress(folder)
+    rows, seq = progress["rows"], progress["seqs"]
+    layer = int(key.hook_name.split(".")[1])
+    bar = tqdm(total=key.n_rows, initial=rows, desc=f"caching {key.hook_name}", unit="tok")
+    special = torch.tensor(sorted(special_ids), dtype=torch.long)
+    while rows < key.n_rows:
+        if seq >= len(tokens_NS):
+            raise ValueError(
+                f"cache_tokens: the corpus split {key.corpus_id} ran out after {rows} of {key.n_rows} rows; "
+                "ask for fewer tokens or a larger corpus"
+            )
+        batch = torch.from_numpy(np.asarray(tokens_NS[seq: seq + lm_batch_size], dtype=np.int64))
+        kept_RD = _hook_acts(model, batch, key.hook_name, layer, special)
+        take = min(len(kept_RD), key.n_rows - rows)
+        acts[rows: rows + take] = kept_RD[:take].numpy()
+        acts.flush()
+        rows, seq = rows + take, seq + len(batch)
+        _write_json(folder / PROGRESS_FILE, {"rows": rows, "seqs": seq})
+        bar.update(take)
+    bar.close()
+    del acts
+    mean_D = _streamed_mean(np.load(folder / ACTS_FILE, mmap_mode="r"))
+    _write_json(folder / META_FILE, {**key.__dict__, "d_in": d_in, "sequences_used": seq,
+                                     "mean": mean_D.tolist(), "complete": True})
+    return ActivationCache(folder)
+
+
+@torch.no_grad()
+def _hook_acts(model, tokens_BS: torch.Tensor, hook_name: str, layer: int, special: torch.Tensor) -> torch.Tensor:
+    """Residual activations at ``hook_name`` for non-special positions, flattened to (rows, d_in)."""
+    _, cache = model.run_with_cache(tokens_BS, names_filter=[hook_name], stop_at_layer=layer + 1)
+    acts_BSD = cache[hook_name]
+    keep_BS = ~torch.isin(tokens_BS, special)
+    return acts_BSD[keep_BS].float()
+
+
+def _open_acts_file(path: Path, n_rows: int, d_in: int) -> np.memmap:
+    if path.exists():
+        acts = np.load(path, mmap_mode="r+")
+        if acts.shape == (n_rows, d_in):
+            return acts
+        path.unlink()
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_rows, d_in))
+
+
+def _read_progress(folder: Path) -> dict:
+    path = folder / PROGRESS_FILE
+    return json.loads(path.read_text()) if path.exists() else {"rows": 0, "seqs": 0}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write-then-rename, so a crash never leaves a half-written progress or meta file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _streamed_mean(acts_ND: np.ndarray, chunk: int = 65_536) -> torch.Tensor:
+    total = np.zeros(acts_ND.shape[1], dtype=np.float64)
+    for start in range(0, acts_ND.shape[0], chunk):
+        total += acts_ND[start: start + chunk].sum(0, dtype=np.float64)
+    return torch.tensor(total / acts_ND.shape[0], dtype=torch.float32)
+
+
+def iter_training_batches(
+    cache: ActivationCache, batch_size: int, seed: int, start_step: int = 0, subtract_D: torch.Tensor | None = None,
+) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches: epoch ``e`` uses permutation ``seed + e``; an incomplete last batch is dropped.
+
+    ``start_step`` skips exactly the batches a resumed run has already seen, so resuming is deterministic.
+    """
+    per_epoch = cache.n_rows // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size: expected at most the cache size {cache.n_rows}, got {batch_size}")
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        order = np.random.default_rng(seed + epoch).permutation(cache.n_rows)
+        for i in range(offset, per_epoch):
+            idx = np.sort(order[i * batch_size: (i + 1) * batch_size])
+            batch_BD = torch.from_numpy(cache.acts[idx].astype(np.float32, copy=False))
+            yield batch_BD - subtract_D if subtract_D is not None else batch_BD
+            step += 1

@@ -1,0 +1,234 @@
+"""The typed run configuration: one flat dataclass built from notebook parameters and ``params/*.yaml`` overrides.
+
+Every value is validated once, here, and a bad value raises ``ConfigError`` naming the field and what was
+expected. This module does not load models or touch the disk beyond reading a params file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from saelib.models import MODELS
+
+#: Architectures that train through sae_lens's TrainingSAE registry. ``sgo_topk`` and the orthogonal
+#: variants are registered by ``saelib.saes``; the rest are sae_lens's own.
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard")
+#: The offline corpus built by ``saelib.data``; any other value is treated as a hub dataset id ("org/name").
+OFFLINE_DATASET = "saelib-offline"
+NORMALIZATIONS = ("none", "expected_average_only_in")
+#: Parameters that only some architectures take: name -> architectures that accept a non-default value.
+ARCH_PARAMS = {
+    "l1_coefficient": ("standard",),
+}
+
+
+class ConfigError(ValueError):
+    """A run configuration value is invalid; the message names the field."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines one SAE run. Defaults are the notebook's smoke run."""
+
+    # --- where the run lives
+    study: str = "smoke"
+    """Study folder name under ``runs/``; runs of one study share an activation cache."""
+    run_name: str = "topk"
+    """Run folder name (``runs/<study>/<run_name>/``); by convention the params file's stem."""
+    runs_dir: str = "runs"
+    """Root of all run folders."""
+
+    # --- model and activations
+    model_name: str = "gemma-3-270m"
+    """Short model name, one of ``saelib.models.MODELS``."""
+    hook_layer: int = 8
+    """Block whose ``hook_resid_post`` is read (``blocks.{hook_layer}.hook_resid_post``)."""
+    dataset: str = OFFLINE_DATASET
+    """``saelib-offline`` (text shipped in installed packages) or a hub dataset id for users with the hub."""
+    context_size: int = 128
+    """Tokens per sequence, BOS included."""
+    cache_tokens: int = 16_384
+    """Activations cached for training (special-token positions excluded)."""
+    eval_tokens: int = 4_096
+    """Held-out tokens for reconstruction metrics (explained variance, MSE, L0, dead latents)."""
+    eval_ce_tokens: int = 1_024
+    """Held-out tokens for the full-model metrics (CE-loss recovered, KL); these need all logits, so keep small."""
+    centre_activations: bool = True
+    """Subtract the training mean before the SAE sees activations; folded into ``b_dec`` after training."""
+    normalize_activations: str = "expected_average_only_in"
+    """sae_lens activation normalisation (folded into the weights after training)."""
+
+    # --- SAE
+    architecture: str = "topk"
+    """One of ``ARCHITECTURES``."""
+    d_sae: int = 1_024
+    """Number of latents."""
+    k: int = 16
+    """Active latents per token (TopK family)."""
+    l1_coefficient: float = 0.0
+    """L1 weight of the ``standard`` ReLU SAE (ignored by others; must be > 0 for ``standard``)."""
+
+    # --- training
+    training_tokens: int = 32_768
+    """Training samples seen; above ``cache_tokens`` the cache is re-served in new shuffled epochs."""
+    batch_size: int = 512
+    """Activations per optimiser step."""
+    lr: float = 1e-3
+    """Adam learning rate (constant after warm-up)."""
+    lr_warm_up_steps: int = 0
+    dead_feature_window: int = 200
+    """Steps without firing after which a latent counts as dead (drives TopK's aux-k loss)."""
+    n_checkpoints: int = 2
+    """Intermediate checkpoints saved during training (resume points)."""
+    log_every: int = 10
+    """Steps between rows of the training history (loss, L0, explained variance)."""
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ---- validation -------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        _check(self.model_name in MODELS, "model_name", f"one of {sorted(MODELS)}, got {self.model_name!r}")
+        n_layers = MODELS[self.model_name].n_layers
+        _check(0 <= self.hook_layer < n_layers, "hook_layer",
+               f"a block index in [0, {n_layers - 1}] for {self.model_name}, got {self.hook_layer}")
+        _check(self.architecture in ARCHITECTURES, "architecture",
+               f"one of {list(ARCHITECTURES)}, got {self.architecture!r}")
+        _check(self.dataset == OFFLINE_DATASET or _looks_like_hub_id(self.dataset), "dataset",
+               f"{OFFLINE_DATASET!r} or a hub dataset id 'org/name', got {self.dataset!r}")
+        _check(self.context_size > 1, "context_size", f"an integer > 1, got {self.context_size}")
+        _check(self.d_sae > 0, "d_sae", f"a positive integer, got {self.d_sae}")
+        if self.architecture != "standard":
+            _check(0 < self.k <= self.d_sae, "k", f"an integer in [1, d_sae={self.d_sae}], got {self.k}")
+        _check(math.isfinite(self.lr) and self.lr > 0, "lr", f"a positive finite number, got {self.lr}")
+        _check(self.batch_size > 0, "batch_size", f"a positive integer, got {self.batch_size}")
+        _check(self.training_tokens >= self.batch_size, "training_tokens",
+               f"at least one batch (batch_size={self.batch_size}), got {self.training_tokens}")
+        _check(self.cache_tokens >= self.batch_size, "cache_tokens",
+               f"at least one batch (batch_size={self.batch_size}), got {self.cache_tokens}")
+        _check(self.eval_tokens > 0 and self.eval_ce_tokens > 0, "eval_tokens",
+               f"positive eval_tokens and eval_ce_tokens, got {self.eval_tokens}, {self.eval_ce_tokens}")
+        _check(self.normalize_activations in NORMALIZATIONS, "normalize_activations",
+               f"one of {list(NORMALIZATIONS)}, got {self.normalize_activations!r}")
+        _check(self.dead_feature_window > 0 and self.log_every > 0 and self.n_checkpoints >= 0,
+               "dead_feature_window", "positive dead_feature_window and log_every, non-negative n_checkpoints")
+        _check(self.lr_warm_up_steps >= 0, "lr_warm_up_steps", f">= 0, got {self.lr_warm_up_steps}")
+        self._validate_arch_params()
+
+    def _validate_arch_params(self) -> None:
+        _check(math.isfinite(self.l1_coefficient) and self.l1_coefficient >= 0, "l1_coefficient",
+               f"a finite number >= 0, got {self.l1_coefficient}")
+        if self.architecture == "standard":
+            _check(self.l1_coefficient > 0, "l1_coefficient", "> 0 for architecture 'standard'")
+        defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+        for name, archs in ARCH_PARAMS.items():
+            if getattr(self, name) != defaults[name] and self.architecture not in archs:
+                raise ConfigError(
+                    f"{name}: architecture {self.architecture!r} takes no {name}; it is a parameter of "
+                    f"{' / '.join(archs)} (set architecture accordingly)"
+                )
+
+    # ---- derived names ----------------------------------------------------------------------------
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.hook_layer}.hook_resid_post"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.study / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def training_key(self) -> dict[str, Any]:
+        """The fields that determine the trained weights (run folder names and places excluded)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("study", "run_name", "runs_dir")}
+
+
+def _check(ok: bool, name: str, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def load_params_file(path: str | Path) -> dict[str, Any]:
+    """Read a ``params/<study>/<run>.yaml`` of overrides; unknown keys are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params_file: no such file {str(path)!r}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"params_file: {path} must hold a mapping of parameter: value")
+    unknown = sorted(set(data) - set(field_names()))
+    if unknown:
+        raise ConfigError(f"params_file: {path} has unknown key(s) {unknown}; known keys: {field_names()}")
+    return data
+
+
+def build_config(params: dict[str, Any] | None = None, params_file: str | Path | None = None) -> RunConfig:
+    """Config from (in increasing priority) defaults, a params file and explicit parameters.
+
+    A params file also names the run: ``params/<study>/<run>.yaml`` gives ``study`` and ``run_name`` unless set.
+    Unknown keys raise ``ConfigError``; nothing is written for a rejected config.
+    """
+    merged: dict[str, Any] = {}
+    if params_file:
+        path = Path(params_file)
+        merged.update({"study": path.parent.name, "run_name": path.stem})
+        merged.update(load_params_file(path))
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(field_names()))
+    if unknown:
+        raise ConfigError(f"parameters: unknown name(s) {unknown}; known: {field_names()}")
+    merged.update(params)
+    return RunConfig(**_coerce_types(merged))
+
+
+def _coerce_types(values: dict[str, Any]) -> dict[str, Any]:
+    """papermill/YAML may give ``4096.0`` or ``"1e-3"``; cast to each field's declared type or fail by name."""
+    types = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    out = {}
+    for name, value in values.items():
+        kind = types[name]
+        try:
+            if kind == "int":
+                if isinstance(value, bool) or float(value) != int(float(value)):
+                    raise ValueError
+                out[name] = int(float(value))
+            elif kind == "float":
+                out[name] = float(value)
+            elif kind == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError
+                out[name] = value
+            else:
+                out[name] = str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a value of type {kind}, got {value!r}") from None
+    return out
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+__all__ = ["RunConfig", "ConfigError", "build_config", "load_params_file", "save_config", "ARCHITECTURES",
+           "OFFLINE_DATASET"]

