@@ -64,7 +64,7 @@ class ActivationCache:
         return self.acts.shape[1]
 
     def rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.acts[start:stop]))
+        return torch.from_numpy(np.array(self.acts[start:stop], dtype=np.float32))
 
 
 def build_activation_cache(
@@ -163,3 +163,36 @@ def iter_training_batches(
             batch_BD = torch.from_numpy(cache.acts[idx].astype(np.float32, copy=False))
             yield batch_BD - subtract_D if subtract_D is not None else batch_BD
             step += 1
+
+
+def special_token_ids(model) -> set[int]:
+    """Ids of BOS/EOS/PAD (and any other special token) of the model's tokenizer; BOS=1 for tokenizer-less models."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return {1}
+    return {int(i) for i in tok.all_special_ids}
+
+
+def cache_for_config(cfg, model, split: str = "train") -> ActivationCache:
+    """The activation cache of ``cfg`` for one corpus split, built on first use and shared by every run of a study.
+
+    ``train`` holds ``cfg.cache_tokens`` rows, ``eval`` holds ``cfg.eval_tokens`` held-out rows.
+    """
+    from saelib.corpus import CORPUS_VERSION
+    from saelib.models import cache_root
+
+    n_rows = cfg.cache_tokens if split == "train" else cfg.eval_tokens
+    tokens_NS = split_tokens(cfg, model, split)
+    key = CacheKey(cfg.model_name, cfg.hook_name, f"{cfg.dataset}/{CORPUS_VERSION}/{split}", n_rows,
+                   cfg.context_size, cfg.dtype)
+    return build_activation_cache(model, tokens_NS, key, cache_root() / "activations", special_token_ids(model))
+
+
+def split_tokens(cfg, model, split: str) -> np.ndarray:
+    """Token sequences of one split, enough for the split's cache (and, for ``eval``, the CE/KL eval)."""
+    from saelib.corpus import token_sequences
+    from saelib.models import cache_root
+
+    n_rows = cfg.cache_tokens if split == "train" else max(cfg.eval_tokens, 2 * cfg.eval_ce_tokens)
+    n_seqs = int(n_rows / (cfg.context_size - 1) * 1.2) + 8  # margin for BOS between documents
+    return token_sequences(model.tokenizer, cfg.dataset, split, n_seqs, cfg.context_size, cache_root() / "tokens")

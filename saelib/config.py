@@ -232,3 +232,15 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 __all__ = ["RunConfig", "ConfigError", "build_config", "load_params_file", "save_config", "ARCHITECTURES",
            "OFFLINE_DATASET"]
+
+
+def config_from_notebook(namespace: dict[str, Any], params_file: str | Path | None = None) -> RunConfig:
+    """Config for a notebook whose ``parameters`` cell mirrors ``RunConfig``'s defaults.
+
+    A params file gives the base; notebook variables override it only where they differ from the defaults
+    (papermill ``-p`` values do; untouched defaults don't). Equal defaults are checked by the tests.
+    """
+    defaults = RunConfig.__dataclass_fields__
+    changed = {name: namespace[name] for name in field_names()
+               if name in namespace and namespace[name] != defaults[name].default}
+    return build_config(changed, params_file=params_file or None)

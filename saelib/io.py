@@ -21,6 +21,30 @@ METRICS_FILE = "metrics.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
 
 
+#: Everything a run writes; cleared when a run folder is reused for a different configuration.
+RUN_ARTIFACTS = (SAE_DIR, CHECKPOINTS_DIR, HISTORY_FILE, METRICS_FILE, "evals")
+
+
+def prepare_run_dir(run_dir: Path, cfg_dict: dict, training_key: dict) -> bool:
+    """Create ``run_dir`` and write its cfg.json. If the folder holds a run with a different training
+    configuration, its artifacts are removed (a resume would mix two runs). Returns True if it was reset."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / RUN_CFG_FILE
+    reset = False
+    if cfg_path.exists():
+        old = read_json(cfg_path)
+        if {k: old.get(k) for k in training_key} != training_key:
+            for name in RUN_ARTIFACTS:
+                target = run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            reset = True
+    write_json_atomic(cfg_path, cfg_dict)
+    return reset
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint with the most training samples that has a complete trainer state, or None."""
     folder = Path(run_dir) / CHECKPOINTS_DIR

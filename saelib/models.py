@@ -154,3 +154,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     except OSError:
         return False
     return True
+
+
+if __name__ == "__main__":  # `python -m saelib.models`: convert the embedded model once
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.info("embedded model ready at %s", convert_embedded_gemma3())

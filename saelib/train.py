@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from sae_lens import SAETrainer
 from sae_lens.config import SAETrainerConfig
-from sae_lens.constants import SAE_WEIGHTS_FILENAME, TRAINER_STATE_FILENAME
+from sae_lens.constants import SAE_WEIGHTS_FILENAME
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 
@@ -102,7 +102,7 @@ def train_sae(cfg: RunConfig, cache: ActivationCache, run_dir: Path | None = Non
     The returned SAE works on raw activations: the centring mean and the normalisation scale are folded in.
     """
     run_dir = Path(run_dir or cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    io.prepare_run_dir(run_dir, cfg.to_dict(), cfg.training_key())
     sae = build_training_sae(cfg, cache.d_in)
     history = run_dir / io.HISTORY_FILE
     mean_D = cache.mean_D if cfg.centre_activations else None
@@ -113,7 +113,7 @@ def train_sae(cfg: RunConfig, cache: ActivationCache, run_dir: Path | None = Non
         history.unlink(missing_ok=True)
         _estimate_scale(trainer, cfg, cache, mean_D)
     else:
-        io.truncate_history(history, start)
+        io.truncate_history(history, start - 1)
     trainer.data_provider = iter_training_batches(cache, cfg.batch_size, cfg.seed, start, mean_D)
     sae = trainer.fit()
     if mean_D is not None:
@@ -138,10 +138,12 @@ def _resume_from_latest_checkpoint(trainer: SAETrainer, run_dir: Path) -> int:
         return 0
     trainer.sae.load_state_dict(load_file(ckpt / SAE_WEIGHTS_FILENAME))
     trainer.load_trainer_state(ckpt)
+    # sae_lens checkpoints before it increments n_training_steps, so the saved count is one short of the
+    # steps taken; the sample count is right. Without this, a resumed run would replay one batch.
+    trainer.n_training_steps = trainer.n_training_samples // trainer.cfg.train_batch_size_samples
     # thresholds already passed must not be checkpointed again
     trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
     log.info("resuming %s from %s (step %d)", run_dir, ckpt.name, trainer.n_training_steps)
-    assert (ckpt / TRAINER_STATE_FILENAME).exists()
     return trainer.n_training_steps
 
 

@@ -1,0 +1,45 @@
+# saelib: the two commands a newcomer needs are `make run` and `make test` (see README.md).
+PY      := .venv/bin/python
+STAMP   := .venv/.saelib-installed
+PARAMS  ?= params/default/topk.yaml
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup model run smoke test test-fast sync clean-runs
+
+## setup: local .venv with the pinned stack (idempotent: re-runs only when pyproject.toml changes)
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the local CPU wheel, so nothing pulls a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# sae-bench declares torchvision but never imports it; PyPI's build breaks transformers next to CPU torch
+	$(PY) -m pip uninstall -q -y torchvision || true
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+## model: convert the embedded Gemma 3 270M once into the float32 cache ($$SAELIB_CACHE or ~/.cache/saelib)
+model: setup
+	$(PY) -m saelib.models
+
+## run: the default profile on the embedded model: cache, TopK SAE, core eval, HTML report (offline)
+run: model
+	$(PY) -m saelib.study notebooks/train.ipynb $(PARAMS)
+
+## smoke: the notebook at its own smoke defaults
+smoke: model
+	$(PY) -m saelib.study notebooks/train.ipynb params/smoke/topk.yaml
+
+## test: unit tests, integration tests on the real model, nbval over every notebook
+test: model
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks/*.ipynb
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not real_model" tests
+
+## sync: make every notebooks/*.ipynb agree with its jupytext .py source
+sync: setup
+	.venv/bin/jupytext --sync notebooks/*.py

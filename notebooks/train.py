@@ -1,0 +1,85 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Train one SAE
+# Activations of the chosen hook are cached once (shared by every run of a study), an SAE of the chosen
+# architecture is trained with sae_lens's trainer, and SAEBench's core eval judges it on held-out text.
+# Defaults are a smoke run (≈ 1–2 minutes on 2 CPU cores); `params/default/*.yaml` hold the real profiles.
+
+# %% tags=["parameters"]
+params_file = ""  # params/<study>/<run>.yaml: overrides; names the run <study>/<run>
+study = "smoke"
+run_name = "topk"
+runs_dir = "runs"
+model_name = "gemma-3-270m"
+hook_layer = 8
+dataset = "saelib-offline"
+context_size = 128
+cache_tokens = 16_384
+eval_tokens = 4_096
+eval_ce_tokens = 1_024
+centre_activations = True
+normalize_activations = "expected_average_only_in"
+architecture = "topk"
+d_sae = 1_024
+k = 16
+l1_coefficient = 0.0
+training_tokens = 32_768
+batch_size = 512
+lr = 1e-3
+lr_warm_up_steps = 0
+dead_feature_window = 200
+n_checkpoints = 2
+log_every = 10
+seed = 0
+device = "cpu"
+dtype = "float32"
+
+# %%
+import logging
+
+from IPython.display import display
+
+from saelib import io, plots
+from saelib.activations import cache_for_config
+from saelib.config import config_from_notebook
+from saelib.evals import core_for_run
+from saelib.models import load_model
+from saelib.train import train_sae
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+cfg = config_from_notebook(globals(), params_file)
+print(f"run {cfg.run_dir}: {cfg.architecture} d_sae={cfg.d_sae} k={cfg.k} on {cfg.model_name} {cfg.hook_name}")
+
+# %% [markdown]
+# ## Activations (cached once per study) and training
+
+# %%
+model = load_model(cfg.model_name, device=cfg.device)
+train_cache = cache_for_config(cfg, model, "train")
+eval_cache = cache_for_config(cfg, model, "eval")
+sae = train_sae(cfg, train_cache)
+
+# %%
+history = io.read_history(cfg.run_dir)
+plots.training_curves(history, title=f"{cfg.study}/{cfg.run_name}: training curves")
+
+# %% [markdown]
+# ## Core evaluation (SAEBench) on held-out text
+
+# %%
+metrics = core_for_run(cfg, model, sae, eval_cache)
+display(plots.metrics_table(metrics))

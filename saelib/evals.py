@@ -1,0 +1,198 @@
+"""Evaluations through sae_bench itself, with the loaded model object (no hub), written as SAEBench JSON.
+
+``core`` runs ``sae_bench.evals.core.main.run_evals`` over the held-out split. sae-bench 0.6.0 computes
+explained variance and MSE incorrectly when activations have a large mean (it squares before averaging and
+divides per-token errors by the batch's token count); saelib recomputes both, plus L0 and dead/dense latents, on
+the held-out activation cache with sae_lens's formula in float64, puts them in the result, and keeps sae_bench's
+raw values under ``eval_result_unstructured`` so nothing is hidden. This module does not train.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saelib import io
+from saelib.activations import ActivationCache
+
+log = logging.getLogger(__name__)
+
+EVALS_DIR = "evals"
+DENSE_FREQUENCY = 0.1
+"""A latent firing on more than this fraction of held-out tokens counts as dense."""
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae, cache: ActivationCache, batch_size: int = 4096) -> dict[str, float]:
+    """Held-out EV (sae_lens's definition: 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², accumulated in float64), per-token MSE,
+    L0, and the fractions of dead (never firing) and dense (> 10 %) latents."""
+    sse = sq = 0.0
+    sum_D = torch.zeros(cache.d_in, dtype=torch.float64)
+    fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    l0_total = 0.0
+    for start in tqdm(range(0, cache.n_rows, batch_size), desc="held-out reconstruction", leave=False):
+        x_BD = cache.rows(start, start + batch_size).to(sae.device, sae.dtype)
+        acts_BF = sae.encode(x_BD)
+        err_BD = (sae.decode(acts_BF) - x_BD).double()
+        sse += err_BD.pow(2).sum().item()
+        sq += x_BD.double().pow(2).sum().item()
+        sum_D += x_BD.double().sum(0).cpu()
+        active_BF = acts_BF != 0
+        fired_F += active_BF.double().sum(0).cpu()
+        l0_total += active_BF.sum().item()
+    n = cache.n_rows
+    total_variance = sq - sum_D.pow(2).sum().item() / n
+    freq_F = fired_F / n
+    return {
+        "explained_variance": 1.0 - sse / total_variance,
+        "mse": sse / n,
+        "l0": l0_total / n,
+        "frac_dead": (freq_F == 0).double().mean().item(),
+        "frac_dense": (freq_F > DENSE_FREQUENCY).double().mean().item(),
+        "n_tokens": n,
+    }
+
+
+def eval_token_dataset(tokens_NS: np.ndarray):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": np.asarray(tokens_NS).astype(np.int64).tolist()})
+
+
+def run_core(sae, model, tokens_NS: np.ndarray, cache: ActivationCache, ignore_tokens: set[int],
+             n_ce_tokens: int, batch_size_prompts: int = 4) -> dict[str, Any]:
+    """SAEBench core on held-out sequences, with the reconstruction metrics corrected (see module doc).
+
+    Returns the SAEBench ``CoreEvalOutput`` as a dict. CE/KL use ``n_ce_tokens`` (full-model passes ×3).
+    """
+    import sae_bench.evals.core.main as core
+    from sae_bench.evals.core.eval_config import CoreEvalConfig
+    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+    from sae_lens.training.activations_store import ActivationsStore
+
+    ctx = tokens_NS.shape[1]
+    n_batches = max(1, math.ceil(n_ce_tokens / (batch_size_prompts * ctx)))
+    needed = 2 * n_batches * batch_size_prompts
+    if len(tokens_NS) < needed:
+        raise ValueError(f"eval_ce_tokens: needs {needed} held-out sequences, only {len(tokens_NS)} available")
+    _, sae, _ = load_and_format_sae("saelib", sae, str(sae.device))
+    cfg = CoreEvalConfig(
+        model_name=sae.cfg.metadata.model_name, llm_dtype="float32", batch_size_prompts=batch_size_prompts,
+        n_eval_reconstruction_batches=n_batches, n_eval_sparsity_variance_batches=n_batches,
+        dataset="saelib-heldout", context_size=ctx, compute_kl=True, compute_ce_loss=True,
+        compute_l2_norms=True, compute_sparsity_metrics=True, compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True, compute_featurewise_weight_based_metrics=True,
+        exclude_special_tokens_from_reconstruction=True,
+    )
+    dataset = eval_token_dataset(tokens_NS[:needed])
+    store = ActivationsStore.from_sae(
+        model, sae, dataset=dataset, context_size=ctx, store_batch_size_prompts=batch_size_prompts,
+        n_batches_in_buffer=1, train_batch_size_tokens=batch_size_prompts * ctx, total_tokens=needed * ctx,
+        device=str(sae.device),
+    )
+    start = time.time()
+    scalars, feats = core.run_evals(sae=sae, activation_store=store, model=model, eval_config=cfg,
+                                    ignore_tokens=set(ignore_tokens), verbose=False)
+    scalars["misc_metrics"] = core.calculate_misc_metrics(feats)
+    scalars = core.replace_nans_with_negative_one(scalars)
+    ours = reconstruction_metrics(sae, cache)
+    raw = _correct_reconstruction(scalars, ours)
+    out = _core_output(cfg, scalars, core.convert_feature_metrics(feats), sae, {
+        "saelib_reconstruction_metrics": ours, "sae_bench_raw_reconstruction": raw,
+        "note": "explained_variance and mse recomputed on held-out cached activations (sae_lens formula, "
+                "float64); sae-bench 0.6.0's values kept in sae_bench_raw_reconstruction",
+        "wall_time_s": time.time() - start,
+    })
+    return json.loads(out.to_json())
+
+
+def _correct_reconstruction(scalars: dict, ours: dict) -> dict:
+    recon = scalars["reconstruction_quality"]
+    raw = {"explained_variance": recon["explained_variance"], "mse": recon["mse"]}
+    recon["explained_variance"] = ours["explained_variance"]
+    recon["mse"] = ours["mse"]
+    for group in ("model_behavior_preservation", "model_performance_preservation"):
+        for name, value in scalars[group].items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FloatingPointError(f"core eval: {group}.{name} is {value}; the SAE output is degenerate")
+    return raw
+
+
+def _core_output(cfg, scalars: dict, details: list, sae, unstructured: dict):
+    from sae_bench.evals.core.eval_output import (
+        CoreEvalOutput, CoreMetricCategories, MiscMetrics, ModelBehaviorPreservationMetrics,
+        ModelPerformancePreservationMetrics, ReconstructionQualityMetrics, ShrinkageMetrics, SparsityMetrics,
+        TokenStatsMetrics,
+    )
+
+    metrics = CoreMetricCategories(
+        model_behavior_preservation=ModelBehaviorPreservationMetrics(**scalars["model_behavior_preservation"]),
+        model_performance_preservation=ModelPerformancePreservationMetrics(
+            **scalars["model_performance_preservation"]),
+        reconstruction_quality=ReconstructionQualityMetrics(**scalars["reconstruction_quality"]),
+        shrinkage=ShrinkageMetrics(**scalars["shrinkage"]),
+        sparsity=SparsityMetrics(**scalars["sparsity"]),
+        token_stats=TokenStatsMetrics(**scalars["token_stats"]),
+        misc_metrics=MiscMetrics(**scalars["misc_metrics"]),
+    )
+    return CoreEvalOutput(
+        eval_config=cfg, eval_id=str(uuid.uuid4()), datetime_epoch_millis=int(time.time() * 1000),
+        eval_result_metrics=metrics, eval_result_details=details, eval_result_unstructured=unstructured,
+        sae_bench_commit_hash=f"sae-bench=={version('sae_bench')}", sae_lens_id="saelib",
+        sae_lens_release_id="saelib", sae_lens_version=version("sae_lens"), sae_cfg_dict=_jsonable_cfg(sae),
+    )
+
+
+def _jsonable_cfg(sae) -> dict:
+    cfg = sae.cfg.to_dict()
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def headline_metrics(core_result: dict) -> dict[str, float]:
+    """The flat summary written to ``metrics.json``: the numbers a reader checks first."""
+    m = core_result["eval_result_metrics"]
+    ours = core_result["eval_result_unstructured"]["saelib_reconstruction_metrics"]
+    return {
+        "explained_variance": ours["explained_variance"],
+        "mse": ours["mse"],
+        "l0": ours["l0"],
+        "frac_dead": ours["frac_dead"],
+        "frac_dense": ours["frac_dense"],
+        "ce_loss_score": m["model_performance_preservation"]["ce_loss_score"],
+        "ce_loss_with_sae": m["model_performance_preservation"]["ce_loss_with_sae"],
+        "ce_loss_without_sae": m["model_performance_preservation"]["ce_loss_without_sae"],
+        "kl_div_score": m["model_behavior_preservation"]["kl_div_score"],
+        "cossim": m["reconstruction_quality"]["cossim"],
+        "heldout_tokens": ours["n_tokens"],
+    }
+
+
+def write_core(run_dir: Path, core_result: dict) -> dict[str, float]:
+    """Write ``evals/core.json`` (SAEBench format) and ``metrics.json`` (headline) into the run folder."""
+    run_dir = Path(run_dir)
+    (run_dir / EVALS_DIR).mkdir(parents=True, exist_ok=True)
+    io.write_json_atomic(run_dir / EVALS_DIR / "core.json", core_result)
+    headline = headline_metrics(core_result)
+    io.write_json_atomic(run_dir / io.METRICS_FILE, headline)
+    return headline
+
+
+
+
+def core_for_run(cfg, model, sae, eval_cache: ActivationCache) -> dict[str, float]:
+    """Core eval of a run's SAE on the held-out split; writes evals/core.json and metrics.json."""
+    from saelib.activations import special_token_ids, split_tokens
+
+    tokens_NS = split_tokens(cfg, model, "eval")
+    result = run_core(sae, model, tokens_NS, eval_cache, special_token_ids(model), cfg.eval_ce_tokens)
+    return write_core(cfg.run_dir, result)

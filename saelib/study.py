@@ -1,0 +1,70 @@
+"""Execute a notebook for a params file with papermill and render its HTML report (no input cells).
+
+``python -m saelib.study notebooks/train.ipynb params/default/topk.yaml`` → ``runs/default/topk/train.ipynb`` and
+``reports/default/topk.html``. The config is validated before anything is written. This module does not train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from saelib.config import ConfigError, build_config
+
+log = logging.getLogger(__name__)
+REPORTS_DIR = Path("reports")
+
+
+def run_notebook(notebook: str | Path, params_file: str | Path, reports_dir: Path = REPORTS_DIR) -> Path:
+    """Run ``notebook`` with ``params_file``; return the HTML report path. Raises if the notebook fails
+    (its executed copy, with the error, stays in the run folder)."""
+    import papermill
+
+    notebook, params_file = Path(notebook), Path(params_file)
+    cfg = build_config(params_file=params_file)  # validate before writing anything
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    executed = cfg.run_dir / notebook.name
+    start = time.time()
+    try:
+        papermill.execute_notebook(str(notebook), str(executed), parameters={"params_file": str(params_file)},
+                                   cwd=str(Path.cwd()), progress_bar=True)
+    finally:
+        log.info("%s finished in %.0f s", executed, time.time() - start)
+    return render_report(executed, reports_dir / cfg.study / f"{cfg.run_name}.html")
+
+
+def render_report(executed: Path, html_path: Path) -> Path:
+    """nbconvert an executed notebook to HTML without its input cells."""
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_filename(str(executed))
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    html_path.write_text(body)
+    return html_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebook")
+    parser.add_argument("params_files", nargs="+")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    failed = 0
+    for params_file in args.params_files:
+        try:
+            log.info("report: %s", run_notebook(args.notebook, params_file))
+        except ConfigError as err:
+            log.error("%s: %s", params_file, err)
+            failed += 1
+        except Exception as err:  # papermill's PapermillExecutionError and friends: keep going
+            log.error("%s failed: %s", params_file, str(err).splitlines()[0] if str(err) else type(err).__name__)
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

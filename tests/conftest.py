@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny random model, synthetic activation caches, and (marked) the real embedded model."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+from saelib.activations import CacheKey, build_activation_cache
+from saelib.models import tiny_random_model
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch, request):
+    """Every test gets its own saelib cache, except real-model tests, which share the converted model."""
+    if "real_model" not in request.keywords:
+        monkeypatch.setenv("SAELIB_CACHE", str(tmp_path / "saelib-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return tiny_random_model()
+
+
+def synthetic_tokens(n_seqs=64, ctx=32, seed=0, vocab=512):
+    tokens = np.random.default_rng(seed).integers(3, vocab, size=(n_seqs, ctx))
+    tokens[:, 0] = 1  # BOS
+    tokens[::5, ctx // 2] = 1  # a document boundary inside some sequences
+    return tokens
+
+
+@pytest.fixture
+def tiny_cache(tiny_model, tmp_path):
+    key = CacheKey("tiny-random", "blocks.0.hook_resid_post", "synthetic", 1500, 32)
+    return build_activation_cache(tiny_model, synthetic_tokens(), key, tmp_path / "acts", {1}, lm_batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    from saelib.models import load_model
+
+    return load_model("gemma-3-270m")

@@ -1,0 +1,105 @@
+"""Activation cache: correct rows, special tokens out, resumable, keyed; training batches shuffled and resumable."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from saelib.activations import (
+    META_FILE, PROGRESS_FILE, CacheKey, build_activation_cache, iter_training_batches,
+)
+from tests.conftest import synthetic_tokens
+
+
+def direct_rows(model, tokens, n_rows):
+    _, cache = model.run_with_cache(torch.from_numpy(tokens), names_filter=["blocks.0.hook_resid_post"],
+                                    stop_at_layer=1)
+    acts = cache["blocks.0.hook_resid_post"]
+    return acts[torch.from_numpy(tokens) != 1][:n_rows]
+
+
+def test_cache_matches_a_direct_forward_without_special_tokens(tiny_model, tiny_cache):
+    expected = direct_rows(tiny_model, synthetic_tokens(), tiny_cache.n_rows)
+    torch.testing.assert_close(tiny_cache.rows(), expected, rtol=1e-5, atol=1e-5)
+    assert tiny_cache.n_rows == 1500 and tiny_cache.d_in == 64
+    torch.testing.assert_close(tiny_cache.mean_D, expected.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_build_resumes_to_the_same_result(tiny_model, tmp_path, monkeypatch):
+    import saelib.activations as acts_mod
+
+    key = CacheKey("tiny-random", "blocks.0.hook_resid_post", "synthetic", 1500, 32)
+    calls = {"n": 0}
+    real = acts_mod._hook_acts
+
+    def dies_on_third_batch(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(acts_mod, "_hook_acts", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        build_activation_cache(tiny_model, synthetic_tokens(), key, tmp_path, {1}, lm_batch_size=8)
+    folder = tmp_path / key.digest()
+    assert json.loads((folder / PROGRESS_FILE).read_text())["seqs"] == 16
+    assert not (folder / META_FILE).exists()
+    monkeypatch.setattr(acts_mod, "_hook_acts", real)
+    resumed = build_activation_cache(tiny_model, synthetic_tokens(), key, tmp_path, {1}, lm_batch_size=8)
+    fresh = build_activation_cache(tiny_model, synthetic_tokens(), key, tmp_path / "fresh", {1}, lm_batch_size=8)
+    np.testing.assert_array_equal(resumed.acts, fresh.acts)
+
+
+def test_cache_key_separates_everything_that_matters():
+    base = CacheKey("m", "blocks.0.hook_resid_post", "c", 100, 32)
+    variants = [CacheKey("m2", "blocks.0.hook_resid_post", "c", 100, 32),
+                CacheKey("m", "blocks.1.hook_resid_post", "c", 100, 32),
+                CacheKey("m", "blocks.0.hook_resid_post", "c2", 100, 32),
+                CacheKey("m", "blocks.0.hook_resid_post", "c", 101, 32),
+                CacheKey("m", "blocks.0.hook_resid_post", "c", 100, 64),
+                CacheKey("m", "blocks.0.hook_resid_post", "c", 100, 32, "float16")]
+    assert len({base.digest(), *(v.digest() for v in variants)}) == 7
+
+
+def test_corpus_too_small_is_a_clear_error(tiny_model, tmp_path):
+    key = CacheKey("tiny-random", "blocks.0.hook_resid_post", "synthetic", 10_000, 32)
+    with pytest.raises(ValueError, match="cache_tokens: the corpus split synthetic ran out"):
+        build_activation_cache(tiny_model, synthetic_tokens(8), key, tmp_path, {1})
+
+
+class ArangeCache:
+    """Rows are their own index, so coverage is checkable exactly."""
+
+    def __init__(self, n_rows):
+        self.acts = np.arange(n_rows, dtype=np.float32)[:, None].repeat(2, 1)
+        self.n_rows = n_rows
+
+
+def test_batches_cover_each_row_once_per_epoch_and_differ_between_epochs():
+    cache = ArangeCache(1050)
+    stream = iter_training_batches(cache, 100, seed=3)
+    epoch0 = torch.cat([next(stream) for _ in range(10)])[:, 0]
+    epoch1 = torch.cat([next(stream) for _ in range(10)])[:, 0]
+    assert epoch0.unique().numel() == 1000 and epoch1.unique().numel() == 1000  # last 50 of each epoch dropped
+    assert set(epoch0.tolist()) != set(epoch1.tolist()) or not torch.equal(epoch0, epoch1)
+    assert not torch.equal(epoch0, epoch1)
+
+
+def test_batch_larger_than_cache_is_an_error():
+    with pytest.raises(ValueError, match="batch_size: expected at most the cache size 10"):
+        next(iter_training_batches(ArangeCache(10), 100, seed=0))
+
+
+def test_start_step_resumes_the_same_stream(tiny_cache):
+    full = iter_training_batches(tiny_cache, 100, seed=1)
+    seq = [next(full) for _ in range(40)]
+    resumed = iter_training_batches(tiny_cache, 100, seed=1, start_step=23)
+    for expected in seq[23:]:
+        torch.testing.assert_close(next(resumed), expected, rtol=0, atol=0)
+
+
+def test_centring_subtracts_the_mean(tiny_cache):
+    plain = next(iter_training_batches(tiny_cache, 100, seed=0))
+    centred = next(iter_training_batches(tiny_cache, 100, seed=0, subtract_D=tiny_cache.mean_D))
+    torch.testing.assert_close(plain - tiny_cache.mean_D, centred)

@@ -1,0 +1,97 @@
+"""Config validation: every bad value names its field; params files hold known keys only; nothing is written."""
+
+import dataclasses
+from pathlib import Path
+
+import jupytext
+import pytest
+
+from saelib.config import ConfigError, RunConfig, build_config, config_from_notebook
+
+BAD_VALUES = [
+    ({"k": 0}, "k"),
+    ({"k": 2048, "d_sae": 1024}, "k"),
+    ({"d_sae": 0}, "d_sae"),
+    ({"hook_layer": 18}, "hook_layer"),
+    ({"hook_layer": -1}, "hook_layer"),
+    ({"model_name": "gpt-7"}, "model_name"),
+    ({"architecture": "magic"}, "architecture"),
+    ({"lr": 0.0}, "lr"),
+    ({"lr": -1e-3}, "lr"),
+    ({"lr": float("nan")}, "lr"),
+    ({"training_tokens": 100, "batch_size": 512}, "training_tokens"),
+    ({"cache_tokens": 100, "batch_size": 512}, "cache_tokens"),
+    ({"context_size": 1}, "context_size"),
+    ({"dataset": "not a dataset"}, "dataset"),
+    ({"architecture": "standard"}, "l1_coefficient"),
+    ({"l1_coefficient": 5.0}, "l1_coefficient"),
+    ({"d_sae": "many"}, "d_sae"),
+    ({"d_sae": 10.5}, "d_sae"),
+    ({"normalize_activations": "whiten-it"}, "normalize_activations"),
+]
+
+
+@pytest.mark.parametrize("params, field", BAD_VALUES)
+def test_bad_value_raises_naming_the_field(params, field):
+    with pytest.raises(ConfigError, match=rf"^{field}: "):
+        build_config(params)
+
+
+def test_defaults_are_valid_and_types_are_coerced():
+    cfg = build_config({"d_sae": 4096.0, "lr": "1e-3"})
+    assert cfg.d_sae == 4096 and isinstance(cfg.d_sae, int)
+    assert cfg.lr == pytest.approx(1e-3)
+    assert cfg.hook_name == "blocks.8.hook_resid_post"
+
+
+def test_unknown_parameter_is_rejected():
+    with pytest.raises(ConfigError, match="unknown name"):
+        build_config({"d_sea": 10})
+
+
+def test_params_file_unknown_key_is_rejected(tmp_path):
+    bad = tmp_path / "study" / "run.yaml"
+    bad.parent.mkdir()
+    bad.write_text("d_sae: 2048\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"params_file: .*unknown key\(s\) \['learning_rate'\]"):
+        build_config(params_file=bad)
+
+
+def test_params_file_names_the_run_and_explicit_params_win(tmp_path):
+    path = tmp_path / "mystudy" / "wide.yaml"
+    path.parent.mkdir()
+    path.write_text("d_sae: 2048\nk: 8\n")
+    cfg = build_config({"k": 4}, params_file=path)
+    assert (cfg.study, cfg.run_name, cfg.d_sae, cfg.k) == ("mystudy", "wide", 2048, 4)
+
+
+def test_notebook_defaults_only_override_where_changed(tmp_path):
+    path = tmp_path / "s" / "r.yaml"
+    path.parent.mkdir()
+    path.write_text("d_sae: 2048\n")
+    namespace = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    namespace["k"] = 8  # as if papermill -p k 8
+    cfg = config_from_notebook(namespace, str(path))
+    assert cfg.d_sae == 2048 and cfg.k == 8
+
+
+@pytest.mark.parametrize("notebook", sorted(Path("notebooks").glob("train.py")))
+def test_notebook_parameters_cell_mirrors_config_defaults(notebook):
+    nb = jupytext.read(notebook)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    namespace: dict = {}
+    exec(cell.source, namespace)
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    assert {k: namespace[k] for k in defaults} == defaults
+
+
+def test_rejected_config_writes_nothing(tmp_path, monkeypatch):
+    from saelib.study import run_notebook
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "params" / "s" / "bad.yaml"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("k: 0\n")
+    with pytest.raises(ConfigError, match="^k: "):
+        run_notebook(Path(__file__).parents[1] / "notebooks" / "train.ipynb", bad, reports_dir=tmp_path / "reports")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()

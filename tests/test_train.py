@@ -1,0 +1,116 @@
+"""Training through sae_lens: round trip through load_from_disk, exact mean folding, deterministic resume,
+non-finite loss stop, every baseline architecture trains."""
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import SAE
+
+from saelib import io
+from saelib.activations import ActivationCache, CacheKey, build_activation_cache
+from saelib.config import build_config
+from saelib.train import HistoryTrainer, NonFiniteLossError, fold_input_mean, train_sae
+
+
+def tiny_cfg(tmp_path, **overrides):
+    params = dict(model_name="tiny-random", hook_layer=0, context_size=32, d_sae=96, k=6, cache_tokens=1500,
+                  training_tokens=2048, batch_size=128, runs_dir=str(tmp_path / "runs"), n_checkpoints=2,
+                  log_every=2, dead_feature_window=5)
+    params.update(overrides)
+    return build_config(params)
+
+
+def test_trained_sae_round_trips_through_sae_lens(tmp_path, tiny_cache):
+    cfg = tiny_cfg(tmp_path)
+    trained = train_sae(cfg, tiny_cache)
+    loaded = SAE.load_from_disk(cfg.run_dir / io.SAE_DIR)
+    assert loaded.cfg.architecture() == "topk" and loaded.cfg.d_sae == 96
+    assert loaded.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+    x = tiny_cache.rows(0, 256)
+    torch.testing.assert_close(loaded(x), trained(x), rtol=1e-4, atol=1e-4)
+    history = io.read_history(cfg.run_dir)
+    assert len(history) == 16 // 2 and history["metrics/l0"].iloc[-1] == pytest.approx(6)
+    assert history["losses/mse_loss"].iloc[-1] < history["losses/mse_loss"].iloc[0]
+
+
+def test_centring_is_folded_exactly(tmp_path, tiny_cache):
+    cfg = tiny_cfg(tmp_path, centre_activations=True)
+    trained = train_sae(cfg, tiny_cache)
+    x = tiny_cache.rows(0, 256)
+    # undo the fold: the same SAE on centred input must give the centred reconstruction
+    centred = SAE.load_from_disk(cfg.run_dir / io.SAE_DIR)
+    with torch.no_grad():
+        centred.b_dec -= tiny_cache.mean_D
+    torch.testing.assert_close(trained(x), centred(x - tiny_cache.mean_D) + tiny_cache.mean_D, rtol=1e-4, atol=1e-3)
+
+
+def test_fold_input_mean_without_b_dec_on_input():
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    sae = StandardSAE(StandardSAEConfig(d_in=8, d_sae=16, apply_b_dec_to_input=False))
+    torch.nn.init.normal_(sae.b_enc)
+    x, mean = torch.randn(5, 8), torch.randn(8)
+    before = sae(x - mean) + mean
+    fold_input_mean(sae, mean)
+    torch.testing.assert_close(sae(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_after_a_crash_gives_the_same_weights(tmp_path, tiny_cache, monkeypatch):
+    uninterrupted = train_sae(tiny_cfg(tmp_path / "a"), tiny_cache)
+
+    cfg = tiny_cfg(tmp_path / "b")
+    real_step = HistoryTrainer.step
+
+    def crash_after_checkpoint(self, batch):
+        if self.n_training_steps == 12:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(HistoryTrainer, "step", crash_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(cfg, tiny_cache)
+    assert io.latest_checkpoint(cfg.run_dir) is not None
+    assert not (cfg.run_dir / io.SAE_DIR).exists()
+    monkeypatch.setattr(HistoryTrainer, "step", real_step)
+    resumed = train_sae(cfg, tiny_cache)
+    for name, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    steps = io.read_history(cfg.run_dir)["step"].tolist()
+    assert steps == sorted(set(steps))
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, tiny_model):
+    tokens = np.random.default_rng(0).integers(3, 512, size=(64, 32))
+    tokens[:, 0] = 1
+    key = CacheKey("tiny-random", "blocks.0.hook_resid_post", "nan", 1500, 32)
+    cache = build_activation_cache(tiny_model, tokens, key, tmp_path / "acts", {1})
+    poisoned = np.load(cache.folder / "acts.npy", mmap_mode="r+")
+    poisoned[700:] = np.inf  # later batches explode
+    poisoned.flush()
+    cache = ActivationCache(cache.folder)
+    cache.mean_D = torch.zeros(cache.d_in)
+    cfg = tiny_cfg(tmp_path, normalize_activations="none", centre_activations=False)
+    with pytest.raises(NonFiniteLossError, match="training loss became"):
+        train_sae(cfg, cache)
+    assert not (cfg.run_dir / io.SAE_DIR).exists()
+
+
+def test_reusing_a_run_folder_with_another_config_starts_fresh(tmp_path, tiny_cache):
+    train_sae(tiny_cfg(tmp_path), tiny_cache)
+    cfg = tiny_cfg(tmp_path, d_sae=64, k=4)
+    sae = train_sae(cfg, tiny_cache)
+    assert sae.cfg.d_sae == 64
+    assert io.read_json(cfg.run_dir / io.RUN_CFG_FILE)["d_sae"] == 64
+
+
+@pytest.mark.parametrize("architecture, extra, saved_as", [
+    ("batchtopk", {}, "jumprelu"),
+    ("matryoshka_batchtopk", {}, "jumprelu"),
+    ("standard", {"l1_coefficient": 1.0}, "standard"),
+])
+def test_baseline_architectures_train_and_load(tmp_path, tiny_cache, architecture, extra, saved_as):
+    cfg = tiny_cfg(tmp_path, architecture=architecture, **extra)
+    train_sae(cfg, tiny_cache)
+    loaded = SAE.load_from_disk(cfg.run_dir / io.SAE_DIR)
+    assert loaded.cfg.architecture() == saved_as
+    assert torch.isfinite(loaded(tiny_cache.rows(0, 64))).all()
