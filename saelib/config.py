@@ -19,13 +19,20 @@ from saelib.models import MODELS
 
 #: Architectures that train through sae_lens's TrainingSAE registry. ``sgo_topk`` and the orthogonal
 #: variants are registered by ``saelib.saes``; the rest are sae_lens's own.
-ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard")
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard", "sgo_topk", "ortsae_topk", "gram_topk")
+ORTHOGONAL = ("sgo_topk", "ortsae_topk", "gram_topk")
 #: The offline corpus built by ``saelib.data``; any other value is treated as a hub dataset id ("org/name").
 OFFLINE_DATASET = "saelib-offline"
 NORMALIZATIONS = ("none", "expected_average_only_in")
 #: Parameters that only some architectures take: name -> architectures that accept a non-default value.
 ARCH_PARAMS = {
     "l1_coefficient": ("standard",),
+    "orth_pen": ORTHOGONAL,
+    "competition_threshold": ("sgo_topk",),
+    "competition_warmup_steps": ("sgo_topk",),
+    "competition_decay": ("sgo_topk",),
+    "competition_max_pairs": ("sgo_topk",),
+    "orth_chunk_size": ("ortsae_topk",),
 }
 
 
@@ -74,6 +81,18 @@ class RunConfig:
     """Active latents per token (TopK family)."""
     l1_coefficient: float = 0.0
     """L1 weight of the ``standard`` ReLU SAE (ignored by others; must be > 0 for ``standard``)."""
+    orth_pen: float = 0.0
+    """λ ≥ 0, weight of the orthogonality penalty (``sgo_topk``, ``ortsae_topk``, ``gram_topk``)."""
+    competition_threshold: float = 0.05
+    """τ ∈ [0, 1]: pairs whose competition score exceeds it are penalised (``sgo_topk``)."""
+    competition_warmup_steps: int = 20
+    """Steps of co-activation statistics before the SGO penalty starts (``sgo_topk``)."""
+    competition_decay: float = 0.99
+    """EMA factor per batch of the co-activation statistics (``sgo_topk``)."""
+    competition_max_pairs: int = 1_000_000
+    """Cap of the co-firing table, ≈ 12 bytes a pair (``sgo_topk``)."""
+    orth_chunk_size: int = 1024
+    """Latents per random chunk of the OrtSAE-style penalty (``ortsae_topk``)."""
 
     # --- training
     training_tokens: int = 32_768
@@ -130,6 +149,19 @@ class RunConfig:
                f"a finite number >= 0, got {self.l1_coefficient}")
         if self.architecture == "standard":
             _check(self.l1_coefficient > 0, "l1_coefficient", "> 0 for architecture 'standard'")
+        _check(math.isfinite(self.orth_pen) and self.orth_pen >= 0, "orth_pen",
+               f"a finite number >= 0, got {self.orth_pen}")
+        _check(0.0 <= self.competition_threshold <= 1.0, "competition_threshold",
+               f"a number in [0, 1], got {self.competition_threshold}")
+        _check(0.0 <= self.competition_decay < 1.0, "competition_decay",
+               f"a number in [0, 1), got {self.competition_decay}")
+        _check(self.competition_max_pairs > 0, "competition_max_pairs",
+               f"a positive integer, got {self.competition_max_pairs}")
+        _check(self.orth_chunk_size >= 2, "orth_chunk_size", f"an integer >= 2, got {self.orth_chunk_size}")
+        n_steps = self.training_tokens // self.batch_size
+        _check(self.competition_warmup_steps >= 0 and (self.architecture != "sgo_topk"
+                                                       or self.competition_warmup_steps < n_steps), "competition_warmup_steps",
+               f"an integer in [0, {n_steps}) (training has {n_steps} steps), got {self.competition_warmup_steps}")
         defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
         for name, archs in ARCH_PARAMS.items():
             if getattr(self, name) != defaults[name] and self.architecture not in archs:
@@ -199,7 +231,14 @@ def build_config(params: dict[str, Any] | None = None, params_file: str | Path |
     if unknown:
         raise ConfigError(f"parameters: unknown name(s) {unknown}; known: {field_names()}")
     merged.update(params)
+    _infer_architecture(merged)
     return RunConfig(**_coerce_types(merged))
+
+
+def _infer_architecture(values: dict[str, Any]) -> None:
+    """``-p orth_pen 0.02`` (or τ) without an architecture means the method itself: ``sgo_topk``."""
+    if "architecture" not in values and any(name in values for name in ARCH_PARAMS if "sgo_topk" in ARCH_PARAMS[name]):
+        values["architecture"] = "sgo_topk"
 
 
 def _coerce_types(values: dict[str, Any]) -> dict[str, Any]:

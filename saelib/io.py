@@ -19,6 +19,7 @@ CHECKPOINTS_DIR = "checkpoints"
 HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
+COMPETITION_FILE = "competition.safetensors"
 
 
 #: Everything a run writes; cleared when a run folder is reused for a different configuration.

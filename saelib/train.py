@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from sae_lens import SAETrainer
 from sae_lens.config import SAETrainerConfig
 from sae_lens.constants import SAE_WEIGHTS_FILENAME
@@ -23,7 +23,7 @@ from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 
 from saelib import io
 from saelib.activations import ActivationCache, iter_training_batches
-from saelib.config import RunConfig
+from saelib.config import ORTHOGONAL, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,14 @@ def sae_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"k": cfg.k}
     if cfg.architecture == "matryoshka_batchtopk":
         kwargs["matryoshka_widths"] = matryoshka_widths(cfg.d_sae)
+    if cfg.architecture in ORTHOGONAL:
+        kwargs["orth_pen"] = cfg.orth_pen
+    if cfg.architecture == "sgo_topk":
+        kwargs.update(competition_threshold=cfg.competition_threshold, competition_decay=cfg.competition_decay,
+                      competition_warmup_steps=cfg.competition_warmup_steps,
+                      competition_max_pairs=cfg.competition_max_pairs)
+    if cfg.architecture == "ortsae_topk":
+        kwargs["orth_chunk_size"] = cfg.orth_chunk_size
     return kwargs
 
 
@@ -50,6 +58,8 @@ def matryoshka_widths(d_sae: int) -> list[int]:
 
 def build_training_sae(cfg: RunConfig, d_in: int) -> TrainingSAE:
     """A freshly initialised training SAE of ``cfg.architecture`` from sae_lens's registry, seeded by ``cfg.seed``."""
+    import saelib.saes  # noqa: F401  (registers saelib's architectures with sae_lens)
+
     sae_cls, sae_cfg_cls = get_sae_training_class(cfg.architecture)
     metadata = SAEMetadata(
         model_name=cfg.model_name, hook_name=cfg.hook_name, context_size=cfg.context_size, prepend_bos=True,
@@ -70,6 +80,18 @@ class HistoryTrainer(SAETrainer):
         super().__init__(*args, **kwargs)
         self.log_every = log_every
         self.history_path = history_path
+
+    def save_checkpoint(self, checkpoint_name: str, base_path=None, wandb_aliases=None) -> None:
+        """sae_lens's checkpoint plus the SAE's competition statistics, written first: the trainer state
+        (written last by sae_lens) is what marks a checkpoint complete."""
+        from saelib.saes import competition_state
+
+        state = competition_state(self.sae)
+        if state is not None:
+            folder = Path(base_path or self.cfg.checkpoint_path) / checkpoint_name
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file(state, folder / io.COMPETITION_FILE)
+        super().save_checkpoint(checkpoint_name, base_path, wandb_aliases)
 
     def step(self, batch: torch.Tensor):
         output = super().step(batch)
@@ -137,6 +159,8 @@ def _resume_from_latest_checkpoint(trainer: SAETrainer, run_dir: Path) -> int:
     if ckpt is None:
         return 0
     trainer.sae.load_state_dict(load_file(ckpt / SAE_WEIGHTS_FILENAME))
+    if hasattr(trainer.sae, "competition"):
+        trainer.sae.competition.load_state_dict(load_file(ckpt / io.COMPETITION_FILE))
     trainer.load_trainer_state(ckpt)
     # sae_lens checkpoints before it increments n_training_steps, so the saved count is one short of the
     # steps taken; the sample count is right. Without this, a resumed run would replay one batch.

@@ -1,0 +1,257 @@
+"""saelib's SAE architectures, registered with sae_lens so its trainer, saving and loading work unchanged.
+
+* ``sgo_topk`` — sparsity-guided orthogonality: a TopK SAE whose decoder rows are pushed apart only for latent
+  pairs that compete (co-fire, see ``saelib.competition``), weighted by how strongly they compete.
+* ``ortsae_topk`` — OrtSAE-style (arXiv 2509.22033): every latent's largest squared cosine to the other latents
+  of a random chunk, so the cost is linear in d_sae.
+* ``gram_topk`` — the exact but quadratic reference: mean squared off-diagonal entry of the decoder Gram matrix.
+
+All three are TopK SAEs at inference (saved as sae_lens ``topk``). The penalty lives in ``calculate_aux_loss``
+under the key ``orth_loss``; this module does not train (``saelib.train`` does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sae_lens import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig, register_sae_training_class
+from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
+
+from saelib.competition import CompetitionStats
+
+ORTH_LOSS = "orth_loss"
+
+
+# ---------------------------------------------------------------------------------------------- pair penalty
+class _PairCos2(torch.autograd.Function):
+    """Σ_p w_p (ŵ_{i_p}·ŵ_{j_p})² over pairs, in chunks, saving only indices: memory O(chunk·d_in), not O(P·d_in)."""
+
+    CHUNK = 16_384
+
+    @staticmethod
+    def forward(ctx, W_hat_FD, i_P, j_P, w_P):
+        total = W_hat_FD.new_zeros(())
+        for s in range(0, len(i_P), _PairCos2.CHUNK):
+            i, j, w = i_P[s:s + _PairCos2.CHUNK], j_P[s:s + _PairCos2.CHUNK], w_P[s:s + _PairCos2.CHUNK]
+            dots = (W_hat_FD[i] * W_hat_FD[j]).sum(-1)
+            total = total + (w * dots.square()).sum()
+        ctx.save_for_backward(W_hat_FD, i_P, j_P, w_P)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        W_hat_FD, i_P, j_P, w_P = ctx.saved_tensors
+        grad_FD = torch.zeros_like(W_hat_FD)
+        for s in range(0, len(i_P), _PairCos2.CHUNK):
+            i, j, w = i_P[s:s + _PairCos2.CHUNK], j_P[s:s + _PairCos2.CHUNK], w_P[s:s + _PairCos2.CHUNK]
+            wi, wj = W_hat_FD[i], W_hat_FD[j]
+            coef = (2 * w * (wi * wj).sum(-1) * grad_out)[:, None]
+            grad_FD.index_add_(0, i, coef * wj)
+            grad_FD.index_add_(0, j, coef * wi)
+        return grad_FD, None, None, None
+
+
+def weighted_pair_cos2(W_dec_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Tensor, w_P: torch.Tensor):
+    """Weighted mean of squared decoder cosine similarity over pairs: Σ w·cos²(d_i, d_j) / Σ w (0 if no pair)."""
+    if len(i_P) == 0:
+        return W_dec_FD.new_zeros(())
+    W_hat_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return _PairCos2.apply(W_hat_FD, i_P, j_P, w_P) / w_P.sum()
+
+
+def chunked_max_cos2(W_dec_FD: torch.Tensor, chunk_size: int, generator: torch.Generator) -> torch.Tensor:
+    """OrtSAE-style: mean over latents of the max squared cosine to another latent of the same random chunk."""
+    F = W_dec_FD.shape[0]
+    W_hat_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    perm = torch.randperm(F, generator=generator).to(W_dec_FD.device)
+    total = W_dec_FD.new_zeros(())
+    for s in range(0, F, chunk_size):
+        idx = perm[s:s + chunk_size]
+        if len(idx) < 2:
+            continue
+        block = W_hat_FD[idx]
+        cos2 = (block @ block.T).square()
+        cos2 = cos2 - torch.diag_embed(cos2.diagonal())
+        total = total + cos2.max(dim=-1).values.sum()
+    return total / F
+
+
+def gram_offdiag_cos2(W_dec_FD: torch.Tensor) -> torch.Tensor:
+    """‖Ŵ Ŵᵀ − I‖²_F / (F(F−1)): mean squared cosine over all ordered pairs of distinct latents."""
+    F = W_dec_FD.shape[0]
+    W_hat_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    gram = W_hat_FD @ W_hat_FD.T
+    return (gram - torch.eye(F, device=gram.device, dtype=gram.dtype)).square().sum() / (F * (F - 1))
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def _check(ok: bool, name: str, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: expected {expected}")
+
+
+@dataclass
+class OrthTopKTrainingSAEConfig(TopKTrainingSAEConfig):
+    """Shared by the orthogonal TopK variants. Saved for inference as a plain sae_lens TopK SAE."""
+
+    orth_pen: float = 0.0
+    """λ ≥ 0, weight of the orthogonality penalty (0 reproduces TopK exactly)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(math.isfinite(self.orth_pen) and self.orth_pen >= 0, "orth_pen",
+               f"a finite number >= 0, got {self.orth_pen}")
+
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return TopKSAEConfig
+
+
+@dataclass
+class SGOTopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
+    """Sparsity-guided orthogonality. Penalised pairs: competition score s_ij > τ (see ``saelib.competition``)."""
+
+    competition_threshold: float = 0.05
+    """τ ∈ [0, 1]."""
+    competition_decay: float = 0.99
+    """EMA factor per batch of the co-activation statistics (0.99 ≈ a 100-batch window)."""
+    competition_warmup_steps: int = 100
+    """Steps of statistics before the penalty starts (scores are noise before that)."""
+    competition_max_pairs: int = 1_000_000
+    """Cap of the co-firing table (least-supported pairs dropped first): ≈ 12 bytes a pair."""
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "sgo_topk"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(0.0 <= self.competition_threshold <= 1.0, "competition_threshold",
+               f"a number in [0, 1], got {self.competition_threshold}")
+        _check(0.0 <= self.competition_decay < 1.0, "competition_decay",
+               f"a number in [0, 1), got {self.competition_decay}")
+        _check(self.competition_warmup_steps >= 0, "competition_warmup_steps",
+               f"an integer >= 0, got {self.competition_warmup_steps}")
+        _check(self.competition_max_pairs > 0, "competition_max_pairs",
+               f"a positive integer, got {self.competition_max_pairs}")
+
+
+@dataclass
+class OrtSAETopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
+    orth_chunk_size: int = 1024
+    """Latents per random chunk; cost per step ∝ d_sae · chunk · d_in."""
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "ortsae_topk"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.orth_chunk_size >= 2, "orth_chunk_size", f"an integer >= 2, got {self.orth_chunk_size}")
+
+
+@dataclass
+class GramTopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
+    @classmethod
+    def architecture(cls) -> str:
+        return "gram_topk"
+
+
+# ---------------------------------------------------------------------------------------------- SAEs
+class _OrthTopKTrainingSAE(TopKTrainingSAE):
+    """A TopK training SAE plus ``orth_loss = λ · penalty(W_dec)``; subclasses define the penalty."""
+
+    cfg: OrthTopKTrainingSAEConfig
+
+    def __init__(self, cfg, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.orth_metrics: dict[str, float] = {}
+
+    def orth_penalty(self, step_input: TrainStepInput, feature_acts: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def calculate_aux_loss(self, step_input, feature_acts, hidden_pre, sae_out) -> dict[str, torch.Tensor]:
+        losses = super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)
+        penalty = self.orth_penalty(step_input, feature_acts)
+        if penalty is None or self.cfg.orth_pen == 0:
+            losses[ORTH_LOSS] = sae_out.new_zeros(())  # adding an exact 0 keeps λ = 0 bit-identical to TopK
+        else:
+            losses[ORTH_LOSS] = self.cfg.orth_pen * penalty
+        return losses
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)
+        output.metrics.update(self.orth_metrics)
+        return output
+
+
+class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
+    """TopK SAE with a sparsity-guided orthogonality penalty on competing latent pairs.
+
+    With EMA firing rates p, co-firing rates c and competition scores s_ij = c_ij / min(p_i, p_j), the
+    competing set is C = {(i, j) : s_ij > τ}, and after ``competition_warmup_steps`` steps
+
+        orth_loss = λ · Σ_{(i,j)∈C} s_ij · cos²(d_i, d_j) / Σ_{(i,j)∈C} s_ij
+
+    where d_i is row i of W_dec. Statistics are updated from each batch's TopK mask (no gradient); the loss
+    reaches W_dec only through the rows of competing latents. Logged metrics: ``n_competing_pairs`` and
+    ``competing_mean_cos2`` (unweighted mean cos² over C, measured before the step).
+    """
+
+    cfg: SGOTopKTrainingSAEConfig
+
+    def __init__(self, cfg: SGOTopKTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.competition = CompetitionStats(cfg.d_sae, cfg.competition_decay, cfg.competition_max_pairs,
+                                            device=cfg.device)
+
+    def orth_penalty(self, step_input, feature_acts):
+        self.competition.update(feature_acts, self.cfg.k)
+        if step_input.n_training_steps < self.cfg.competition_warmup_steps:
+            self.orth_metrics = {"n_competing_pairs": 0, "competing_mean_cos2": float("nan")}
+            return None
+        i_C, j_C, s_C = self.competition.competing(self.cfg.competition_threshold)
+        with torch.no_grad():
+            W_hat = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            mean_cos2 = (W_hat[i_C] * W_hat[j_C]).sum(-1).square().mean().item() if len(i_C) else float("nan")
+        self.orth_metrics = {"n_competing_pairs": len(i_C), "competing_mean_cos2": mean_cos2}
+        return weighted_pair_cos2(self.W_dec, i_C, j_C, s_C)
+
+
+class OrtSAETopKTrainingSAE(_OrthTopKTrainingSAE):
+    """orth_loss = λ · mean_i max_{j in chunk(i), j≠i} cos²(d_i, d_j), chunks re-drawn each step.
+
+    The chunk permutation is seeded by the step number, so a resumed run draws the same chunks.
+    """
+
+    cfg: OrtSAETopKTrainingSAEConfig
+
+    def orth_penalty(self, step_input, feature_acts):
+        generator = torch.Generator().manual_seed(1_000_003 + step_input.n_training_steps)
+        penalty = chunked_max_cos2(self.W_dec, self.cfg.orth_chunk_size, generator)
+        self.orth_metrics = {"chunk_mean_max_cos2": penalty.item()}
+        return penalty
+
+
+class GramTopKTrainingSAE(_OrthTopKTrainingSAE):
+    """orth_loss = λ · ‖Ŵ Ŵᵀ − I‖²_F / (d_sae (d_sae − 1)) — exact, O(d_sae² · d_in) per step."""
+
+    cfg: GramTopKTrainingSAEConfig
+
+    def orth_penalty(self, step_input, feature_acts):
+        penalty = gram_offdiag_cos2(self.W_dec)
+        self.orth_metrics = {"gram_mean_cos2": penalty.item()}
+        return penalty
+
+
+def competition_state(sae) -> dict[str, Any] | None:
+    """The SAE's competition statistics for a checkpoint, or None for architectures without them."""
+    stats = getattr(sae, "competition", None)
+    return stats.state_dict() if stats is not None else None
+
+
+register_sae_training_class("sgo_topk", SGOTopKTrainingSAE, SGOTopKTrainingSAEConfig)
+register_sae_training_class("ortsae_topk", OrtSAETopKTrainingSAE, OrtSAETopKTrainingSAEConfig)
+register_sae_training_class("gram_topk", GramTopKTrainingSAE, GramTopKTrainingSAEConfig)

@@ -1,0 +1,62 @@
+"""Model loading by short name: tiny model, unknown names, and the hub path failing fast offline."""
+
+import time
+
+import pytest
+
+from saelib.models import MODELS, get_spec, load_model, tiny_random_model
+
+
+def test_tiny_model_is_deterministic():
+    a, b = tiny_random_model(seed=0), tiny_random_model(seed=0)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert (pa == pb).all(), name
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match=r"^model_name: unknown model 'gpt-9'"):
+        get_spec("gpt-9")
+
+
+def test_hub_model_fails_fast_offline_and_names_the_default(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.time()
+    with pytest.raises(RuntimeError, match="not reachable.*offline default model_name='gemma-3-270m'"):
+        load_model("gemma-2-2b")
+    assert time.time() - start < 10
+
+
+def test_hub_model_fails_fast_when_the_hub_does_not_answer(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.time()
+    with pytest.raises(RuntimeError, match="not reachable"):
+        load_model("gemma-2-2b")
+    assert time.time() - start < 10
+
+
+def test_gemma_2_2b_profile_shapes_without_weights():
+    """The GPU profile's hook and width exist in TL's hard-coded config (meta device: no memory, no hub)."""
+    import torch
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+    cfg = get_pretrained_model_config("google/gemma-2-2b")
+    cfg.tokenizer_name = None
+    cfg.device = "meta"
+    assert (cfg.n_layers, cfg.d_model) == (MODELS["gemma-2-2b"].n_layers, MODELS["gemma-2-2b"].d_model)
+    with torch.device("meta"):
+        model = HookedTransformer(cfg)
+        _, cache = model.run_with_cache(torch.zeros(1, 4, dtype=torch.long), stop_at_layer=13,
+                                        names_filter=["blocks.12.hook_resid_post"])
+    assert cache["blocks.12.hook_resid_post"].shape == (1, 4, 2304)
+
+
+@pytest.mark.real_model
+def test_embedded_gemma_is_real(real_model):
+    """Next-token loss on ordinary English is far below a random model's (≈ 12.5 nats)."""
+    text = ("The committee met on Tuesday to discuss the budget for the coming year. After a long debate, "
+            "the members agreed to increase spending on schools and roads.")
+    loss = real_model(real_model.to_tokens(text), return_type="loss").item()
+    assert loss < 4.0
+    assert real_model.cfg.n_layers == 18 and real_model.cfg.d_model == 640
