@@ -37,6 +37,12 @@ architecture = "topk"
 d_sae = 1_024
 k = 16
 l1_coefficient = 0.0
+orth_pen = 0.0  # λ; setting it (or competition_threshold) alone selects architecture sgo_topk
+competition_threshold = 0.05  # τ
+competition_warmup_steps = 20
+competition_decay = 0.99
+competition_max_pairs = 1_000_000
+orth_chunk_size = 1024
 training_tokens = 32_768
 batch_size = 512
 lr = 1e-3
@@ -72,6 +78,10 @@ model = load_model(cfg.model_name, device=cfg.device)
 train_cache = cache_for_config(cfg, model, "train")
 eval_cache = cache_for_config(cfg, model, "eval")
 sae = train_sae(cfg, train_cache)
+
+# %% [markdown]
+# Training curves. Orthogonal architectures add their penalty (`orth_loss`) and, for `sgo_topk`, the number of
+# competing pairs and their mean decoder cos² (measured before each step).
 
 # %%
 history = io.read_history(cfg.run_dir)

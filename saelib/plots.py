@@ -16,12 +16,16 @@ CURVES = {
     "sparsity/dead_features": "dead latents",
 }
 
+#: architecture-specific metrics logged by saelib.saes
+ORTH_METRICS = ("metrics/n_competing_pairs", "metrics/competing_mean_cos2", "metrics/chunk_mean_max_cos2",
+                "metrics/gram_mean_cos2")
+
 
 def training_curves(history: pd.DataFrame, title: str = "training") -> go.Figure:
     """One panel per logged quantity against training tokens."""
     if history.empty:
         raise ValueError("history: no rows logged; was the run trained with log_every > its step count?")
-    extra = [c for c in history.columns if c.startswith("losses/") and c not in CURVES]
+    extra = [c for c in history.columns if c not in CURVES and (c.startswith("losses/") or c in ORTH_METRICS)]
     columns = [c for c in [*CURVES, *extra] if c in history.columns]
     names = [CURVES.get(c, c.split("/", 1)[1]) for c in columns]
     n_cols = 3

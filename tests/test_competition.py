@@ -1,0 +1,95 @@
+"""Co-activation statistics against a dense reference; memory bound; checkpoint round trip."""
+
+import pytest
+import torch
+
+from saelib.competition import CompetitionStats, fired_pairs
+
+
+def random_topk_acts(B=64, F=40, k=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randn(B, F, generator=g)
+    vals, idx = pre.topk(k, dim=-1)
+    acts = torch.zeros(B, F).scatter_(1, idx, vals.relu())
+    return acts
+
+
+def dense_cofire(acts_BF):
+    mask = (acts_BF > 0).float()
+    return mask.sum(0), torch.triu(mask.T @ mask, diagonal=1)
+
+
+def test_fired_pairs_match_the_dense_product():
+    acts = random_topk_acts()
+    counts, keys = fired_pairs(acts, k=5)
+    dense_counts, dense_pairs = dense_cofire(acts)
+    torch.testing.assert_close(counts, dense_counts)
+    sparse = torch.zeros(40 * 40)
+    sparse.index_add_(0, keys, torch.ones(len(keys)))
+    torch.testing.assert_close(sparse.view(40, 40), dense_pairs)
+
+
+def test_ema_rates_and_scores_match_a_dense_reference():
+    stats = CompetitionStats(40, decay=0.9)
+    ref_p, ref_c = torch.zeros(40), torch.zeros(40, 40)
+    for seed in range(5):
+        acts = random_topk_acts(seed=seed)
+        stats.update(acts, k=5)
+        counts, pairs = dense_cofire(acts)
+        ref_p = 0.9 * ref_p + 0.1 * counts / 64
+        ref_c = 0.9 * ref_c + 0.1 * pairs / 64
+    i, j = stats.pairs()
+    torch.testing.assert_close(stats.pair_rates, ref_c[i, j])
+    assert int((ref_c > 0).sum()) == len(i)
+    expected = ref_c[i, j] / torch.minimum(ref_p[i], ref_p[j])
+    torch.testing.assert_close(stats.scores(), expected.clamp(max=1.0))
+    assert stats.scores().max() <= 1.0
+
+
+def test_pair_that_always_fires_together_scores_one():
+    acts = torch.zeros(10, 8)
+    acts[:, 2] = 1.0
+    acts[:, 5] = 2.0
+    acts[:3, 7] = 1.0  # 7 fires on 3 of the 10 tokens, always with 2 and 5
+    stats = CompetitionStats(8, decay=0.5)
+    stats.update(acts, k=3)
+    i, j, s = stats.competing(0.99)
+    assert sorted(zip(i.tolist(), j.tolist())) == [(2, 5), (2, 7), (5, 7)]
+    torch.testing.assert_close(s, torch.ones(3))
+
+
+def test_table_is_capped_keeping_the_best_supported_pairs():
+    stats = CompetitionStats(40, decay=0.9, max_pairs=10)
+    for seed in range(3):
+        stats.update(random_topk_acts(seed=seed), k=5)
+    assert len(stats.pair_keys) == 10
+    assert (stats.pair_keys[1:] > stats.pair_keys[:-1]).all()  # sorted, unique
+
+
+def test_state_round_trip():
+    stats = CompetitionStats(40)
+    stats.update(random_topk_acts(), k=5)
+    other = CompetitionStats(40)
+    other.load_state_dict(stats.state_dict())
+    torch.testing.assert_close(other.scores(), stats.scores())
+    assert other.n_updates == 1
+    with pytest.raises(ValueError, match="competition state: expected d_sae=41"):
+        CompetitionStats(41).load_state_dict(stats.state_dict())
+
+
+@pytest.mark.parametrize("kwargs, name", [({"decay": 1.0}, "competition_decay"),
+                                          ({"max_pairs": 0}, "competition_max_pairs")])
+def test_bad_statistics_settings(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        CompetitionStats(8, **kwargs)
+
+
+def test_memory_scales_with_pairs_not_d_sae_squared():
+    stats = CompetitionStats(65_536, max_pairs=200_000)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        idx = torch.randint(0, 65_536, (512, 32), generator=g)
+        acts = torch.zeros(512, 65_536).scatter_(1, idx, 1.0)
+        stats.update(acts, k=32)
+    assert len(stats.pair_keys) == 200_000
+    assert stats.nbytes() < 4 * 1024 * 1024  # dense d_sae² float32 would be 16 GiB

@@ -1,0 +1,156 @@
+"""The orthogonal SAEs act: λ = 0 is TopK bit for bit; the SGO gradient reaches exactly the competing rows and
+lowers their cos²; the chunked pair loss matches an eager reference; configs reject bad values by name."""
+
+import pytest
+import torch
+from sae_lens import SAE
+from sae_lens.saes.sae import TrainStepInput
+
+from saelib import io
+from saelib.config import ConfigError, build_config
+from saelib.saes import (
+    ORTH_LOSS, SGOTopKTrainingSAE, SGOTopKTrainingSAEConfig, _PairCos2, chunked_max_cos2, gram_offdiag_cos2,
+    weighted_pair_cos2,
+)
+from saelib.train import train_sae
+from tests.test_train import tiny_cfg
+
+
+def eager_pair_cos2(W, i, j, w):
+    W_hat = W / W.norm(dim=-1, keepdim=True)
+    return (w * (W_hat[i] * W_hat[j]).sum(-1).square()).sum() / w.sum()
+
+
+def test_chunked_pair_loss_matches_eager_reference_and_finite_differences(monkeypatch):
+    monkeypatch.setattr(_PairCos2, "CHUNK", 7)  # force several chunks
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    i = torch.randint(0, 15, (25,), generator=g)
+    j = torch.randint(15, 30, (25,), generator=g)
+    w = torch.rand(25, generator=g, dtype=torch.float64)
+    ours = weighted_pair_cos2(W, i, j, w)
+    (grad_ours,) = torch.autograd.grad(ours, W)
+    ref = eager_pair_cos2(W, i, j, w)
+    (grad_ref,) = torch.autograd.grad(ref, W)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(grad_ours, grad_ref)
+    assert torch.autograd.gradcheck(lambda W_: weighted_pair_cos2(W_, i, j, w), (W,))
+
+
+def test_gram_penalty_matches_its_definition_and_is_zero_for_orthonormal_rows():
+    W = torch.randn(6, 10, dtype=torch.float64)
+    W_hat = W / W.norm(dim=-1, keepdim=True)
+    cos2 = (W_hat @ W_hat.T).square()
+    torch.testing.assert_close(gram_offdiag_cos2(W), (cos2.sum() - 6) / 30)
+    assert gram_offdiag_cos2(torch.eye(6, 10)).item() == pytest.approx(0.0)
+
+
+def test_ortsae_penalty_is_the_mean_within_chunk_max():
+    W = torch.randn(8, 5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    W_hat = W / W.norm(dim=-1, keepdim=True)
+    expected = 0.0
+    for chunk in (perm[:4], perm[4:]):
+        cos2 = (W_hat[chunk] @ W_hat[chunk].T).square().fill_diagonal_(0)
+        expected += cos2.max(-1).values.sum().item()
+    assert chunked_max_cos2(W, 4, g).item() == pytest.approx(expected / 8)
+
+
+def make_sgo(d_in=8, d_sae=6, k=2, orth_pen=1.0, tau=0.5):
+    torch.manual_seed(0)
+    return SGOTopKTrainingSAE(SGOTopKTrainingSAEConfig(
+        d_in=d_in, d_sae=d_sae, k=k, orth_pen=orth_pen, competition_threshold=tau, competition_warmup_steps=0,
+        competition_decay=0.0))
+
+
+def test_sgo_gradient_reaches_only_the_competing_pair_and_lowers_its_cos2():
+    sae = make_sgo()
+    with torch.no_grad():  # latents 1 and 4 overlap; every token fires exactly them
+        sae.W_dec[4] = sae.W_dec[1] + 0.3 * sae.W_dec[4]
+    acts = torch.zeros(16, 6)
+    acts[:, 1], acts[:, 4] = 1.0, 0.5
+    step = TrainStepInput(sae_in=torch.randn(16, 8), coefficients={}, dead_neuron_mask=None,
+                          n_training_steps=0, is_logging_step=False)
+    orth = sae.calculate_aux_loss(step, acts, acts, torch.zeros(16, 8))[ORTH_LOSS]
+    assert sae.orth_metrics["n_competing_pairs"] == 1
+    (grad,) = torch.autograd.grad(orth, sae.W_dec)
+    touched = grad.abs().sum(-1) > 0
+    assert touched.tolist() == [False, True, False, False, True, False]
+
+    def cos2(W):
+        a, b = W[1] / W[1].norm(), W[4] / W[4].norm()
+        return (a @ b).square().item()
+
+    before = cos2(sae.W_dec.detach())
+    assert cos2(sae.W_dec.detach() - 0.01 * grad) < before
+
+
+def test_sgo_with_lambda_zero_is_topk_bit_for_bit(tmp_path, tiny_cache):
+    topk = train_sae(tiny_cfg(tmp_path / "topk"), tiny_cache)
+    sgo = train_sae(tiny_cfg(tmp_path / "sgo", architecture="sgo_topk", orth_pen=0.0,
+                             competition_threshold=0.02, competition_warmup_steps=2), tiny_cache)
+    for name, value in topk.state_dict().items():
+        assert torch.equal(sgo.state_dict()[name], value), name
+    history = io.read_history(tiny_cfg(tmp_path / "sgo").run_dir)
+    assert history["metrics/n_competing_pairs"].iloc[-1] > 0  # the statistics ran, the penalty was zero
+
+
+def test_sgo_with_lambda_changes_the_weights_and_lowers_competing_cos2(tmp_path, tiny_cache):
+    common = dict(architecture="sgo_topk", competition_threshold=0.02, competition_warmup_steps=2,
+                  training_tokens=4096)
+    runs = {lam: train_sae(tiny_cfg(tmp_path / str(lam), orth_pen=lam, **common), tiny_cache)
+            for lam in (0.0, 1.0)}
+    assert not torch.equal(runs[0.0].W_dec, runs[1.0].W_dec)
+    final = {lam: io.read_history(tiny_cfg(tmp_path / str(lam), orth_pen=lam, **common).run_dir)
+             ["metrics/competing_mean_cos2"].iloc[-1] for lam in runs}
+    assert final[1.0] < final[0.0]
+
+
+@pytest.mark.parametrize("architecture, extra", [("sgo_topk", {"competition_warmup_steps": 2}),
+                                                 ("ortsae_topk", {"orth_chunk_size": 32}), ("gram_topk", {})])
+def test_orthogonal_saes_save_as_topk_and_resume_exactly(tmp_path, tiny_cache, monkeypatch, architecture, extra):
+    from saelib.train import HistoryTrainer
+
+    cfg = tiny_cfg(tmp_path / "full", architecture=architecture, orth_pen=0.5, **extra)
+    full = train_sae(cfg, tiny_cache)
+    loaded = SAE.load_from_disk(cfg.run_dir / io.SAE_DIR)
+    assert loaded.cfg.architecture() == "topk"
+    torch.testing.assert_close(loaded(tiny_cache.rows(0, 64)), full(tiny_cache.rows(0, 64)), rtol=1e-4, atol=1e-4)
+
+    crashed = tiny_cfg(tmp_path / "crash", architecture=architecture, orth_pen=0.5, **extra)
+    real_step = HistoryTrainer.step
+
+    def crash(self, batch):
+        if self.n_training_steps == 12:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(HistoryTrainer, "step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(crashed, tiny_cache)
+    monkeypatch.setattr(HistoryTrainer, "step", real_step)
+    resumed = train_sae(crashed, tiny_cache)
+    for name, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"architecture": "sgo_topk", "competition_threshold": 1.5}, "competition_threshold"),
+    ({"architecture": "sgo_topk", "competition_threshold": -0.1}, "competition_threshold"),
+    ({"architecture": "sgo_topk", "orth_pen": -0.01}, "orth_pen"),
+    ({"architecture": "sgo_topk", "orth_pen": float("inf")}, "orth_pen"),
+    ({"architecture": "topk", "orth_pen": 0.02}, "orth_pen"),
+    ({"architecture": "gram_topk", "competition_threshold": 0.02}, "competition_threshold"),
+    ({"architecture": "sgo_topk", "competition_warmup_steps": 64}, "competition_warmup_steps"),
+    ({"architecture": "ortsae_topk", "orth_chunk_size": 1}, "orth_chunk_size"),
+])
+def test_penalty_parameters_are_validated(params, field):
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        build_config(params)
+
+
+def test_plain_orth_pen_means_the_sgo_sae():
+    assert build_config({"orth_pen": 0.02}).architecture == "sgo_topk"
+    with pytest.raises(ConfigError, match="orth_pen: architecture 'topk' takes no orth_pen; it is a parameter of"):
+        build_config({"architecture": "topk", "orth_pen": 0.02})
