@@ -24,6 +24,8 @@ ORTHOGONAL = ("sgo_topk", "ortsae_topk", "gram_topk")
 #: The offline corpus built by ``saelib.data``; any other value is treated as a hub dataset id ("org/name").
 OFFLINE_DATASET = "saelib-offline"
 NORMALIZATIONS = ("none", "expected_average_only_in")
+#: Overrides shared by every run of a study folder (``params/<study>/_study.yaml``), applied before the run's own.
+STUDY_DEFAULTS_FILE = "_study.yaml"
 #: Parameters that only some architectures take: name -> architectures that accept a non-default value.
 ARCH_PARAMS = {
     "l1_coefficient": ("standard",),
@@ -218,13 +220,17 @@ def load_params_file(path: str | Path) -> dict[str, Any]:
 def build_config(params: dict[str, Any] | None = None, params_file: str | Path | None = None) -> RunConfig:
     """Config from (in increasing priority) defaults, a params file and explicit parameters.
 
-    A params file also names the run: ``params/<study>/<run>.yaml`` gives ``study`` and ``run_name`` unless set.
+    A params file also names the run: ``params/<study>/<run>.yaml`` gives ``study`` and ``run_name`` unless set;
+    ``params/<study>/_study.yaml``, if present, is applied before it (the study's shared profile).
     Unknown keys raise ``ConfigError``; nothing is written for a rejected config.
     """
     merged: dict[str, Any] = {}
     if params_file:
         path = Path(params_file)
         merged.update({"study": path.parent.name, "run_name": path.stem})
+        study_defaults = path.parent / STUDY_DEFAULTS_FILE
+        if study_defaults.is_file() and study_defaults != path:
+            merged.update(load_params_file(study_defaults))
         merged.update(load_params_file(path))
     params = dict(params or {})
     unknown = sorted(set(params) - set(field_names()))

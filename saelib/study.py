@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     failed = 0
-    for params_file in args.params_files:
+    runs = [p for p in args.params_files if not Path(p).name.startswith("_")]  # _study.yaml: shared profile
+    for params_file in runs:
         try:
             log.info("report: %s", run_notebook(args.notebook, params_file))
         except ConfigError as err:

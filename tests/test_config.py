@@ -95,3 +95,17 @@ def test_rejected_config_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="^k: "):
         run_notebook(Path(__file__).parents[1] / "notebooks" / "train.ipynb", bad, reports_dir=tmp_path / "reports")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()
+
+
+def test_study_defaults_apply_before_the_run_file(tmp_path):
+    study = tmp_path / "params" / "s"
+    study.mkdir(parents=True)
+    (study / "_study.yaml").write_text("d_sae: 2048\nk: 8\n")
+    (study / "run.yaml").write_text("k: 4\n")
+    cfg = build_config(params_file=study / "run.yaml")
+    assert (cfg.d_sae, cfg.k, cfg.run_name) == (2048, 4, "run")
+
+
+@pytest.mark.parametrize("path", sorted(Path("params").glob("*/[!_]*.yaml")))
+def test_every_shipped_params_file_is_valid(path):
+    build_config(params_file=path)
