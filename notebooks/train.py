@@ -62,7 +62,7 @@ from IPython.display import display
 from saelib import io, plots
 from saelib.activations import cache_for_config
 from saelib.config import config_from_notebook
-from saelib.evals import core_for_run
+from saelib.evals import competition_for_run, core_for_run
 from saelib.models import load_model
 from saelib.train import train_sae
 
@@ -93,3 +93,13 @@ plots.training_curves(history, title=f"{cfg.study}/{cfg.run_name}: training curv
 # %%
 metrics = core_for_run(cfg, model, sae, eval_cache)
 display(plots.metrics_table(metrics))
+
+# %% [markdown]
+# ## Feature competition on held-out text
+# Pairs whose competition score s_ij = c_ij / min(p_i, p_j) exceeds τ (`competition_threshold`), from exact
+# held-out firing rates, and their decoder cos² next to the co-firing pairs below τ — for every architecture,
+# so TopK and SGO are measured alike.
+
+# %%
+competition = competition_for_run(cfg, sae, eval_cache)
+display(plots.metrics_table(competition))

@@ -196,3 +196,15 @@ def core_for_run(cfg, model, sae, eval_cache: ActivationCache) -> dict[str, floa
     tokens_NS = split_tokens(cfg, model, "eval")
     result = run_core(sae, model, tokens_NS, eval_cache, special_token_ids(model), cfg.eval_ce_tokens)
     return write_core(cfg.run_dir, result)
+
+
+def competition_for_run(cfg, sae, eval_cache: ActivationCache) -> dict[str, float]:
+    """Held-out competition of the run's SAE at its τ, merged into metrics.json under ``competition_*`` keys."""
+    from saelib.analysis import competing_cos2, heldout_competition
+
+    result = competing_cos2(sae, heldout_competition(sae, eval_cache), cfg.competition_threshold)
+    path = Path(cfg.run_dir) / io.METRICS_FILE
+    metrics = io.read_json(path) if path.exists() else {}
+    metrics.update({f"competition_{k}" if not k.startswith("competing") else k: v for k, v in result.items()})
+    io.write_json_atomic(path, metrics)
+    return result

@@ -1,0 +1,57 @@
+"""Post-hoc feature-competition analysis of a trained SAE on held-out activations.
+
+The same competition score as training (``saelib.competition``), but from exact firing rates over the whole
+held-out set instead of moving averages, so every architecture — TopK, SGO, ReLU — is measured alike.
+This module trains nothing and writes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saelib.activations import ActivationCache
+from saelib.competition import CompetitionStats
+
+
+@torch.no_grad()
+def heldout_competition(sae, cache: ActivationCache, batch_size: int = 4096,
+                        max_pairs: int = 5_000_000) -> CompetitionStats:
+    """Exact firing and co-firing rates of ``sae``'s latents over the held-out cache (equal weight per token)."""
+    stats = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs)
+    total = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs)
+    seen = 0
+    for start in range(0, cache.n_rows, batch_size):
+        acts_BF = sae.encode(cache.rows(start, start + batch_size).to(sae.device, sae.dtype))
+        k = int((acts_BF > 0).sum(-1).max().clamp_min(1))
+        stats.update(acts_BF, k)  # decay 0: the batch's own rates
+        n = acts_BF.shape[0]
+        # running token-weighted mean of the per-batch rates
+        w_old, w_new = seen / (seen + n), n / (seen + n)
+        total.freq_F = total.freq_F * w_old + stats.freq_F * w_new
+        keys = torch.cat([total.pair_keys, stats.pair_keys])
+        rates = torch.cat([total.pair_rates * w_old, stats.pair_rates * w_new])
+        total.pair_keys, inverse = torch.unique(keys, return_inverse=True)
+        total.pair_rates = torch.zeros(len(total.pair_keys)).index_add_(0, inverse, rates)
+        seen += n
+    total.n_updates = 1
+    return total
+
+
+@torch.no_grad()
+def competing_cos2(sae, stats: CompetitionStats, threshold: float) -> dict[str, float]:
+    """Number of pairs with score > τ and their decoder cos² (plain and score-weighted mean), next to the mean
+    cos² of all co-firing pairs below τ (the non-competing control)."""
+    W_hat = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    i_P, j_P = stats.pairs()
+    score_P = stats.scores()
+    cos2_P = (W_hat[i_P] * W_hat[j_P]).sum(-1).square()
+    comp = score_P > threshold
+    nan = float("nan")
+    return {
+        "tau": threshold,
+        "n_competing_pairs": int(comp.sum()),
+        "competing_mean_cos2": cos2_P[comp].mean().item() if comp.any() else nan,
+        "competing_weighted_cos2": ((score_P * cos2_P)[comp].sum() / score_P[comp].sum()).item() if comp.any() else nan,
+        "noncompeting_mean_cos2": cos2_P[~comp].mean().item() if (~comp).any() else nan,
+        "n_cofiring_pairs": len(i_P),
+    }

@@ -1,0 +1,31 @@
+"""Held-out competition analysis against a dense reference."""
+
+import torch
+
+from saelib.analysis import competing_cos2, heldout_competition
+from tests.test_evals import tiny_sae
+
+
+def test_heldout_rates_match_dense_counts(tiny_cache):
+    sae = tiny_sae(d_sae=32, k=4)
+    stats = heldout_competition(sae, tiny_cache, batch_size=256)  # several batches of unequal size
+    with torch.no_grad():
+        mask = (sae.encode(tiny_cache.rows()) > 0).float()
+    n = mask.shape[0]
+    torch.testing.assert_close(stats.freq_F, mask.mean(0))
+    co = torch.triu(mask.T @ mask, diagonal=1) / n
+    i, j = stats.pairs()
+    torch.testing.assert_close(stats.pair_rates, co[i, j])
+    assert len(i) == int((co > 0).sum())
+
+
+def test_competing_cos2_splits_pairs_by_threshold(tiny_cache):
+    sae = tiny_sae(d_sae=32, k=4)
+    stats = heldout_competition(sae, tiny_cache)
+    low, high = competing_cos2(sae, stats, 0.0), competing_cos2(sae, stats, 0.5)
+    assert low["n_competing_pairs"] == low["n_cofiring_pairs"] >= high["n_competing_pairs"] > 0
+    W = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+    i, j = stats.pairs()
+    keep = stats.scores() > 0.5
+    expected = (W[i[keep]] * W[j[keep]]).sum(-1).square().mean().item()
+    assert abs(high["competing_mean_cos2"] - expected) < 1e-6
