@@ -75,8 +75,12 @@ print(f"run {cfg.run_dir}: {cfg.architecture} d_sae={cfg.d_sae} k={cfg.k} on {cf
 
 # %%
 model = load_model(cfg.model_name, device=cfg.device)
+
+# %%
 train_cache = cache_for_config(cfg, model, "train")
 eval_cache = cache_for_config(cfg, model, "eval")
+
+# %%
 sae = train_sae(cfg, train_cache)
 
 # %% [markdown]

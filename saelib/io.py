@@ -91,3 +91,16 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def study_metrics(study_dir: Path) -> pd.DataFrame:
+    """One row per finished run of a study: its identifying config fields and its metrics.json."""
+    rows = []
+    for run_dir in sorted(Path(study_dir).iterdir()):
+        if not (run_dir / METRICS_FILE).exists() or not (run_dir / RUN_CFG_FILE).exists():
+            continue
+        cfg = read_json(run_dir / RUN_CFG_FILE)
+        rows.append({"run": run_dir.name, "architecture": cfg["architecture"],
+                     "tau": cfg.get("competition_threshold"), "lambda": cfg.get("orth_pen"), "seed": cfg["seed"],
+                     **read_json(run_dir / METRICS_FILE)})
+    return pd.DataFrame(rows)
