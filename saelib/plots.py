@@ -40,6 +40,13 @@ def training_curves(history: pd.DataFrame, title: str = "training") -> go.Figure
     return fig
 
 
+def use_offline_renderer() -> None:
+    """Embed plotly.js in the notebook (once) so executed notebooks and HTML reports render offline."""
+    import plotly.io as pio
+
+    pio.renderers.default = "plotly_mimetype+notebook"
+
+
 def metrics_table(metrics: dict[str, float]) -> pd.DataFrame:
     """Headline metrics as a one-column table, rounded for reading."""
     return pd.DataFrame({"value": metrics}).round(4)

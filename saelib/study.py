@@ -40,8 +40,14 @@ def render_report(executed: Path, html_path: Path) -> Path:
     """nbconvert an executed notebook to HTML without its input cells."""
     from nbconvert import HTMLExporter
 
+    import nbformat
+
+    nb = nbformat.read(str(executed), as_version=4)
+    for cell in nb.cells:  # progress bars and library warnings stay in the executed notebook, not the report
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_filename(str(executed))
+    body, _ = exporter.from_notebook_node(nb)
     html_path.parent.mkdir(parents=True, exist_ok=True)
     html_path.write_text(body)
     return html_path
