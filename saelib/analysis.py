@@ -17,8 +17,8 @@ from saelib.competition import CompetitionStats
 def heldout_competition(sae, cache: ActivationCache, batch_size: int = 4096,
                         max_pairs: int = 5_000_000) -> CompetitionStats:
     """Exact firing and co-firing rates of ``sae``'s latents over the held-out cache (equal weight per token)."""
-    stats = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs)
-    total = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs)
+    stats = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs, window=1)
+    total = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs, window=1)
     seen = 0
     for start in range(0, cache.n_rows, batch_size):
         acts_BF = sae.encode(cache.rows(start, start + batch_size).to(sae.device, sae.dtype))

@@ -34,6 +34,8 @@ ARCH_PARAMS = {
     "competition_warmup_steps": ("sgo_topk",),
     "competition_decay": ("sgo_topk",),
     "competition_max_pairs": ("sgo_topk",),
+    "competition_sample_pairs": ("sgo_topk",),
+    "competition_window": ("sgo_topk",),
     "orth_chunk_size": ("ortsae_topk",),
 }
 
@@ -93,6 +95,10 @@ class RunConfig:
     """EMA factor per batch of the co-activation statistics (``sgo_topk``)."""
     competition_max_pairs: int = 1_000_000
     """Cap of the co-firing table, ≈ 12 bytes a pair (``sgo_topk``)."""
+    competition_sample_pairs: int = 16_384
+    """Competing pairs drawn per step (∝ score) to estimate the SGO penalty; 0 = every pair (``sgo_topk``)."""
+    competition_window: int = 10
+    """Batches pooled before the co-activation statistics and the competing set are refreshed (``sgo_topk``)."""
     orth_chunk_size: int = 1024
     """Latents per random chunk of the OrtSAE-style penalty (``ortsae_topk``)."""
 
@@ -159,6 +165,10 @@ class RunConfig:
                f"a number in [0, 1), got {self.competition_decay}")
         _check(self.competition_max_pairs > 0, "competition_max_pairs",
                f"a positive integer, got {self.competition_max_pairs}")
+        _check(self.competition_sample_pairs >= 0, "competition_sample_pairs",
+               f"an integer >= 0, got {self.competition_sample_pairs}")
+        _check(self.competition_window > 0, "competition_window",
+               f"a positive integer, got {self.competition_window}")
         _check(self.orth_chunk_size >= 2, "orth_chunk_size", f"an integer >= 2, got {self.orth_chunk_size}")
         n_steps = self.training_tokens // self.batch_size
         _check(self.competition_warmup_steps >= 0 and (self.architecture != "sgo_topk"

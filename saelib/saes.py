@@ -62,6 +62,15 @@ def weighted_pair_cos2(W_dec_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Ten
     return _PairCos2.apply(W_hat_FD, i_P, j_P, w_P) / w_P.sum()
 
 
+def sampled_pair_cos2(W_dec_FD, i_P, j_P, w_P, n_samples: int, generator: torch.Generator):
+    """``weighted_pair_cos2`` over all pairs, or, with more than ``n_samples`` > 0 pairs, its unbiased estimate:
+    the plain mean cos² of ``n_samples`` pairs drawn with replacement with probability ∝ w."""
+    if 0 < n_samples < len(i_P):
+        pick = torch.multinomial(w_P, n_samples, replacement=True, generator=generator)
+        return weighted_pair_cos2(W_dec_FD, i_P[pick], j_P[pick], torch.ones(n_samples, device=w_P.device))
+    return weighted_pair_cos2(W_dec_FD, i_P, j_P, w_P)
+
+
 def chunked_max_cos2(W_dec_FD: torch.Tensor, chunk_size: int, generator: torch.Generator) -> torch.Tensor:
     """OrtSAE-style: mean over latents of the max squared cosine to another latent of the same random chunk."""
     F = W_dec_FD.shape[0]
@@ -121,6 +130,10 @@ class SGOTopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
     """Steps of statistics before the penalty starts (scores are noise before that)."""
     competition_max_pairs: int = 1_000_000
     """Cap of the co-firing table (least-supported pairs dropped first): ≈ 12 bytes a pair."""
+    competition_sample_pairs: int = 16_384
+    """Competing pairs drawn per step (∝ score) to estimate the penalty; 0 = use every competing pair."""
+    competition_window: int = 10
+    """Batches pooled before the statistics (and the competing set) are refreshed."""
 
     @classmethod
     def architecture(cls) -> str:
@@ -136,6 +149,10 @@ class SGOTopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
                f"an integer >= 0, got {self.competition_warmup_steps}")
         _check(self.competition_max_pairs > 0, "competition_max_pairs",
                f"a positive integer, got {self.competition_max_pairs}")
+        _check(self.competition_sample_pairs >= 0, "competition_sample_pairs",
+               f"an integer >= 0, got {self.competition_sample_pairs}")
+        _check(self.competition_window > 0, "competition_window",
+               f"a positive integer, got {self.competition_window}")
 
 
 @dataclass
@@ -196,8 +213,12 @@ class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
         orth_loss = λ · Σ_{(i,j)∈C} s_ij · cos²(d_i, d_j) / Σ_{(i,j)∈C} s_ij
 
     where d_i is row i of W_dec. Statistics are updated from each batch's TopK mask (no gradient); the loss
-    reaches W_dec only through the rows of competing latents. Logged metrics: ``n_competing_pairs`` and
-    ``competing_mean_cos2`` (unweighted mean cos² over C, measured before the step).
+    reaches W_dec only through the rows of competing latents. When C holds more than M =
+    ``competition_sample_pairs`` pairs, the weighted mean is estimated without bias from M pairs drawn with
+    probability ∝ s_ij (their plain mean cos²), so a step costs O(M·d_in) however many pairs compete; M = 0
+    always uses every pair. Draws use a generator seeded by the step, never the global RNG, so λ = 0 stays
+    bit-identical to TopK and a resumed run draws the same pairs. Logged metrics: ``n_competing_pairs`` and
+    ``competing_mean_cos2`` (unweighted mean cos² over C, from a uniform sample of M pairs, before the step).
     """
 
     cfg: SGOTopKTrainingSAEConfig
@@ -205,7 +226,7 @@ class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
     def __init__(self, cfg: SGOTopKTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         self.competition = CompetitionStats(cfg.d_sae, cfg.competition_decay, cfg.competition_max_pairs,
-                                            device=cfg.device)
+                                            cfg.competition_window, device=cfg.device)
 
     def orth_penalty(self, step_input, feature_acts):
         self.competition.update(feature_acts, self.cfg.k)
@@ -213,11 +234,24 @@ class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
             self.orth_metrics = {"n_competing_pairs": 0, "competing_mean_cos2": float("nan")}
             return None
         i_C, j_C, s_C = self.competition.competing(self.cfg.competition_threshold)
-        with torch.no_grad():
-            W_hat = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-            mean_cos2 = (W_hat[i_C] * W_hat[j_C]).sum(-1).square().mean().item() if len(i_C) else float("nan")
-        self.orth_metrics = {"n_competing_pairs": len(i_C), "competing_mean_cos2": mean_cos2}
-        return weighted_pair_cos2(self.W_dec, i_C, j_C, s_C)
+        generator = torch.Generator().manual_seed(2_000_003 + step_input.n_training_steps)
+        self.orth_metrics = {"n_competing_pairs": len(i_C),
+                             "competing_mean_cos2": self._sampled_mean_cos2(i_C, j_C, generator)}
+        if len(i_C) == 0 or self.cfg.orth_pen == 0:
+            return None
+        return sampled_pair_cos2(self.W_dec, i_C, j_C, s_C, self.cfg.competition_sample_pairs, generator)
+
+    @torch.no_grad()
+    def _sampled_mean_cos2(self, i_C, j_C, generator) -> float:
+        """Unweighted mean cos² over competing pairs (a uniform sample of ``competition_sample_pairs`` of them)."""
+        if len(i_C) == 0:
+            return float("nan")
+        M = self.cfg.competition_sample_pairs
+        if 0 < M < len(i_C):
+            pick = torch.randint(0, len(i_C), (M,), generator=generator)
+            i_C, j_C = i_C[pick], j_C[pick]
+        W_hat = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return (W_hat[i_C] * W_hat[j_C]).sum(-1).square().mean().item()
 
 
 class OrtSAETopKTrainingSAE(_OrthTopKTrainingSAE):

@@ -44,7 +44,9 @@ def sae_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
     if cfg.architecture == "sgo_topk":
         kwargs.update(competition_threshold=cfg.competition_threshold, competition_decay=cfg.competition_decay,
                       competition_warmup_steps=cfg.competition_warmup_steps,
-                      competition_max_pairs=cfg.competition_max_pairs)
+                      competition_max_pairs=cfg.competition_max_pairs,
+                      competition_sample_pairs=cfg.competition_sample_pairs,
+                      competition_window=cfg.competition_window)
     if cfg.architecture == "ortsae_topk":
         kwargs["orth_chunk_size"] = cfg.orth_chunk_size
     return kwargs

@@ -30,7 +30,7 @@ def test_fired_pairs_match_the_dense_product():
 
 
 def test_ema_rates_and_scores_match_a_dense_reference():
-    stats = CompetitionStats(40, decay=0.9)
+    stats = CompetitionStats(40, decay=0.9, window=1)
     ref_p, ref_c = torch.zeros(40), torch.zeros(40, 40)
     for seed in range(5):
         acts = random_topk_acts(seed=seed)
@@ -51,7 +51,7 @@ def test_pair_that_always_fires_together_scores_one():
     acts[:, 2] = 1.0
     acts[:, 5] = 2.0
     acts[:3, 7] = 1.0  # 7 fires on 3 of the 10 tokens, always with 2 and 5
-    stats = CompetitionStats(8, decay=0.5)
+    stats = CompetitionStats(8, decay=0.5, window=1)
     stats.update(acts, k=3)
     i, j, s = stats.competing(0.99)
     assert sorted(zip(i.tolist(), j.tolist())) == [(2, 5), (2, 7), (5, 7)]
@@ -59,33 +59,39 @@ def test_pair_that_always_fires_together_scores_one():
 
 
 def test_table_is_capped_keeping_the_best_supported_pairs():
-    stats = CompetitionStats(40, decay=0.9, max_pairs=10)
+    stats = CompetitionStats(40, decay=0.9, max_pairs=10, window=1)
     for seed in range(3):
         stats.update(random_topk_acts(seed=seed), k=5)
     assert len(stats.pair_keys) == 10
     assert (stats.pair_keys[1:] > stats.pair_keys[:-1]).all()  # sorted, unique
 
 
-def test_state_round_trip():
-    stats = CompetitionStats(40)
-    stats.update(random_topk_acts(), k=5)
-    other = CompetitionStats(40)
+def test_state_round_trip_keeps_the_pending_window():
+    stats = CompetitionStats(40, window=3)
+    for seed in range(4):  # one fold, one batch pending
+        stats.update(random_topk_acts(seed=seed), k=5)
+    other = CompetitionStats(40, window=3)
     other.load_state_dict(stats.state_dict())
+    assert other.n_updates == 4
+    for s in (stats, other):
+        s.update(random_topk_acts(seed=9), k=5)
+        s.flush()
     torch.testing.assert_close(other.scores(), stats.scores())
-    assert other.n_updates == 1
+    torch.testing.assert_close(other.pair_keys, stats.pair_keys)
     with pytest.raises(ValueError, match="competition state: expected d_sae=41"):
         CompetitionStats(41).load_state_dict(stats.state_dict())
 
 
 @pytest.mark.parametrize("kwargs, name", [({"decay": 1.0}, "competition_decay"),
-                                          ({"max_pairs": 0}, "competition_max_pairs")])
+                                          ({"max_pairs": 0}, "competition_max_pairs"),
+                                          ({"window": 0}, "competition_window")])
 def test_bad_statistics_settings(kwargs, name):
     with pytest.raises(ValueError, match=f"^{name}: "):
         CompetitionStats(8, **kwargs)
 
 
 def test_memory_scales_with_pairs_not_d_sae_squared():
-    stats = CompetitionStats(65_536, max_pairs=200_000)
+    stats = CompetitionStats(65_536, max_pairs=200_000, window=3)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         idx = torch.randint(0, 65_536, (512, 32), generator=g)
@@ -93,3 +99,28 @@ def test_memory_scales_with_pairs_not_d_sae_squared():
         stats.update(acts, k=32)
     assert len(stats.pair_keys) == 200_000
     assert stats.nbytes() < 4 * 1024 * 1024  # dense d_sae² float32 would be 16 GiB
+
+
+def test_a_window_pools_its_batches_and_decays_by_the_window():
+    stats = CompetitionStats(40, decay=0.9, window=2)
+    ref_p, ref_c = torch.zeros(40), torch.zeros(40, 40)
+    for w in range(3):
+        pooled = torch.cat([random_topk_acts(seed=2 * w), random_topk_acts(seed=2 * w + 1)])
+        for half in pooled.split(64):
+            stats.update(half, k=5)
+        counts, pairs = dense_cofire(pooled)
+        ref_p = 0.81 * ref_p + 0.19 * counts / 128
+        ref_c = 0.81 * ref_c + 0.19 * pairs / 128
+    i, j = stats.pairs()
+    torch.testing.assert_close(stats.freq_F, ref_p)
+    torch.testing.assert_close(stats.pair_rates, ref_c[i, j])
+
+
+def test_competing_set_only_changes_when_a_window_is_folded():
+    stats = CompetitionStats(40, window=2)
+    stats.update(random_topk_acts(seed=0), k=5)
+    assert len(stats.competing(0.0)[0]) == 0  # nothing folded yet
+    stats.update(random_topk_acts(seed=1), k=5)
+    first = stats.competing(0.0)
+    stats.update(random_topk_acts(seed=2), k=5)
+    assert stats.competing(0.0) is first

@@ -9,7 +9,7 @@ from sae_lens.saes.sae import TrainStepInput
 from saelib import io
 from saelib.config import ConfigError, build_config
 from saelib.saes import (
-    ORTH_LOSS, SGOTopKTrainingSAE, SGOTopKTrainingSAEConfig, _PairCos2, chunked_max_cos2, gram_offdiag_cos2,
+    ORTH_LOSS, SGOTopKTrainingSAE, sampled_pair_cos2, SGOTopKTrainingSAEConfig, _PairCos2, chunked_max_cos2, gram_offdiag_cos2,
     weighted_pair_cos2,
 )
 from saelib.train import train_sae
@@ -61,7 +61,7 @@ def make_sgo(d_in=8, d_sae=6, k=2, orth_pen=1.0, tau=0.5):
     torch.manual_seed(0)
     return SGOTopKTrainingSAE(SGOTopKTrainingSAEConfig(
         d_in=d_in, d_sae=d_sae, k=k, orth_pen=orth_pen, competition_threshold=tau, competition_warmup_steps=0,
-        competition_decay=0.0))
+        competition_decay=0.0, competition_window=1))
 
 
 def test_sgo_gradient_reaches_only_the_competing_pair_and_lowers_its_cos2():
@@ -154,3 +154,21 @@ def test_plain_orth_pen_means_the_sgo_sae():
     assert build_config({"orth_pen": 0.02}).architecture == "sgo_topk"
     with pytest.raises(ConfigError, match="orth_pen: architecture 'topk' takes no orth_pen; it is a parameter of"):
         build_config({"architecture": "topk", "orth_pen": 0.02})
+
+
+def test_sampled_penalty_is_an_unbiased_estimate_of_the_weighted_mean():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 16, generator=g)
+    i, j = torch.randint(0, 20, (300,), generator=g), torch.randint(20, 40, (300,), generator=g)
+    w = torch.rand(300, generator=g)
+    exact = eager_pair_cos2(W, i, j, w).item()
+    estimates = torch.tensor([sampled_pair_cos2(W, i, j, w, 64, torch.Generator().manual_seed(n)).item()
+                              for n in range(400)])
+    assert estimates.std() > 0  # it does sample
+    assert abs(estimates.mean().item() - exact) < 4 * estimates.std().item() / 20  # within 4 standard errors
+    assert sampled_pair_cos2(W, i, j, w, 0, g).item() == pytest.approx(exact, rel=1e-5)  # 0 = exact
+
+
+def test_sample_pairs_validation():
+    with pytest.raises(ConfigError, match="^competition_sample_pairs: "):
+        build_config({"architecture": "sgo_topk", "competition_sample_pairs": -1})
