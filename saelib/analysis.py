@@ -11,6 +11,7 @@ import torch
 
 from saelib.activations import ActivationCache
 from saelib.competition import CompetitionStats
+from saelib.saes import pair_cos2_values
 
 
 @torch.no_grad()
@@ -41,10 +42,9 @@ def heldout_competition(sae, cache: ActivationCache, batch_size: int = 4096,
 def competing_cos2(sae, stats: CompetitionStats, threshold: float) -> dict[str, float]:
     """Number of pairs with score > τ and their decoder cos² (plain and score-weighted mean), next to the mean
     cos² of all co-firing pairs below τ (the non-competing control)."""
-    W_hat = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     i_P, j_P = stats.pairs()
     score_P = stats.scores()
-    cos2_P = (W_hat[i_P] * W_hat[j_P]).sum(-1).square()
+    cos2_P = pair_cos2_values(sae.W_dec, i_P, j_P)
     comp = score_P > threshold
     nan = float("nan")
     return {

@@ -62,6 +62,16 @@ def weighted_pair_cos2(W_dec_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Ten
     return _PairCos2.apply(W_hat_FD, i_P, j_P, w_P) / w_P.sum()
 
 
+@torch.no_grad()
+def pair_cos2_values(W_dec_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Tensor, chunk: int = 65_536):
+    """cos²(d_i, d_j) of each pair, computed in chunks: memory O(chunk·d_in), not O(pairs·d_in)."""
+    W_hat_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    out = torch.empty(len(i_P), dtype=W_hat_FD.dtype, device=W_hat_FD.device)
+    for s in range(0, len(i_P), chunk):
+        out[s:s + chunk] = (W_hat_FD[i_P[s:s + chunk]] * W_hat_FD[j_P[s:s + chunk]]).sum(-1).square()
+    return out
+
+
 def sampled_pair_cos2(W_dec_FD, i_P, j_P, w_P, n_samples: int, generator: torch.Generator):
     """``weighted_pair_cos2`` over all pairs, or, with more than ``n_samples`` > 0 pairs, its unbiased estimate:
     the plain mean cos² of ``n_samples`` pairs drawn with replacement with probability ∝ w."""
@@ -250,8 +260,7 @@ class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
         if 0 < M < len(i_C):
             pick = torch.randint(0, len(i_C), (M,), generator=generator)
             i_C, j_C = i_C[pick], j_C[pick]
-        W_hat = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        return (W_hat[i_C] * W_hat[j_C]).sum(-1).square().mean().item()
+        return pair_cos2_values(self.W_dec, i_C, j_C).mean().item()
 
 
 class OrtSAETopKTrainingSAE(_OrthTopKTrainingSAE):
