@@ -193,6 +193,10 @@ def core_for_run(cfg, model, sae, eval_cache: ActivationCache) -> dict[str, floa
     """Core eval of a run's SAE on the held-out split; writes evals/core.json and metrics.json."""
     from saelib.activations import special_token_ids, split_tokens
 
+    done = Path(cfg.run_dir) / EVALS_DIR / "core.json"
+    if done.exists():  # run folders are reset when their configuration changes, so this result is current
+        log.info("%s exists; not re-running the core eval", done)
+        return headline_metrics(io.read_json(done))
     tokens_NS = split_tokens(cfg, model, "eval")
     result = run_core(sae, model, tokens_NS, eval_cache, special_token_ids(model), cfg.eval_ce_tokens)
     return write_core(cfg.run_dir, result)

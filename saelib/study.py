@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s: %s", params_file, err)
             failed += 1
         except Exception as err:  # papermill's PapermillExecutionError and friends: keep going
-            log.error("%s failed: %s", params_file, str(err).splitlines()[0] if str(err) else type(err).__name__)
+            reason = f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}"
+            log.error("%s failed: %s", params_file, reason[:500])
             failed += 1
     return 1 if failed else 0
 

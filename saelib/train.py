@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from sae_lens import SAETrainer
+from sae_lens import SAE, SAETrainer
 from sae_lens.config import SAETrainerConfig
-from sae_lens.constants import SAE_WEIGHTS_FILENAME
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 
@@ -123,10 +123,14 @@ def trainer_config(cfg: RunConfig, run_dir: Path) -> SAETrainerConfig:
 def train_sae(cfg: RunConfig, cache: ActivationCache, run_dir: Path | None = None) -> TrainingSAE:
     """Train (or resume from the latest checkpoint) and save the inference SAE to ``run_dir/sae``.
 
+    A run folder that already holds a finished SAE for the same configuration is loaded, not retrained.
     The returned SAE works on raw activations: the centring mean and the normalisation scale are folded in.
     """
     run_dir = Path(run_dir or cfg.run_dir)
-    io.prepare_run_dir(run_dir, cfg.to_dict(), cfg.training_key())
+    reset = io.prepare_run_dir(run_dir, cfg.to_dict(), cfg.training_key())
+    if not reset and (run_dir / io.SAE_DIR / SAE_CFG_FILENAME).exists():
+        log.info("%s is already trained with this configuration; loading it", run_dir)
+        return SAE.load_from_disk(run_dir / io.SAE_DIR, device=cfg.device)
     sae = build_training_sae(cfg, cache.d_in)
     history = run_dir / io.HISTORY_FILE
     mean_D = cache.mean_D if cfg.centre_activations else None

@@ -114,3 +114,12 @@ def test_baseline_architectures_train_and_load(tmp_path, tiny_cache, architectur
     loaded = SAE.load_from_disk(cfg.run_dir / io.SAE_DIR)
     assert loaded.cfg.architecture() == saved_as
     assert torch.isfinite(loaded(tiny_cache.rows(0, 64))).all()
+
+
+def test_a_finished_run_is_loaded_not_retrained(tmp_path, tiny_cache, monkeypatch):
+    cfg = tiny_cfg(tmp_path)
+    first = train_sae(cfg, tiny_cache)
+    monkeypatch.setattr(HistoryTrainer, "fit", lambda self: (_ for _ in ()).throw(AssertionError("retrained")))
+    again = train_sae(cfg, tiny_cache)
+    x = tiny_cache.rows(0, 64)
+    torch.testing.assert_close(again(x), first(x), rtol=1e-4, atol=1e-4)
