@@ -69,7 +69,7 @@ from saelib.models import load_model
 from saelib.train import train_sae
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-plots.use_offline_renderer()
+plots.use_report_renderer()
 cfg = config_from_notebook(globals(), params_file)
 print(f"run {cfg.run_dir}: {cfg.architecture} d_sae={cfg.d_sae} k={cfg.k} on {cfg.model_name} {cfg.hook_name}")
 

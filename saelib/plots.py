@@ -40,11 +40,12 @@ def training_curves(history: pd.DataFrame, title: str = "training") -> go.Figure
     return fig
 
 
-def use_offline_renderer() -> None:
-    """Embed plotly.js in the notebook (once) so executed notebooks and HTML reports render offline."""
+def use_report_renderer() -> None:
+    """Figures carry plotly's own mimetype (JupyterLab renders it offline) plus HTML that loads plotly.js from
+    its CDN, so HTML reports stay ≈ 0.5 MB instead of embedding the 4.6 MB library in every report."""
     import plotly.io as pio
 
-    pio.renderers.default = "plotly_mimetype+notebook"
+    pio.renderers.default = "plotly_mimetype+notebook_connected"
 
 
 def metrics_table(metrics: dict[str, float]) -> pd.DataFrame:
