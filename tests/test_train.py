@@ -123,3 +123,16 @@ def test_a_finished_run_is_loaded_not_retrained(tmp_path, tiny_cache, monkeypatc
     again = train_sae(cfg, tiny_cache)
     x = tiny_cache.rows(0, 64)
     torch.testing.assert_close(again(x), first(x), rtol=1e-4, atol=1e-4)
+
+
+def test_study_metrics_table_lists_finished_runs(tmp_path):
+    study = tmp_path / "s"
+    for name, lam in (("a", 0.0), ("b", 0.02)):
+        (study / name).mkdir(parents=True)
+        io.write_json_atomic(study / name / io.RUN_CFG_FILE, {"architecture": "sgo_topk", "competition_threshold": 0.02,
+                                                             "orth_pen": lam, "seed": 0})
+        io.write_json_atomic(study / name / io.METRICS_FILE, {"explained_variance": 0.9 + lam})
+    (study / "unfinished").mkdir()
+    table = io.study_metrics(study)
+    assert table.run.tolist() == ["a", "b"]
+    assert table.loc[table.run == "b", "explained_variance"].item() == pytest.approx(0.92)
