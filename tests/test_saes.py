@@ -13,7 +13,7 @@ from saelib.saes import (
     weighted_pair_cos2,
 )
 from saelib.train import train_sae
-from tests.test_train import tiny_cfg
+from tests.test_train import crash_then_resume, tiny_cfg
 
 
 def eager_pair_cos2(W, i, j, w):
@@ -110,8 +110,6 @@ def test_sgo_with_lambda_changes_the_weights_and_lowers_competing_cos2(tmp_path,
 @pytest.mark.parametrize("architecture, extra", [("sgo_topk", {"competition_warmup_steps": 2}),
                                                  ("ortsae_topk", {"orth_chunk_size": 32}), ("gram_topk", {})])
 def test_orthogonal_saes_save_as_topk_and_resume_exactly(tmp_path, tiny_cache, monkeypatch, architecture, extra):
-    from saelib.train import HistoryTrainer
-
     cfg = tiny_cfg(tmp_path / "full", architecture=architecture, orth_pen=0.5, **extra)
     full = train_sae(cfg, tiny_cache)
     loaded = SAE.load_from_disk(cfg.run_dir / io.SAE_DIR)
@@ -119,18 +117,7 @@ def test_orthogonal_saes_save_as_topk_and_resume_exactly(tmp_path, tiny_cache, m
     torch.testing.assert_close(loaded(tiny_cache.rows(0, 64)), full(tiny_cache.rows(0, 64)), rtol=1e-4, atol=1e-4)
 
     crashed = tiny_cfg(tmp_path / "crash", architecture=architecture, orth_pen=0.5, **extra)
-    real_step = HistoryTrainer.step
-
-    def crash(self, batch):
-        if self.n_training_steps == 12:
-            raise KeyboardInterrupt
-        return real_step(self, batch)
-
-    monkeypatch.setattr(HistoryTrainer, "step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train_sae(crashed, tiny_cache)
-    monkeypatch.setattr(HistoryTrainer, "step", real_step)
-    resumed = train_sae(crashed, tiny_cache)
+    resumed = crash_then_resume(crashed, tiny_cache, monkeypatch)
     for name, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
 

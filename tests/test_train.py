@@ -55,24 +55,28 @@ def test_fold_input_mean_without_b_dec_on_input():
     torch.testing.assert_close(sae(x), before, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_after_a_crash_gives_the_same_weights(tmp_path, tiny_cache, monkeypatch):
-    uninterrupted = train_sae(tiny_cfg(tmp_path / "a"), tiny_cache)
-
-    cfg = tiny_cfg(tmp_path / "b")
+def crash_then_resume(cfg, cache, monkeypatch, at_step=12):
+    """Train until ``at_step`` (after the first checkpoint), die, check what is left, resume to the end."""
     real_step = HistoryTrainer.step
 
     def crash_after_checkpoint(self, batch):
-        if self.n_training_steps == 12:
+        if self.n_training_steps == at_step:
             raise KeyboardInterrupt
         return real_step(self, batch)
 
     monkeypatch.setattr(HistoryTrainer, "step", crash_after_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        train_sae(cfg, tiny_cache)
+        train_sae(cfg, cache)
     assert io.latest_checkpoint(cfg.run_dir) is not None
     assert not (cfg.run_dir / io.SAE_DIR).exists()
     monkeypatch.setattr(HistoryTrainer, "step", real_step)
-    resumed = train_sae(cfg, tiny_cache)
+    return train_sae(cfg, cache)
+
+
+def test_resume_after_a_crash_gives_the_same_weights(tmp_path, tiny_cache, monkeypatch):
+    uninterrupted = train_sae(tiny_cfg(tmp_path / "a"), tiny_cache)
+    cfg = tiny_cfg(tmp_path / "b")
+    resumed = crash_then_resume(cfg, tiny_cache, monkeypatch)
     for name, value in uninterrupted.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
     steps = io.read_history(cfg.run_dir)["step"].tolist()
