@@ -17,25 +17,15 @@ from saelib.saes import pair_cos2_values
 @torch.no_grad()
 def heldout_competition(sae, cache: ActivationCache, batch_size: int = 4096,
                         max_pairs: int = 5_000_000) -> CompetitionStats:
-    """Exact firing and co-firing rates of ``sae``'s latents over the held-out cache (equal weight per token)."""
-    stats = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs, window=1)
-    total = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs, window=1)
-    seen = 0
+    """Exact firing and co-firing rates of ``sae``'s latents over the held-out cache (equal weight per token):
+    every batch goes into one window, folded once with decay 0, so the rates are pooled counts ÷ tokens."""
+    n_batches = -(-cache.n_rows // batch_size)
+    stats = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs, window=n_batches)
     for start in range(0, cache.n_rows, batch_size):
         acts_BF = sae.encode(cache.rows(start, start + batch_size).to(sae.device, sae.dtype))
-        k = int((acts_BF > 0).sum(-1).max().clamp_min(1))
-        stats.update(acts_BF, k)  # decay 0: the batch's own rates
-        n = acts_BF.shape[0]
-        # running token-weighted mean of the per-batch rates
-        w_old, w_new = seen / (seen + n), n / (seen + n)
-        total.freq_F = total.freq_F * w_old + stats.freq_F * w_new
-        keys = torch.cat([total.pair_keys, stats.pair_keys])
-        rates = torch.cat([total.pair_rates * w_old, stats.pair_rates * w_new])
-        total.pair_keys, inverse = torch.unique(keys, return_inverse=True)
-        total.pair_rates = torch.zeros(len(total.pair_keys)).index_add_(0, inverse, rates)
-        seen += n
-    total.n_updates = 1
-    return total
+        stats.update(acts_BF, k=int((acts_BF > 0).sum(-1).max().clamp_min(1)))
+    stats.flush()
+    return stats
 
 
 @torch.no_grad()
