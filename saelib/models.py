@@ -64,17 +64,28 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu"):
     return _load_from_hub(spec, device)
 
 
-def tiny_random_model(seed: int = 0, device: str = "cpu", d_vocab: int = 512, n_ctx: int = 128):
-    """A 2-layer randomly initialised transformer for tests (no tokenizer; BOS id is 1)."""
+def tiny_random_model(seed: int = 0, device: str = "cpu", d_vocab: int = 512, n_ctx: int = 128,
+                      tokenizer=None):
+    """A 2-layer randomly initialised transformer for tests (no tokenizer, BOS id 1 — or, given ``tokenizer``,
+    that tokenizer with a vocabulary to match, for evals that read text and the vocabulary)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    if tokenizer is not None:
+        d_vocab = len(tokenizer)
     cfg = HookedTransformerConfig(
         n_layers=2, d_model=64, d_head=16, n_heads=4, d_mlp=256, d_vocab=d_vocab, n_ctx=n_ctx,
         act_fn="gelu", normalization_type="LN", seed=seed, device=device, tokenizer_name=None,
     )
-    model = HookedTransformer(cfg)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
     model.eval()
     return model
+
+
+def embedded_tokenizer():
+    """The embedded Gemma 3 tokenizer (converts the packaged model on first use)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(convert_embedded_gemma3())
 
 
 def embedded_gemma3_dir() -> Path:

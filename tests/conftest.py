@@ -11,6 +11,9 @@ from saelib.activations import CacheKey, build_activation_cache
 from saelib.models import tiny_random_model
 
 
+_SHARED_CACHE = os.environ.get("SAELIB_CACHE")  # the converted model lives here (or in ~/.cache/saelib)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch, request):
     """Every test gets its own saelib cache, except real-model tests, which share the converted model."""
@@ -41,3 +44,26 @@ def real_model():
     from saelib.models import load_model
 
     return load_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    """The embedded model's tokenizer (from the shared model cache: `make model` runs before the tests)."""
+    from saelib.models import embedded_tokenizer
+
+    saved = os.environ.get("SAELIB_CACHE")
+    try:
+        if _SHARED_CACHE is None:
+            os.environ.pop("SAELIB_CACHE", None)
+        else:
+            os.environ["SAELIB_CACHE"] = _SHARED_CACHE
+        return embedded_tokenizer()
+    finally:
+        if saved is not None:
+            os.environ["SAELIB_CACHE"] = saved
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(gemma_tokenizer):
+    """A tiny random 2-layer model that reads text with the embedded Gemma tokenizer (vocab 262,144)."""
+    return tiny_random_model(tokenizer=gemma_tokenizer)
