@@ -1,11 +1,15 @@
-"""SAEBench evals through sae_bench itself, with the loaded model object, written as SAEBench JSON."""
+"""SAEBench evals through sae_bench itself, with the loaded model object, written as SAEBench JSON.
 
-from saelib.evals.common import EvalError, EvalUnavailable
+``evaluate_run(run_dir, model, evals)`` is the entry point (saelib.evals.suite); one module per eval.
+"""
+
+from saelib.evals.common import EVALS_DIR, EvalError, EvalUnavailable
 from saelib.evals.core import (
-    EVALS_DIR, competition_for_run, core_for_run, headline_metrics, reconstruction_metrics, run_core, write_core,
+    competition_for_run, core_for_run, headline_metrics, reconstruction_metrics, run_core, write_core,
 )
+from saelib.evals.suite import EVALS, evaluate_run, run_results
 
 __all__ = [
-    "EVALS_DIR", "EvalError", "EvalUnavailable", "competition_for_run", "core_for_run", "headline_metrics",
-    "reconstruction_metrics", "run_core", "write_core",
+    "EVALS", "EVALS_DIR", "EvalError", "EvalUnavailable", "competition_for_run", "core_for_run", "evaluate_run",
+    "headline_metrics", "reconstruction_metrics", "run_core", "run_results", "write_core",
 ]

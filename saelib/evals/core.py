@@ -15,6 +15,7 @@ import math
 import time
 import uuid
 from importlib.metadata import version
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,10 @@ from tqdm.auto import tqdm
 
 from saelib import io
 from saelib.activations import ActivationCache
+from saelib.evals.common import EVALS_DIR, EvalError
 
 log = logging.getLogger(__name__)
 
-EVALS_DIR = "evals"
 DENSE_FREQUENCY = 0.1
 """A latent firing on more than this fraction of held-out tokens counts as dense."""
 
@@ -177,29 +178,71 @@ def headline_metrics(core_result: dict) -> dict[str, float]:
     }
 
 
+def write_headline(run_dir: Path, core_result: dict) -> dict[str, float]:
+    """Write the headline numbers of a core result into the run's ``metrics.json`` (other keys kept)."""
+    path = Path(run_dir) / io.METRICS_FILE
+    metrics = io.read_json(path) if path.exists() else {}
+    metrics.update(headline_metrics(core_result))
+    io.write_json_atomic(path, metrics)
+    return headline_metrics(core_result)
+
+
 def write_core(run_dir: Path, core_result: dict) -> dict[str, float]:
     """Write ``evals/core.json`` (SAEBench format) and ``metrics.json`` (headline) into the run folder."""
     run_dir = Path(run_dir)
     (run_dir / EVALS_DIR).mkdir(parents=True, exist_ok=True)
     io.write_json_atomic(run_dir / EVALS_DIR / "core.json", core_result)
-    headline = headline_metrics(core_result)
-    io.write_json_atomic(run_dir / io.METRICS_FILE, headline)
-    return headline
+    return write_headline(run_dir, core_result)
 
 
+@dataclass(frozen=True)
+class CoreSettings:
+    """Held-out data of the core eval. ``None`` fields come from the run's cfg.json (its eval split)."""
+
+    dataset: str | None = None
+    context_size: int | None = None
+    eval_tokens: int | None = None  # reconstruction metrics, from the held-out activation cache
+    eval_ce_tokens: int | None = None  # CE/KL: three full-model passes over this many tokens
+    batch_size_prompts: int = 4
+
+    def resolved(self, run_dir: Path) -> "CoreSettings":
+        cfg = io.read_json(Path(run_dir) / io.RUN_CFG_FILE)
+        values = {f: getattr(self, f) if getattr(self, f) is not None else cfg[f]
+                  for f in ("dataset", "context_size", "eval_tokens", "eval_ce_tokens")}
+        return replace(self, **values)
 
 
-def core_for_run(cfg, model, sae, eval_cache: ActivationCache) -> dict[str, float]:
-    """Core eval of a run's SAE on the held-out split; writes evals/core.json and metrics.json."""
-    from saelib.activations import special_token_ids, split_tokens
+SMOKE = CoreSettings(eval_tokens=4_096, eval_ce_tokens=1_024)
 
-    done = Path(cfg.run_dir) / EVALS_DIR / "core.json"
-    if done.exists():  # run folders are reset when their configuration changes, so this result is current
-        log.info("%s exists; not re-running the core eval", done)
-        return headline_metrics(io.read_json(done))
+
+def run_core_eval(sae, model, settings: CoreSettings, artifacts_dir: Path | None = None) -> dict[str, Any]:
+    """Core eval on the held-out split given by (resolved) ``settings``; the SAEBench JSON as a dict."""
+    from types import SimpleNamespace
+
+    from saelib.activations import cache_for_config, special_token_ids, split_tokens
+
+    if None in (settings.dataset, settings.context_size, settings.eval_tokens, settings.eval_ce_tokens):
+        raise EvalError("settings: expected CoreSettings resolved against a run (CoreSettings.resolved(run_dir))")
+    cfg = SimpleNamespace(
+        model_name=sae.cfg.metadata.model_name, hook_name=sae.cfg.metadata.hook_name, dataset=settings.dataset,
+        context_size=settings.context_size, eval_tokens=settings.eval_tokens, eval_ce_tokens=settings.eval_ce_tokens,
+        cache_tokens=settings.eval_tokens, dtype="float32",
+    )
+    eval_cache = cache_for_config(cfg, model, "eval")
     tokens_NS = split_tokens(cfg, model, "eval")
-    result = run_core(sae, model, tokens_NS, eval_cache, special_token_ids(model), cfg.eval_ce_tokens)
-    return write_core(cfg.run_dir, result)
+    return run_core(sae, model, tokens_NS, eval_cache, special_token_ids(model), settings.eval_ce_tokens,
+                    batch_size_prompts=settings.batch_size_prompts)
+
+
+def core_for_run(cfg, model, sae=None, eval_cache: ActivationCache | None = None) -> dict[str, float]:
+    """Core eval of a run's SAE (as saved in its folder) on the held-out split; writes evals/core.json and the
+    headline into metrics.json. A current result (same SAE, same settings) is reused."""
+    from saelib.evals.suite import evaluate_run
+
+    status = evaluate_run(cfg.run_dir, model, ["core"])
+    if status.loc[0, "status"] not in ("done", "reused"):
+        raise RuntimeError(f"core eval {status.loc[0, 'status']}: {status.loc[0, 'message']}")
+    return headline_metrics(io.read_json(Path(cfg.run_dir) / EVALS_DIR / "core.json"))
 
 
 def competition_for_run(cfg, sae, eval_cache: ActivationCache) -> dict[str, float]:

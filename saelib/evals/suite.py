@@ -1,0 +1,153 @@
+"""One entry point for every eval of a run folder: ``evaluate_run(run_dir, model, evals=[...])``.
+
+Each eval writes ``<run>/evals/<eval>.json`` (SAEBench format) as soon as it finishes, so a failure in one eval
+never loses another's result; a result already there for the same SAE and settings is reused. LLM-only work
+(probes, the LLM's own activations, baseline losses) is kept under one artifacts folder per model and hook, shared
+by every SAE of a study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from saelib import io
+from saelib.evals import common
+from saelib.evals.common import EvalError, EvalUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    module: str
+    settings_class: str
+    function: str
+
+    def load(self):
+        mod = importlib.import_module(self.module if "." in self.module else f"saelib.evals.{self.module}")
+        return mod, getattr(mod, self.settings_class), getattr(mod, self.function)
+
+
+#: Every eval saelib runs, by the name used in notebooks, params and result files.
+EVALS: dict[str, EvalSpec] = {
+    "core": EvalSpec("core", "CoreSettings", "run_core_eval"),
+    "absorption": EvalSpec("absorption", "AbsorptionSettings", "run_absorption"),
+    "sparse_probing": EvalSpec("sparse_probing", "SparseProbingSettings", "run_sparse_probing"),
+    "unlearning": EvalSpec("unlearning", "UnlearningSettings", "run_unlearning"),
+}
+
+
+def check_eval_names(evals) -> list[str]:
+    names = [evals] if isinstance(evals, str) else list(evals)
+    unknown = [n for n in names if n not in EVALS]
+    if unknown or not names:
+        raise EvalError(f"evals: expected names from {sorted(EVALS)}, got {unknown or names!r}")
+    return names
+
+
+def artifacts_dir_for(model_name: str, hook_name: str, root: Path | None = None) -> Path:
+    """Where LLM-only eval artifacts of one model and hook live (shared by every SAE evaluated there)."""
+    from saelib.models import cache_root
+
+    return Path(root or cache_root() / "evals") / model_name.replace("/", "--") / hook_name
+
+
+def default_settings(name: str, smoke: bool = False):
+    mod, settings_cls, _ = EVALS[name].load()
+    return getattr(mod, "SMOKE") if smoke else settings_cls()
+
+
+def evaluate_run(run_dir: Path, model, evals=tuple(EVALS), settings: dict[str, Any] | None = None,
+                 artifacts_root: Path | None = None, force: bool = False, smoke: bool = False) -> pd.DataFrame:
+    """Run the named evals on a run folder's SAE; returns one row per eval (status, wall time, message).
+
+    ``settings`` maps an eval name to its settings object (or a dict of overrides of its defaults);
+    ``smoke`` starts from each eval's fast ``SMOKE`` settings instead of its defaults. Status is ``done``,
+    ``reused`` (a current result was there), ``unavailable`` (cannot run on this machine; the message says why) or
+    ``failed`` (the error; the other evals still run)."""
+    names = check_eval_names(evals)
+    settings = dict(settings or {})
+    unexpected = set(settings) - set(names)
+    if unexpected:
+        raise EvalError(f"settings: expected keys among the evals being run {names}, got {sorted(unexpected)}")
+    run_dir = Path(run_dir)
+    sae = common.load_run_sae(run_dir)
+    common.check_model_matches(sae, model)
+    fingerprint = common.sae_fingerprint(sae)
+    _fold_decoder_norms(sae)
+    artifacts = artifacts_dir_for(sae.cfg.metadata.model_name, common.hook_name_of(sae), artifacts_root)
+    plan = {}  # every setting and stored file is checked before the first eval runs
+    for name in names:
+        resolved = _resolve_settings(name, settings.get(name), smoke)
+        if name == "core":
+            resolved = resolved.resolved(run_dir)
+        settings_json = common.settings_dict(resolved)
+        path = common.result_path(run_dir, name)
+        current = None if force else common.stored_result(path, fingerprint, settings_json)
+        plan[name] = (resolved, settings_json, path, current)
+    rows = []
+    for name, (resolved, settings_json, path, current) in plan.items():
+        if current is not None:
+            rows.append({"eval": name, "status": "reused", "wall_time_s": 0.0,
+                         "message": "a result for this SAE and settings exists", "path": str(path)})
+            continue
+        rows.append(_run_one(name, run_dir, sae, model, fingerprint, resolved, settings_json, path, artifacts))
+    return pd.DataFrame(rows)
+
+
+def _fold_decoder_norms(sae) -> None:
+    """sae_bench expects unit-norm decoder rows; folding leaves the SAE's outputs unchanged (sae_lens refuses, and
+    saelib skips, the one case where it would not: TopK without decoder-norm rescaling)."""
+    try:
+        sae.fold_W_dec_norm()
+    except NotImplementedError as exc:
+        log.warning("decoder norms not folded: %s", exc)
+
+
+def _resolve_settings(name: str, given, smoke: bool):
+    base = default_settings(name, smoke)
+    if given is None:
+        return base
+    if isinstance(given, dict):
+        fields = {f.name for f in dataclasses.fields(base)}
+        bad = set(given) - fields
+        if bad:
+            raise EvalError(f"settings[{name!r}]: expected fields among {sorted(fields)}, got {sorted(bad)}")
+        return dataclasses.replace(base, **given)
+    return given
+
+
+def _run_one(name, run_dir, sae, model, fingerprint, settings, settings_json, path, artifacts) -> dict[str, Any]:
+    row = {"eval": name, "status": "", "wall_time_s": 0.0, "message": "", "path": ""}
+    start = time.time()
+    try:
+        _, _, run = EVALS[name].load()
+        result = run(sae, model, settings, artifacts / name)
+        common.write_result(path, result, fingerprint, settings_json, time.time() - start)
+        if name == "core":
+            from saelib.evals.core import write_headline
+
+            write_headline(run_dir, result)
+        row.update(status="done", path=str(path))
+    except EvalUnavailable as exc:
+        row.update(status="unavailable", message=str(exc))
+        log.warning("%s: unavailable: %s", name, exc)
+    except Exception as exc:  # one eval failing must not lose the others
+        log.exception("%s failed", name)
+        row.update(status="failed", message=f"{type(exc).__name__}: {exc}")
+    row["wall_time_s"] = round(time.time() - start, 1)
+    return row
+
+
+def run_results(run_dir: Path) -> dict[str, dict]:
+    """Every stored eval result of a run folder, by eval name."""
+    folder = Path(run_dir) / common.EVALS_DIR
+    return {p.stem: io.read_json(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}

@@ -1,0 +1,99 @@
+"""evaluate_run's bookkeeping, with stand-in evals registered next to the real ones: reuse of current results,
+re-runs when settings change, isolation of a failing eval, and the bad-input errors."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from saelib.evals import EvalError, evaluate_run, run_results
+from saelib.evals import suite
+from tests.test_evals import tiny_sae
+
+CALLS = []
+
+
+@dataclass(frozen=True)
+class FakeSettings:
+    value: int = 1
+
+
+SMOKE = FakeSettings(value=0)
+
+
+def run_fake(sae, model, settings, artifacts_dir):
+    CALLS.append(("fake", settings.value))
+    return {"eval_type_id": "fake", "eval_result_metrics": {"m": {"value": settings.value, "d_sae": sae.cfg.d_sae}}}
+
+
+def run_broken(sae, model, settings, artifacts_dir):
+    raise RuntimeError("boom")
+
+
+@pytest.fixture
+def fake_evals(monkeypatch):
+    CALLS.clear()
+    monkeypatch.setitem(suite.EVALS, "fake", suite.EvalSpec("tests.test_eval_suite", "FakeSettings", "run_fake"))
+    monkeypatch.setitem(suite.EVALS, "broken", suite.EvalSpec("tests.test_eval_suite", "FakeSettings", "run_broken"))
+
+
+def make_run(tmp_path, seed=0, **kwargs):
+    run = tmp_path / f"run{seed}"
+    tiny_sae(seed=seed, **kwargs).save_model(run / "sae")
+    return run
+
+
+def test_results_are_written_reused_and_redone_when_settings_change(fake_evals, tiny_model, tmp_path):
+    run = make_run(tmp_path)
+    status = evaluate_run(run, tiny_model, ["fake"])
+    assert status.loc[0, "status"] == "done" and CALLS == [("fake", 1)]
+    stored = json.loads((run / "evals" / "fake.json").read_text())
+    assert stored["eval_result_metrics"]["m"]["value"] == 1
+    assert stored["eval_result_unstructured"]["saelib"]["settings"] == {"value": 1}
+    assert evaluate_run(run, tiny_model, ["fake"]).loc[0, "status"] == "reused" and len(CALLS) == 1
+    assert evaluate_run(run, tiny_model, ["fake"], settings={"fake": {"value": 2}}).loc[0, "status"] == "done"
+    assert CALLS[-1] == ("fake", 2)
+    assert evaluate_run(run, tiny_model, ["fake"], smoke=True).loc[0, "status"] == "done" and CALLS[-1] == ("fake", 0)
+    assert set(run_results(run)) == {"fake"}
+
+
+def test_a_failing_eval_does_not_lose_the_others(fake_evals, tiny_model, tmp_path):
+    run = make_run(tmp_path)
+    status = evaluate_run(run, tiny_model, ["broken", "fake"]).set_index("eval")
+    assert status.loc["broken", "status"] == "failed" and "boom" in status.loc["broken", "message"]
+    assert status.loc["fake", "status"] == "done"
+    assert (run / "evals" / "fake.json").exists() and not (run / "evals" / "broken.json").exists()
+
+
+def test_a_results_file_from_another_sae_is_an_error(fake_evals, tiny_model, tmp_path):
+    run, other = make_run(tmp_path, seed=0), make_run(tmp_path, seed=1)
+    evaluate_run(other, tiny_model, ["fake"])
+    (run / "evals").mkdir()
+    (run / "evals" / "fake.json").write_text((other / "evals" / "fake.json").read_text())
+    with pytest.raises(EvalError, match="another SAE"):
+        evaluate_run(run, tiny_model, ["fake"])
+    assert evaluate_run(run, tiny_model, ["fake"], force=True).loc[0, "status"] == "done"
+
+
+def test_bad_input_is_a_clear_error(fake_evals, tiny_model, tmp_path):
+    run = make_run(tmp_path)
+    with pytest.raises(EvalError, match="evals: expected names from"):
+        evaluate_run(run, tiny_model, ["fake", "nonsense"])
+    with pytest.raises(EvalError, match="run_dir: expected a trained SAE"):
+        evaluate_run(tmp_path, tiny_model, ["fake"])
+    with pytest.raises(EvalError, match="run_dir: expected an existing run folder"):
+        evaluate_run(tmp_path / "missing", tiny_model, ["fake"])
+    with pytest.raises(EvalError, match=r"settings\['fake'\]: expected fields"):
+        evaluate_run(run, tiny_model, ["fake"], settings={"fake": {"nope": 1}})
+    with pytest.raises(EvalError, match="model: expected d_model 32"):
+        evaluate_run(make_run(tmp_path, seed=2, d_in=32), tiny_model, ["fake"])
+    assert not (run / "evals").exists() and CALLS == []
+
+
+def test_a_model_without_the_sae_hook_is_an_error(fake_evals, tiny_model, tmp_path):
+    run = tmp_path / "run"
+    sae = tiny_sae()
+    sae.cfg.metadata.hook_name = "blocks.7.hook_resid_post"
+    sae.save_model(run / "sae")
+    with pytest.raises(EvalError, match="model: expected a model with hook blocks.7.hook_resid_post"):
+        evaluate_run(run, tiny_model, ["fake"])
