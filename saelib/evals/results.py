@@ -1,0 +1,87 @@
+"""Every eval result of a study as one tidy table: (run, config, architecture, tau, lambda, seed, eval, metric, value).
+
+Used by every notebook that compares runs. Reads ``runs/<study>/<run>/cfg.json``, each ``evals/<eval>.json``
+(SAEBench format; metrics flattened as ``<group>.<metric>``) and the held-out competition numbers in
+``metrics.json`` (eval ``competition``). Only finite numbers become rows; nothing is computed here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+
+from saelib import io
+from saelib.evals.common import EVALS_DIR
+
+COLUMNS = ["run", "config", "architecture", "tau", "lambda", "seed", "eval", "metric", "value"]
+SEED_SUFFIX = re.compile(r"_s\d+$")
+"""Runs that differ only by seed are named ``<config>_s<seed>``; ``config`` drops that suffix."""
+
+_TAU_ARCHS = {"sgo_topk"}
+_LAMBDA_ARCHS = {"sgo_topk", "ortsae_topk", "gram_topk"}
+
+
+def flatten_metrics(metrics: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """``{"a": {"b": 1.0}}`` → ("a.b", 1.0); non-numeric and non-finite leaves are left out."""
+    if isinstance(metrics, dict):
+        for key, value in metrics.items():
+            yield from flatten_metrics(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(metrics, (int, float)) and not isinstance(metrics, bool) and math.isfinite(metrics):
+        yield prefix, float(metrics)
+
+
+def run_identity(run_dir: Path) -> dict[str, Any]:
+    cfg = io.read_json(Path(run_dir) / io.RUN_CFG_FILE)
+    arch = cfg["architecture"]
+    return {
+        "run": Path(run_dir).name,
+        "config": SEED_SUFFIX.sub("", Path(run_dir).name),
+        "architecture": arch,
+        "tau": cfg.get("competition_threshold") if arch in _TAU_ARCHS else math.nan,
+        "lambda": cfg.get("orth_pen") if arch in _LAMBDA_ARCHS else math.nan,
+        "seed": cfg.get("seed"),
+    }
+
+
+def run_rows(run_dir: Path) -> list[dict[str, Any]]:
+    run_dir = Path(run_dir)
+    if not (run_dir / io.RUN_CFG_FILE).exists():
+        return []
+    ident = run_identity(run_dir)
+    rows = []
+    for path in sorted((run_dir / EVALS_DIR).glob("*.json")) if (run_dir / EVALS_DIR).is_dir() else []:
+        result = io.read_json(path)
+        eval_name = result.get("eval_type_id", path.stem)
+        for metric, value in flatten_metrics(result.get("eval_result_metrics", {})):
+            rows.append({**ident, "eval": eval_name, "metric": metric, "value": value})
+    metrics_path = run_dir / io.METRICS_FILE
+    if metrics_path.exists():
+        for key, value in flatten_metrics(io.read_json(metrics_path)):
+            if key.startswith(("competition_", "competing_")):
+                rows.append({**ident, "eval": "competition", "metric": key, "value": value})
+    return rows
+
+
+def study_results(study_dir: Path) -> pd.DataFrame:
+    """The tidy table of every run folder under ``study_dir`` (runs without results contribute no rows)."""
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise FileNotFoundError(f"study_dir: expected a study folder such as runs/default, got {str(study_dir)!r}")
+    rows = [row for run_dir in sorted(p for p in study_dir.iterdir() if p.is_dir()) for row in run_rows(run_dir)]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def wide(results: pd.DataFrame, metrics: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per run, one column per (eval, metric) — or per ``metrics`` entry {"eval/metric": "column name"}."""
+    table = results.assign(key=results["eval"] + "/" + results["metric"])
+    if metrics:
+        table = table[table["key"].isin(metrics)]
+    values = table.pivot_table(index="run", columns="key", values="value", aggfunc="first")
+    ident = results.drop_duplicates("run").set_index("run")[["config", "architecture", "tau", "lambda", "seed"]]
+    out = ident.join(values).reset_index()
+    out.columns.name = None
+    return out.rename(columns=metrics or {})
