@@ -51,3 +51,61 @@ def use_report_renderer() -> None:
 def metrics_table(metrics: dict[str, float]) -> pd.DataFrame:
     """Headline metrics as a one-column table, rounded for reading."""
     return pd.DataFrame({"value": metrics}).round(4)
+
+
+def absorption_per_letter(result: dict) -> go.Figure:
+    """SAEBench absorption per first letter: mean absorption fraction and full-absorption rate (bars), with the
+    number of split features and probe true positives on hover."""
+    details = pd.DataFrame(result["eval_result_details"])
+    if details.empty:
+        raise ValueError("absorption result: no letters passed the probe-F1 gate, nothing to plot")
+    details = details.sort_values("first_letter")
+    hover = [f"split features {s}<br>probe true positives {t}"
+             for s, t in zip(details["num_split_features"], details["num_probe_true_positives"])]
+    fig = go.Figure([
+        go.Bar(x=details["first_letter"], y=details["mean_absorption_fraction"], name="mean absorption fraction",
+               hovertext=hover),
+        go.Bar(x=details["first_letter"], y=details["full_absorption_rate"], name="full-absorption rate",
+               hovertext=hover),
+    ])
+    fig.update_layout(barmode="group", title="absorption per first letter (letters that passed the probe gate)",
+                      xaxis_title="first letter", yaxis_title="fraction", template="plotly_white")
+    return fig
+
+
+PROBING_KS = (1, 2, 5, 10, 20, 50)
+
+
+def probing_table(result: dict) -> pd.DataFrame:
+    """Sparse-probing accuracy per task (rows) for LLM and SAE at each k and with everything ('full')."""
+    rows = []
+    for d in result["eval_result_details"]:
+        for who in ("llm", "sae"):
+            row = {"task": d["dataset_name"], "source": who, "full": d.get(f"{who}_test_accuracy")}
+            row.update({k: d.get(f"{who}_top_{k}_test_accuracy") for k in PROBING_KS})
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    mean = table.groupby("source", as_index=False).mean(numeric_only=True).assign(task="mean")
+    return pd.concat([table, mean], ignore_index=True)
+
+
+def probing_vs_k(result: dict) -> go.Figure:
+    """Test accuracy of top-k probes against k, one line per task, LLM (dashed) and SAE (solid); the mean bold."""
+    table = probing_table(result)
+    fig = go.Figure()
+    for _, row in table.iterrows():
+        is_mean = row["task"] == "mean"
+        fig.add_trace(go.Scatter(
+            x=[str(k) for k in PROBING_KS] + ["full"], y=[row[k] for k in PROBING_KS] + [row["full"]],
+            mode="lines+markers", name=f"{row['source'].upper()} {row['task']}",
+            line={"dash": "dash" if row["source"] == "llm" else "solid", "width": 4 if is_mean else 1.5},
+            opacity=1.0 if is_mean else 0.6))
+    fig.update_layout(title="sparse probing: test accuracy vs k", xaxis_title="k (latents or LLM dimensions)",
+                      yaxis_title="test accuracy", template="plotly_white", height=500)
+    return fig
+
+
+def eval_status_table(status: pd.DataFrame) -> pd.DataFrame:
+    """The status rows of ``evaluate_run``, messages kept whole."""
+    return status[["eval", "status", "wall_time_s", "message"]].style.set_properties(
+        subset=["message"], **{"white-space": "pre-wrap", "text-align": "left"})

@@ -18,9 +18,11 @@ log = logging.getLogger(__name__)
 REPORTS_DIR = Path("reports")
 
 
-def run_notebook(notebook: str | Path, params_file: str | Path, reports_dir: Path = REPORTS_DIR) -> Path:
-    """Run ``notebook`` with ``params_file``; return the HTML report path. Raises if the notebook fails
-    (its executed copy, with the error, stays in the run folder)."""
+def run_notebook(notebook: str | Path, params_file: str | Path, reports_dir: Path = REPORTS_DIR,
+                 parameters: dict | None = None) -> Path:
+    """Run ``notebook`` with ``params_file`` (and any further papermill ``parameters``); return the HTML report
+    path: ``reports/<study>/<run>.html`` for train.ipynb, ``<run>.<notebook>.html`` for the others. Raises if the
+    notebook fails (its executed copy, with the error, stays in the run folder)."""
     import papermill
 
     notebook, params_file = Path(notebook), Path(params_file)
@@ -29,11 +31,12 @@ def run_notebook(notebook: str | Path, params_file: str | Path, reports_dir: Pat
     executed = cfg.run_dir / notebook.name
     start = time.time()
     try:
-        papermill.execute_notebook(str(notebook), str(executed), parameters={"params_file": str(params_file)},
+        papermill.execute_notebook(str(notebook), str(executed), parameters={"params_file": str(params_file), **(parameters or {})},
                                    cwd=str(Path.cwd()), progress_bar=True)
     finally:
         log.info("%s finished in %.0f s", executed, time.time() - start)
-    return render_report(executed, reports_dir / cfg.study / f"{cfg.run_name}.html")
+    stem = "" if notebook.stem == "train" else f".{notebook.stem}"
+    return render_report(executed, reports_dir / cfg.study / f"{cfg.run_name}{stem}.html")
 
 
 def render_report(executed: Path, html_path: Path) -> Path:

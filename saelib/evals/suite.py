@@ -30,6 +30,7 @@ class EvalSpec:
     module: str
     settings_class: str
     function: str
+    fixed: tuple[tuple[str, Any], ...] = ()  # settings this eval name pins (e.g. the unlearning mode)
 
     def load(self):
         mod = importlib.import_module(self.module if "." in self.module else f"saelib.evals.{self.module}")
@@ -41,7 +42,8 @@ EVALS: dict[str, EvalSpec] = {
     "core": EvalSpec("core", "CoreSettings", "run_core_eval"),
     "absorption": EvalSpec("absorption", "AbsorptionSettings", "run_absorption"),
     "sparse_probing": EvalSpec("sparse_probing", "SparseProbingSettings", "run_sparse_probing"),
-    "unlearning": EvalSpec("unlearning", "UnlearningSettings", "run_unlearning"),
+    "unlearning_proxy": EvalSpec("unlearning", "UnlearningSettings", "run_unlearning", (("mode", "proxy"),)),
+    "unlearning": EvalSpec("unlearning", "UnlearningSettings", "run_unlearning", (("mode", "sae_bench"),)),
 }
 
 
@@ -61,8 +63,10 @@ def artifacts_dir_for(model_name: str, hook_name: str, root: Path | None = None)
 
 
 def default_settings(name: str, smoke: bool = False):
-    mod, settings_cls, _ = EVALS[name].load()
-    return getattr(mod, "SMOKE") if smoke else settings_cls()
+    spec = EVALS[name]
+    mod, settings_cls, _ = spec.load()
+    base = getattr(mod, "SMOKE") if smoke else settings_cls()
+    return dataclasses.replace(base, **dict(spec.fixed)) if spec.fixed else base
 
 
 def evaluate_run(run_dir: Path, model, evals=tuple(EVALS), settings: dict[str, Any] | None = None,
@@ -121,6 +125,9 @@ def _resolve_settings(name: str, given, smoke: bool):
         bad = set(given) - fields
         if bad:
             raise EvalError(f"settings[{name!r}]: expected fields among {sorted(fields)}, got {sorted(bad)}")
+        pinned = {k: v for k, v in EVALS[name].fixed if k in given and given[k] != v}
+        if pinned:
+            raise EvalError(f"settings[{name!r}]: {sorted(pinned)} are fixed by the eval name {name!r}")
         return dataclasses.replace(base, **given)
     return given
 

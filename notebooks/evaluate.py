@@ -1,0 +1,101 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Evaluate one SAE with SAEBench
+# SAEBench's core, absorption, sparse-probing and unlearning evals, run through `sae_bench` itself with the
+# loaded model object, on a trained run folder. Results land in `<run>/evals/<eval>.json` (SAEBench format); an
+# eval whose result is already there for the same SAE and settings is reused. Offline, sparse probing uses eight
+# stand-in tasks built from shipped text and unlearning runs as an **offline proxy** (SAEBench's own unlearning eval
+# needs the hub, gemma-2-2b-it and the gated WMDP corpus; the notebook shows why it is skipped).
+# Defaults are a smoke run on `runs/smoke/topk` (train it first: `notebooks/train.ipynb` at its defaults).
+
+# %% tags=["parameters"]
+params_file = ""  # params/<study>/<run>.yaml: evaluates that run's folder (overrides run_dir)
+run_dir = "runs/smoke/topk"
+evals = ["core", "absorption", "sparse_probing", "unlearning_proxy", "unlearning"]
+eval_profile = "smoke"  # "smoke" (fast, for CI) or "default" (the measured profile)
+force = False  # re-run evals even when a current result exists
+
+# %%
+import logging
+from pathlib import Path
+
+from IPython.display import display
+
+from saelib import plots
+from saelib.config import build_config
+from saelib.evals import evaluate_run, headline_metrics, run_results
+from saelib.evals.common import load_run_sae
+from saelib.models import load_model
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+plots.use_report_renderer()
+if params_file:
+    run_dir = build_config(params_file=params_file).run_dir
+run_dir = Path(run_dir)
+if eval_profile not in ("smoke", "default"):
+    raise ValueError(f"eval_profile: expected 'smoke' or 'default', got {eval_profile!r}")
+sae_cfg = load_run_sae(run_dir).cfg
+print(f"{run_dir}: {sae_cfg.architecture()} d_sae={sae_cfg.d_sae} on {sae_cfg.metadata.model_name} "
+      f"{sae_cfg.metadata.hook_name}; evals {evals} at the {eval_profile} profile")
+
+# %%
+model = load_model(sae_cfg.metadata.model_name)
+
+# %% [markdown]
+# ## Run the evals
+# One row per eval: `done` (ran now), `reused` (a current result was there), `unavailable` (cannot run on this
+# machine — the message says what it needs) or `failed` (the error; the other evals still ran).
+
+# %%
+status = evaluate_run(run_dir, model, evals, smoke=eval_profile == "smoke", force=force)
+display(plots.eval_status_table(status))
+results = run_results(run_dir)
+
+# %% [markdown]
+# ## Core: reconstruction, model behaviour preserved, sparsity (held-out text)
+
+# %%
+if "core" in results:
+    display(plots.metrics_table(headline_metrics(results["core"])))
+
+# %% [markdown]
+# ## Absorption (first letter)
+# Letters whose first-letter probe passed SAEBench's F1 gate; per letter, the mean fraction of the probe's
+# projection absorbed by latents other than the letter's main latents, and the rate of full absorption.
+
+# %%
+if "absorption" in results:
+    display(plots.metrics_table(results["absorption"]["eval_result_metrics"]["mean"]))
+    plots.absorption_per_letter(results["absorption"]).show()
+
+# %% [markdown]
+# ## Sparse probing
+# Test accuracy of logistic probes on the top-k latents (SAE) or top-k dimensions (LLM), chosen by the class-mean
+# difference as in SAEBench, for k = 1 … 50 and on everything ("full").
+
+# %%
+if "sparse_probing" in results:
+    display(plots.probing_table(results["sparse_probing"]).round(3))
+    plots.probing_vs_k(results["sparse_probing"]).show()
+
+# %% [markdown]
+# ## Unlearning — offline proxy (not SAEBench's WMDP score)
+
+# %%
+if "unlearning_proxy" in results:
+    display(plots.metrics_table(plots.unlearning_headline(results["unlearning_proxy"])))
+    plots.unlearning_curve(results["unlearning_proxy"]).show()
