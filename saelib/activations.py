@@ -7,6 +7,7 @@ Serving shuffles rows per epoch from a seed. This module does not tokenize text 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 ACTS_FILE = "acts.npy"
+LOCK_FILE = "lock"
 META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
 CACHE_VERSION = 1
@@ -75,9 +77,33 @@ def build_activation_cache(
     Rows come from sequences in order, special-token positions excluded, until ``key.n_rows`` are written.
     """
     folder = Path(root) / key.digest()
-    if (folder / META_FILE).exists() and json.loads((folder / META_FILE).read_text()).get("complete"):
+    if _complete(folder):
         return ActivationCache(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(folder / LOCK_FILE):  # parallel runs of a study share caches: one process fills each
+        if _complete(folder):
+            return ActivationCache(folder)
+        return _fill_cache(model, tokens_NS, key, folder, special_ids, lm_batch_size)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / META_FILE).exists() and json.loads((folder / META_FILE).read_text()).get("complete", False)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """An exclusive advisory lock (fcntl) held for the block; released even if the process dies."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fill_cache(model, tokens_NS, key: CacheKey, folder: Path, special_ids, lm_batch_size: int) -> ActivationCache:
     d_in = model.cfg.d_model
     acts = _open_acts_file(folder / ACTS_FILE, key.n_rows, d_in)
     progress = _read_progress(folder)

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Iterator
@@ -152,7 +153,7 @@ def token_sequences(tokenizer, dataset: str, split: str, n_seqs: int, context_si
     if len(seqs) < n_seqs:
         raise ValueError(f"{dataset} {split} split holds only {len(seqs)} sequences of {context_size}; "
                          f"{n_seqs} were asked for")
-    tmp = path.with_name(path.stem + ".partial.npy")
+    tmp = path.with_name(f"{path.stem}.partial-{os.getpid()}.npy")  # parallel runs may tokenize at once
     np.save(tmp, seqs)
     tmp.replace(path)
     return np.load(path, mmap_mode="r")

@@ -103,3 +103,30 @@ def test_centring_subtracts_the_mean(tiny_cache):
     plain = next(iter_training_batches(tiny_cache, 100, seed=0))
     centred = next(iter_training_batches(tiny_cache, 100, seed=0, subtract_D=tiny_cache.mean_D))
     torch.testing.assert_close(plain - tiny_cache.mean_D, centred)
+
+
+def test_cache_build_takes_an_exclusive_lock(tiny_model, tmp_path, monkeypatch):
+    """Parallel runs of a study share a cache: the builder holds a lock, and a second builder that got it after the
+    first finished opens the finished cache instead of writing again."""
+    import saelib.activations as acts
+
+    key = CacheKey("tiny-random", "blocks.0.hook_resid_post", "synthetic", 300, 32)
+    held = []
+    real_fill = acts._fill_cache
+
+    def fill(*args, **kwargs):
+        lock = tmp_path / "acts" / key.digest() / acts.LOCK_FILE
+        import fcntl
+        with open(lock) as other:  # a second process would block here
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return real_fill(*args, **kwargs)
+
+    monkeypatch.setattr(acts, "_fill_cache", fill)
+    first = build_activation_cache(tiny_model, synthetic_tokens(), key, tmp_path / "acts", {1}, lm_batch_size=8)
+    second = build_activation_cache(tiny_model, synthetic_tokens(), key, tmp_path / "acts", {1}, lm_batch_size=8)
+    assert held == [True]  # filled once, under the lock
+    assert torch.equal(first.rows(), second.rows())

@@ -1,0 +1,504 @@
+"""SAEBench feature absorption (first letter) through sae_bench's own code, with the loaded model object.
+
+What it measures (Chanin et al., "A is for Absorption"): a logistic-regression probe on the LLM's residual
+stream learns "this token starts with letter L" from ICL prompts ``"{word} has the first letter:"`` (read at the
+word, ``prompt_token_pos``). k-sparse probes on the SAE's latents find the SAE's "main" latents for each letter
+(feature splitting: k grows while F1 jumps by ``f1_jump_threshold``). On test words the LLM probe gets right,
+absorption is when those main latents stay silent and other latents aligned with the probe direction carry the
+probe projection instead. Reported, as sae_bench's ``AbsorptionEvalOutput``: the mean absorption fraction,
+the full-absorption rate and the mean number of split features, averaged over the letters whose LLM probe
+reaches ``min_GT_probe_f1``, plus one detail row per such letter.
+
+What is sae_bench's (0.6.0): the probe (``common.create_and_train_probe``), the k-sparse probing
+(``k_sparse_probing.run_k_sparse_probing_experiment``), the absorption calculation
+(``feature_absorption.run_feature_absortion_experiment``, sic), the per-letter aggregation
+(``main._aggregate_results_df``) and the output classes; ``run_absorption`` assembles the result like
+``main.run_eval`` does (its loop is not a function, so those ~30 lines are mirrored here).
+
+What saelib adds or changes, and why:
+
+- Vocabulary sample. sae_bench uses every alphabetic token (139,585 for Gemma 3: ≈ 17 h of LLM forwards on
+  2 CPU cores). saelib draws a seeded sample of ``vocab_sample_size`` from the *sorted* alphabetic tokens (the
+  tokenizer's dict order is not guaranteed) and sorts it; sae_bench's ``get_alpha_tokens`` is swapped for that
+  sample (in a context manager that restores it) so the probe, its ICL examples and the absorption prompts all
+  see the same words.
+- Storage. sae_bench writes to ``site-packages/.../artifacts`` and keys its caches by model and layer only.
+  The probe (LLM only) is trained once into ``artifacts_dir/absorption/probe-…``, keyed by model, hook, sample
+  size, seed, template, position and probe hyper-parameters, written to a temporary folder and renamed.
+  Everything SAE-specific goes to a temporary folder that is deleted afterwards (``force=True`` everywhere).
+- Speed. The LLM is stopped after the hook layer (``stop_at_layer``; identical activations, ≈ 4× faster).
+  The absorption prompts depend only on the probe and the seed (words = test words the LLM probe gets right,
+  ICL examples drawn from the seeded ``random``), so their hook activations (at the word position only) are
+  stored next to the probe the first time and served to every later SAE: an extra SAE costs its k-sparse
+  probes and encodes only. Served batches hold NaN everywhere except the word position, which is all
+  sae_bench reads, so any other use would show.
+- Determinism. Python's ``random``, NumPy and torch are seeded before each sae_bench stage (sae_bench draws
+  splits and ICL examples from the global ``random``) and restored afterwards.
+- The ≥ ``min_feats_for_eval`` letters gate: sae_bench's ``run_eval`` prints and stops; here it is checked
+  on the probe right after training (it depends on the LLM only) and raises ``EvalUnavailable`` with the
+  count. ``k_sparse_probe_batch_size`` defaults to 128 instead of 4096: with a few thousand words sae_bench's
+  4096 means one optimiser step per epoch (50 in all) and the L1 probe picks poor latents (absorption ≈ 0.7 on
+  a TopK SAE); 128 gives about as many steps as sae_bench's full-vocabulary run with 4096.
+- Decoder rows are normalised on a copy (``fold_W_dec_norm``) if they are not unit norm: the absorption
+  projections use activation × cosine, which assumes unit decoder rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saelib.evals.common import EvalError, EvalUnavailable
+
+log = logging.getLogger(__name__)
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+PROBE_FORMAT = 1
+"""Bump when the stored probe folder's layout or meaning changes."""
+
+
+@dataclass(frozen=True)
+class AbsorptionSettings:
+    """Every knob of the absorption eval. Defaults: the embedded Gemma 3 270M at its SAE hook (see README of
+    the issue: ≥ 20 letters pass at layer 8 with this sample; ≈ 5 min probe once, ≈ 1–2 min per SAE)."""
+
+    vocab_sample_size: int = 3000
+    """Words drawn (seeded) from the tokenizer's alphabetic tokens; 80 % train the probe, 20 % test it."""
+    seed: int = 42
+    probe_batch_size: int = 64
+    """sae_bench's ``create_and_train_probe`` batch size (LLM forward batches and probe training batches)."""
+    probe_num_epochs: int = 50
+    probe_lr: float = 1e-2
+    llm_batch_size: int = 32
+    """LLM batch size of the absorption calculator."""
+    max_k_value: int = 10
+    f1_jump_threshold: float = 0.03
+    prompt_template: str = "{word} has the first letter:"
+    prompt_token_pos: int = -6
+    k_sparse_probe_l1_decay: float = 0.01
+    k_sparse_probe_batch_size: int = 128
+    k_sparse_probe_num_epochs: int = 50
+    eval_k_sparse_probe_batch_size: int = 24
+    precalc_k_sparse_probe_sae_acts: bool = True
+    min_GT_probe_f1: float = 0.6
+    min_feats_for_eval: int = 20
+    stop_at_hook_layer: bool = True
+    """Stop the LLM after the hook layer (same activations, faster)."""
+    reuse_prompt_activations: bool = True
+    """Store the absorption prompts' hook activations next to the probe and reuse them for later SAEs."""
+
+
+SMOKE = AbsorptionSettings(vocab_sample_size=400, min_feats_for_eval=2, k_sparse_probe_num_epochs=10,
+                           max_k_value=4)
+"""A fast run on the real model (≈ 1–2 min): too few words for the ≥ 20-letters gate, so it is lowered."""
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def _hook_layer(sae, model) -> tuple[str, int]:
+    hook = getattr(sae.cfg.metadata, "hook_name", None) if hasattr(sae.cfg, "metadata") else None
+    hook = hook or getattr(sae.cfg, "hook_name", None)
+    match = HOOK_RE.match(str(hook))
+    if match is None:
+        raise EvalError(f"sae.cfg.metadata.hook_name: expected blocks.<layer>.hook_resid_post (sae_bench's "
+                        f"absorption reads the residual stream), got {hook!r}")
+    layer = int(match.group(1))
+    if layer >= model.cfg.n_layers:
+        raise EvalError(f"sae.cfg.metadata.hook_name: layer {layer} does not exist in a {model.cfg.n_layers}-layer "
+                        f"model")
+    if sae.cfg.d_in != model.cfg.d_model:
+        raise EvalError(f"sae.cfg.d_in: expected the model's d_model {model.cfg.d_model}, got {sae.cfg.d_in}")
+    return hook, layer
+
+
+def _check_settings(s: AbsorptionSettings, n_alpha: int) -> None:
+    def need(ok: bool, name: str, expected: str, got: Any) -> None:
+        if not ok:
+            raise EvalError(f"{name}: expected {expected}, got {got!r}")
+
+    need(isinstance(s, AbsorptionSettings), "settings", "an AbsorptionSettings", type(s).__name__)
+    need(s.vocab_sample_size <= n_alpha, "vocab_sample_size",
+         f"at most the {n_alpha} alphabetic tokens of the tokenizer", s.vocab_sample_size)
+    need(s.vocab_sample_size >= 100, "vocab_sample_size", "at least 100 words (20 % are the test split)",
+         s.vocab_sample_size)
+    need("{word}" in s.prompt_template, "prompt_template", "a template containing {word}", s.prompt_template)
+    need(s.prompt_token_pos != 0, "prompt_token_pos", "the word's position (negative, from the end)",
+         s.prompt_token_pos)
+    need(2 <= s.min_feats_for_eval <= 26, "min_feats_for_eval",
+         "2..26 letters (the output has standard deviations over letters)", s.min_feats_for_eval)
+    need(0.0 <= s.min_GT_probe_f1 < 1.0, "min_GT_probe_f1", "a number in [0, 1)", s.min_GT_probe_f1)
+    for name in ("probe_batch_size", "probe_num_epochs", "llm_batch_size", "max_k_value",
+                 "k_sparse_probe_batch_size", "k_sparse_probe_num_epochs", "eval_k_sparse_probe_batch_size"):
+        need(int(getattr(s, name)) >= 1, name, "a positive integer", getattr(s, name))
+
+
+def _check_prompt_position(model, s: AbsorptionSettings, words: list[str]) -> None:
+    """The probe reads ``prompt_token_pos``: it must be the word itself (a single token) in the template."""
+    for word in words[:20]:
+        ids = model.to_tokens(s.prompt_template.format(word=word))[0]
+        word_ids = model.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(word_ids) != 1 or ids[s.prompt_token_pos].item() != word_ids[0]:
+            raise EvalError(f"prompt_token_pos: position {s.prompt_token_pos} of "
+                            f"{s.prompt_template.format(word=word)!r} is not the word {word!r} for this tokenizer")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def alpha_vocabulary(tokenizer) -> list[str]:
+    """sae_bench's alphabetic tokens, sorted (the tokenizer's dict order is not guaranteed)."""
+    from sae_bench.evals.absorption.vocab import get_alpha_tokens
+
+    return sorted(set(get_alpha_tokens(tokenizer)))
+
+
+def vocab_sample(tokenizer, size: int, seed: int) -> list[str]:
+    """The seeded, sorted sample of alphabetic tokens every stage sees."""
+    alpha = alpha_vocabulary(tokenizer)
+    if size > len(alpha):
+        raise EvalError(f"vocab_sample_size: expected at most the {len(alpha)} alphabetic tokens, got {size}")
+    return sorted(random.Random(seed).sample(alpha, size))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed Python's ``random``, NumPy and torch, and restore their states afterwards."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+@contextlib.contextmanager
+def _vocabulary(words: list[str]):
+    """Make sae_bench's ``get_alpha_tokens`` (where its absorption code calls it) return ``words``."""
+    import sae_bench.evals.absorption.common as common
+    import sae_bench.evals.absorption.feature_absorption as feature_absorption
+
+    modules = (common, feature_absorption)
+    saved = [m.get_alpha_tokens for m in modules]
+    for m in modules:
+        m.get_alpha_tokens = lambda *_args, **_kwargs: list(words)
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, saved):
+            m.get_alpha_tokens = original
+
+
+class _PromptActivations:
+    """Hook activations at the word position, keyed by the exact prompt text (stored next to the probe)."""
+
+    FILE = "absorption_prompt_acts.npz"
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / self.FILE
+        self.rows: dict[str, np.ndarray] = {}
+        self.added = 0
+        if self.path.exists():
+            data = np.load(self.path)
+            self.rows = dict(zip(data["keys"].tolist(), data["acts"]))
+
+    @staticmethod
+    def key(prompt: str) -> str:
+        return hashlib.sha1(prompt.encode()).hexdigest()
+
+    def save(self) -> None:
+        if not self.added:
+            return
+        if self.path.exists():  # another process may have added rows meanwhile: keep them
+            data = np.load(self.path)
+            for k, a in zip(data["keys"].tolist(), data["acts"]):
+                self.rows.setdefault(k, a)
+        keys = sorted(self.rows)
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.npz")
+        np.savez(tmp, keys=np.array(keys), acts=np.stack([self.rows[k] for k in keys]))
+        os.replace(tmp, self.path)
+        self.added = 0
+
+
+class _StopAtLayer:
+    """The model, except that ``run_with_cache`` stops after the hook layer (sae_bench reads only that hook)
+    and, given ``stored``, serves the word-position activations of prompts it has seen (see module doc)."""
+
+    def __init__(self, model, hook: str, layer: int, stop: bool, stored: _PromptActivations | None = None,
+                 pos: int = -6):
+        self._model, self._hook, self._layer, self._stop = model, hook, layer, stop
+        self._stored, self._pos = stored, pos
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def _forward(self, inputs, names_filter):
+        kwargs = {"stop_at_layer": self._layer + 1} if self._stop else {}
+        with torch.no_grad():
+            return self._model.run_with_cache(inputs, names_filter=names_filter, **kwargs)[1]
+
+    def run_with_cache(self, inputs, names_filter=None, **kwargs):
+        if kwargs or list(names_filter or []) != [self._hook]:
+            raise RuntimeError(f"unexpected run_with_cache call from sae_bench: {names_filter}, {kwargs}")
+        if self._stored is None or not isinstance(inputs, list):
+            return None, self._forward(inputs, names_filter)
+        keys = [self._stored.key(p) for p in inputs]
+        missing = [p for p, k in zip(inputs, keys) if k not in self._stored.rows]
+        if missing:
+            acts = self._forward(missing, names_filter)[self._hook][:, self._pos].float().cpu().numpy()
+            for p, a in zip(missing, acts):
+                self._stored.rows[self._stored.key(p)] = a.copy()
+            self._stored.added += len(missing)
+        rows = torch.from_numpy(np.stack([self._stored.rows[k] for k in keys]))
+        seq = -self._pos if self._pos < 0 else self._pos + 1
+        out = torch.full((len(inputs), seq, rows.shape[-1]), float("nan"), dtype=self._model.cfg.dtype)
+        out[:, self._pos] = rows.to(out.dtype)
+        return None, {self._hook: out}
+
+
+def _probe_key(model, hook: str, s: AbsorptionSettings, n_alpha: int) -> dict:
+    return {
+        "format": PROBE_FORMAT, "sae_bench": version("sae_bench"), "model": model.cfg.model_name, "hook": hook,
+        "d_model": model.cfg.d_model, "n_alpha_tokens": n_alpha, "vocab_sample_size": s.vocab_sample_size,
+        "seed": s.seed, "prompt_template": s.prompt_template, "prompt_token_pos": s.prompt_token_pos,
+        "probe_batch_size": s.probe_batch_size, "probe_num_epochs": s.probe_num_epochs, "probe_lr": s.probe_lr,
+        "dtype": str(model.cfg.dtype),
+    }
+
+
+def _probe_dir(artifacts_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    name = f"probe-{key['model']}-{key['hook']}-n{key['vocab_sample_size']}-seed{key['seed']}-{digest}"
+    return Path(artifacts_dir) / "absorption" / name
+
+
+def probe_f1_by_letter(model, probes_dir: Path, layer: int) -> dict[str, float]:
+    """The LLM probe's test F1 per letter, as sae_bench's ``build_metrics_df`` computes ``f1_probe``."""
+    from sae_bench.evals.absorption.common import load_probe, load_probe_data_split
+    from sklearn import metrics
+
+    probe = load_probe(model.cfg.model_name, layer, probes_dir, torch.float32, "cpu")
+    acts, labels = load_probe_data_split(model, layer, "test", probes_dir, torch.float32, "cpu")
+    with torch.no_grad():
+        scores = probe(acts).numpy()
+    y = np.array([label for _, label in labels])
+    return {letter: float(metrics.f1_score(y == i, scores[:, i] > 0.0)) for i, letter in enumerate(LETTERS)}
+
+
+def train_probe(model, hook: str, settings: AbsorptionSettings, artifacts_dir: Path) -> Path:
+    """Train (once) and store the first-letter probe with sae_bench's ``create_and_train_probe``.
+
+    Returns the ``probes_dir`` to hand to sae_bench; it holds ``key.json`` and ``probe_report.json``
+    (per-letter test F1, sample, wall time). Reused when present.
+    """
+    from sae_bench.evals.absorption.common import create_and_train_probe
+    from sae_bench.evals.absorption.prompting import first_letter_formatter
+
+    match = HOOK_RE.match(hook)
+    if match is None:
+        raise EvalError(f"hook: expected blocks.<layer>.hook_resid_post, got {hook!r}")
+    layer = int(match.group(1))
+    n_alpha = len(alpha_vocabulary(model.tokenizer))
+    _check_settings(settings, n_alpha)
+    key = _probe_key(model, hook, settings, n_alpha)
+    final = _probe_dir(artifacts_dir, key)
+    if (final / "probe_report.json").exists():
+        return final
+    words = vocab_sample(model.tokenizer, settings.vocab_sample_size, settings.seed)
+    _check_prompt_position(model, settings, words)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}")
+    start = time.time()
+    try:
+        with _seeded(settings.seed), _vocabulary(words), torch.enable_grad():
+            create_and_train_probe(
+                model=_StopAtLayer(model, hook, layer, settings.stop_at_hook_layer), formatter=first_letter_formatter(),
+                hook_point=hook, probes_dir=tmp, vocab=words, batch_size=settings.probe_batch_size,
+                num_epochs=settings.probe_num_epochs, lr=settings.probe_lr, device=torch.device("cpu"),
+                base_template=settings.prompt_template, pos_idx=settings.prompt_token_pos,
+            )
+        f1 = probe_f1_by_letter(model, tmp, layer)
+        report = {"key": key, "words_sha1": hashlib.sha1("\n".join(words).encode()).hexdigest(),
+                  "f1_probe": f1, "letters_passing": sum(v > settings.min_GT_probe_f1 for v in f1.values()),
+                  "mean_f1": float(np.mean(list(f1.values()))), "wall_time_s": time.time() - start}
+        (tmp / "key.json").write_text(json.dumps(key, indent=1))
+        (tmp / "probe_report.json").write_text(json.dumps(report, indent=1))
+        for dat in tmp.rglob("*_act_tensor.dat"):  # memmaps duplicated in data.npz
+            dat.unlink()
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process stored the same probe meanwhile
+            if not (final / "probe_report.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _unit_decoder(sae):
+    norms = sae.W_dec.detach().norm(dim=-1)
+    if torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+        return sae, False
+    sae = copy.deepcopy(sae)
+    sae.fold_W_dec_norm()
+    return sae, True
+
+
+# --------------------------------------------------------------------------------------------- the eval
+
+
+def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path) -> dict:
+    """SAEBench first-letter absorption of ``sae`` through sae_bench (see module doc); returns the
+    ``AbsorptionEvalOutput`` as a JSON dict. The probe is trained once per model/hook/settings under
+    ``artifacts_dir``; SAE-side files live in a temporary folder."""
+    import pandas as pd
+    from pydantic import TypeAdapter
+    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+    from sae_bench.evals.absorption.eval_output import (
+        EVAL_TYPE_ID_ABSORPTION, AbsorptionEvalOutput, AbsorptionMeanMetrics, AbsorptionMetricCategories,
+        AbsorptionResultDetail,
+    )
+    from sae_bench.evals.absorption.feature_absorption import run_feature_absortion_experiment
+    from sae_bench.evals.absorption.k_sparse_probing import run_k_sparse_probing_experiment
+    from sae_bench.evals.absorption.main import _aggregate_results_df
+    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+
+    start = time.time()
+    s = settings
+    hook, layer = _hook_layer(sae, model)
+    probes_dir = train_probe(model, hook, s, artifacts_dir)
+    probe_time = time.time() - start
+    report = json.loads((probes_dir / "probe_report.json").read_text())
+    passing = [c for c, f in report["f1_probe"].items() if f > s.min_GT_probe_f1]
+    if len(passing) < s.min_feats_for_eval:
+        raise EvalUnavailable(
+            f"absorption: only {len(passing)} of 26 first-letter probes reach F1 > {s.min_GT_probe_f1} at {hook} "
+            f"of {model.cfg.model_name} with vocab_sample_size={s.vocab_sample_size} (sae_bench needs "
+            f"min_feats_for_eval={s.min_feats_for_eval}); use a larger sample or another layer")
+
+    sae, folded = _unit_decoder(sae)
+    _, sae, _ = load_and_format_sae("saelib", sae, str(sae.device))
+    words = vocab_sample(model.tokenizer, s.vocab_sample_size, s.seed)
+    stored = _PromptActivations(probes_dir) if s.reuse_prompt_activations else None
+    device = str(sae.device)
+    sae_start = time.time()
+    stages = tqdm(total=2, desc="absorption (k-sparse probes, absorption)", leave=False)
+    with tempfile.TemporaryDirectory(prefix="saelib-absorption-") as work, _vocabulary(words), \
+            torch.enable_grad():
+        work = Path(work)
+        with _seeded(s.seed):
+            k_sparse = run_k_sparse_probing_experiment(
+                model=_StopAtLayer(model, hook, layer, s.stop_at_hook_layer), sae=sae, layer=layer,
+                sae_name="sae", max_k_value=s.max_k_value, prompt_template=s.prompt_template,
+                prompt_token_pos=s.prompt_token_pos, device=device, experiment_dir=work / "k_sparse_probing",
+                probes_dir=probes_dir, force=True, f1_jump_threshold=s.f1_jump_threshold,
+                k_sparse_probe_l1_decay=s.k_sparse_probe_l1_decay,
+                k_sparse_probe_batch_size=s.k_sparse_probe_batch_size,
+                k_sparse_probe_num_epochs=s.k_sparse_probe_num_epochs,
+                precalc_k_sparse_probe_sae_acts=s.precalc_k_sparse_probe_sae_acts,
+                eval_batch_size=s.eval_k_sparse_probe_batch_size, verbose=False,
+            )
+        stages.update(1)
+        # sae_bench's own gate (main.run_eval), on the same probe F1 as checked above
+        n_pass = int((k_sparse["f1_probe"] > s.min_GT_probe_f1).sum())
+        if n_pass < s.min_feats_for_eval:
+            raise EvalUnavailable(f"absorption: only {n_pass} letters pass sae_bench's probe F1 gate at {hook}")
+        with _seeded(s.seed):
+            raw = run_feature_absortion_experiment(
+                model=_StopAtLayer(model, hook, layer, s.stop_at_hook_layer, stored, s.prompt_token_pos),
+                sae=sae, layer=layer, sae_name="sae", max_k_value=s.max_k_value, prompt_template=s.prompt_template,
+                prompt_token_pos=s.prompt_token_pos, device=device, experiment_dir=work / "feature_absorption",
+                sparse_probing_experiment_dir=work / "k_sparse_probing", probes_dir=probes_dir, force=True,
+                feature_split_f1_jump_threshold=s.f1_jump_threshold, batch_size=s.llm_batch_size,
+            )
+        stages.update(1)
+    stages.close()
+    if stored is not None:
+        stored.save()
+    agg = _aggregate_results_df(raw) if len(raw) else pd.DataFrame(columns=["letter"])
+
+    # as sae_bench's main.run_eval: letters whose LLM probe passes the F1 gate
+    f1_by_letter = dict(zip(k_sparse["letter"], k_sparse["f1_probe"]))
+    fractions, full_rates, n_split, details = [], [], [], []
+    for _, row in agg.iterrows():
+        if f1_by_letter[row["letter"]] > s.min_GT_probe_f1:
+            fractions.append(row["mean_absorption_fraction"])
+            full_rates.append(row["full_absorption_rate"])
+            n_split.append(row["num_split_feats"])
+            details.append(AbsorptionResultDetail(
+                first_letter=row["letter"], mean_absorption_fraction=float(row["mean_absorption_fraction"]),
+                full_absorption_rate=float(row["full_absorption_rate"]),
+                num_full_absorption=int(row["num_full_absorption"]),
+                num_probe_true_positives=int(row["num_probe_true_positives"]),
+                num_split_features=int(row["num_split_feats"]),
+            ))
+    if len(details) < 2:
+        raise EvalUnavailable(f"absorption: only {len(details)} passing letters have probe true positives")
+    config = AbsorptionEvalConfig(
+        model_name=model.cfg.model_name, random_seed=s.seed, f1_jump_threshold=s.f1_jump_threshold,
+        max_k_value=s.max_k_value, prompt_template=s.prompt_template, prompt_token_pos=s.prompt_token_pos,
+        llm_batch_size=s.llm_batch_size, llm_dtype=str(model.cfg.dtype).replace("torch.", ""),
+        k_sparse_probe_l1_decay=s.k_sparse_probe_l1_decay, k_sparse_probe_batch_size=s.k_sparse_probe_batch_size,
+        k_sparse_probe_num_epochs=s.k_sparse_probe_num_epochs, min_GT_probe_f1=s.min_GT_probe_f1,
+        min_feats_for_eval=s.min_feats_for_eval, eval_k_sparse_probe_batch_size=s.eval_k_sparse_probe_batch_size,
+        precalc_k_sparse_probe_sae_acts=s.precalc_k_sparse_probe_sae_acts,
+    )
+    per_letter = {
+        row["letter"]: {
+            "f1_probe": float(row["f1_probe"]), "auc_probe": float(row["auc_probe"]),
+            "f1_sparse_sae_1": float(row["f1_sparse_sae_1"]),
+            "split_feats": [int(i) for i in row["split_feats"]],
+        }
+        for _, row in k_sparse.iterrows()
+    }
+    unstructured = {
+        "saelib_settings": asdict(s), "hook_name": hook, "n_alpha_tokens": report["key"]["n_alpha_tokens"],
+        "vocab_words_sha1": report["words_sha1"], "letters_passing_probe": len(details),
+        "probe_mean_f1": report["mean_f1"], "per_letter_k_sparse": per_letter,
+        "decoder_norms_folded": folded, "probe_dir": probes_dir.name,
+        "wall_time_s": time.time() - start, "wall_time_probe_s": probe_time,
+        "wall_time_sae_s": time.time() - sae_start,
+    }
+    out = AbsorptionEvalOutput(
+        eval_type_id=EVAL_TYPE_ID_ABSORPTION, eval_config=config, eval_id=str(uuid.uuid4()),
+        datetime_epoch_millis=int(time.time() * 1000),
+        eval_result_metrics=AbsorptionMetricCategories(mean=AbsorptionMeanMetrics(
+            mean_absorption_fraction_score=float(statistics.mean(fractions)),
+            mean_full_absorption_score=float(statistics.mean(full_rates)),
+            mean_num_split_features=float(statistics.mean(n_split)),
+            std_dev_absorption_fraction_score=float(statistics.stdev(fractions)),
+            std_dev_full_absorption_score=float(statistics.stdev(full_rates)),
+            std_dev_num_split_features=float(statistics.stdev(n_split)),
+        )),
+        eval_result_details=details, eval_result_unstructured=unstructured,
+        sae_bench_commit_hash=f"sae-bench=={version('sae_bench')}", sae_lens_id="saelib",
+        sae_lens_release_id="saelib", sae_lens_version=version("sae_lens"),
+        sae_cfg_dict=json.loads(json.dumps(sae.cfg.to_dict(), default=str)),
+    )
+    result = json.loads(out.to_json())
+    TypeAdapter(AbsorptionEvalOutput).validate_python(result)
+    return result
