@@ -5,7 +5,7 @@ PARAMS  ?= params/default/topk.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model run smoke test test-fast sync clean-runs
+.PHONY: setup model run study smoke test test-fast sync clean-runs
 
 ## setup: local .venv with the pinned stack (idempotent: re-runs only when pyproject.toml changes)
 setup: $(STAMP)
@@ -27,6 +27,11 @@ model: setup
 ## run: the default profile on the embedded model: cache, TopK SAE, core eval, HTML report (offline)
 run: model
 	$(PY) -m saelib.study notebooks/train.ipynb $(PARAMS)
+
+## study: every run of params/$(STUDY) through the train and evaluate notebooks (parallel, skip/resume; see saelib/runner.py)
+STUDY ?= default
+study: model
+	$(PY) -m saelib.runner params/$(STUDY)
 
 ## smoke: the notebook at its own smoke defaults
 smoke: model

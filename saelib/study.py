@@ -60,13 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebook")
     parser.add_argument("params_files", nargs="+")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="a further notebook parameter (VALUE read as YAML), as with papermill -p")
     args = parser.parse_args(argv)
+    import yaml
+
+    parameters = {name: yaml.safe_load(value) for name, value in args.parameter}
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     failed = 0
     runs = [p for p in args.params_files if not Path(p).name.startswith("_")]  # _study.yaml: shared profile
     for params_file in runs:
         try:
-            log.info("report: %s", run_notebook(args.notebook, params_file))
+            log.info("report: %s", run_notebook(args.notebook, params_file, parameters=parameters))
         except ConfigError as err:
             log.error("%s: %s", params_file, err)
             failed += 1

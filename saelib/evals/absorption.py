@@ -159,18 +159,25 @@ def _check_prompt_position(model, s: AbsorptionSettings, words: list[str]) -> No
         ids = model.to_tokens(s.prompt_template.format(word=word))[0]
         word_ids = model.tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(word_ids) != 1 or ids[s.prompt_token_pos].item() != word_ids[0]:
-            raise EvalError(f"prompt_token_pos: position {s.prompt_token_pos} of "
-                            f"{s.prompt_template.format(word=word)!r} is not the word {word!r} for this tokenizer")
+            raise EvalError(f"prompt_token_pos: expected the position of the (single-token) word in "
+                            f"{s.prompt_template.format(word=word)!r}, got {s.prompt_token_pos}")
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+_ALPHA_CACHE: dict[tuple[int, int], list[str]] = {}
 
 
 def alpha_vocabulary(tokenizer) -> list[str]:
     """sae_bench's alphabetic tokens, sorted (the tokenizer's dict order is not guaranteed)."""
     from sae_bench.evals.absorption.vocab import get_alpha_tokens
 
-    return sorted(set(get_alpha_tokens(tokenizer)))
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _ALPHA_CACHE:
+        _ALPHA_CACHE.clear()
+        _ALPHA_CACHE[key] = sorted(set(get_alpha_tokens(tokenizer)))
+    return _ALPHA_CACHE[key]
 
 
 def vocab_sample(tokenizer, size: int, seed: int) -> list[str]:
@@ -364,7 +371,11 @@ def _unit_decoder(sae):
     if torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
         return sae, False
     sae = copy.deepcopy(sae)
-    sae.fold_W_dec_norm()
+    try:
+        sae.fold_W_dec_norm()
+    except NotImplementedError as err:
+        raise EvalError(f"sae.W_dec: expected unit-norm decoder rows (absorption projects activation × cosine) "
+                        f"or an SAE that can fold them, got norms {norms.min():.3g}..{norms.max():.3g} ({err})")
     return sae, True
 
 

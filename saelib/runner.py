@@ -1,0 +1,244 @@
+"""The study runner: every params file of a study through the train and evaluate notebooks, in parallel.
+
+``python -m saelib.runner params/<study>`` (or ``make study STUDY=<study>``):
+
+- each run executes ``notebooks/train.ipynb`` then ``notebooks/evaluate.ipynb`` with papermill in its own process
+  (``python -m saelib.study``), its executed notebooks and a log in the run folder, its reports in
+  ``reports/<study>/``; runs share the study's activation caches (filled once, under a lock);
+- a notebook that finished for the same configuration, notebook source and parameters is skipped (a stamp in
+  ``<run>/.runner/``), so re-running a finished study does nothing and says so; a run that died resumes — training
+  restarts from its latest checkpoint, evals reuse the results already written;
+- ``jobs`` runs go at once, each with ``cores // jobs`` threads (OpenMP threads of two processes contending for
+  the same cores are far slower than one thread each);
+- a failed run keeps its executed notebook with the error and does not stop the others; a summary closes the run
+  and the exit code is 1 if anything failed.
+
+``params/<study>/_runner.yaml`` (optional) sets ``jobs``, ``eval_profile``, ``evals`` and ``notebooks``; command-line
+flags override it. After the runs, study-level notebooks (``study_notebooks``) are executed with ``study_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from tqdm.auto import tqdm
+
+from saelib import io
+from saelib.config import ConfigError, RunConfig, build_config
+
+log = logging.getLogger(__name__)
+
+RUNNER_FILE = "_runner.yaml"
+STAMP_DIR = ".runner"
+DEFAULT_NOTEBOOKS = ("notebooks/train.ipynb", "notebooks/evaluate.ipynb")
+#: notebook parameters the runner passes, by notebook stem (train.ipynb only takes params_file)
+RUNNER_PARAMETERS = {"evaluate": ("eval_profile", "evals")}
+
+
+@dataclass
+class RunnerSettings:
+    jobs: int = 1
+    eval_profile: str = "default"
+    evals: list[str] | None = None  # None: the evaluate notebook's own list
+    notebooks: list[str] = field(default_factory=lambda: list(DEFAULT_NOTEBOOKS))
+    study_notebooks: list[str] = field(default_factory=list)
+    threads: int | None = None  # per run; None: cores // jobs
+
+    def validate(self) -> None:
+        if not isinstance(self.jobs, int) or self.jobs < 1:
+            raise ConfigError(f"jobs: expected a positive integer, got {self.jobs!r}")
+        if self.eval_profile not in ("smoke", "default"):
+            raise ConfigError(f"eval_profile: expected 'smoke' or 'default', got {self.eval_profile!r}")
+        for nb in [*self.notebooks, *self.study_notebooks]:
+            if not Path(nb).is_file():
+                raise ConfigError(f"notebooks: expected existing notebook files, {nb!r} does not exist")
+        if self.evals is not None:
+            from saelib.evals.suite import check_eval_names
+
+            try:
+                check_eval_names(self.evals)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+
+
+@dataclass
+class Run:
+    params_file: Path
+    cfg: RunConfig
+
+    @property
+    def name(self) -> str:
+        return self.cfg.run_name
+
+
+def load_runner_settings(study_params: Path, overrides: dict[str, Any]) -> RunnerSettings:
+    values: dict[str, Any] = {}
+    path = study_params / RUNNER_FILE
+    if path.exists():
+        values = yaml.safe_load(path.read_text()) or {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - set(RunnerSettings.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(RunnerSettings.__dataclass_fields__)}")
+    settings = RunnerSettings(**values)
+    settings.validate()
+    return settings
+
+
+def study_runs(study_params: Path) -> list[Run]:
+    """Every run of a study (``params/<study>/*.yaml`` except ``_*.yaml``), configs validated before anything runs."""
+    study_params = Path(study_params)
+    if not study_params.is_dir():
+        raise ConfigError(f"study: expected a params folder such as params/default, got {str(study_params)!r}")
+    files = sorted(p for p in study_params.glob("*.yaml") if not p.name.startswith("_"))
+    if not files:
+        raise ConfigError(f"study: {study_params} holds no run params files (*.yaml not starting with _)")
+    return [Run(p, build_config(params_file=p)) for p in files]
+
+
+def notebook_parameters(notebook: Path, settings: RunnerSettings) -> dict[str, Any]:
+    names = RUNNER_PARAMETERS.get(Path(notebook).stem, ())
+    params = {"eval_profile": settings.eval_profile, "evals": settings.evals}
+    return {k: params[k] for k in names if params[k] is not None}
+
+
+def stamp(run: Run, notebook: Path, parameters: dict[str, Any]) -> dict[str, Any]:
+    """What a finished notebook of a run depended on: its config, the notebook's source and its parameters."""
+    source = hashlib.sha256(Path(notebook).read_bytes()).hexdigest()[:16]
+    return {"config": run.cfg.to_dict(), "notebook": str(notebook), "notebook_sha256": source,
+            "parameters": parameters}
+
+
+def stamp_path(run: Run, notebook: Path) -> Path:
+    return run.cfg.run_dir / STAMP_DIR / f"{Path(notebook).stem}.json"
+
+
+def is_current(run: Run, notebook: Path, parameters: dict[str, Any]) -> bool:
+    path = stamp_path(run, notebook)
+    return path.exists() and io.read_json(path) == json.loads(json.dumps(stamp(run, notebook, parameters)))
+
+
+def pending(runs: list[Run], settings: RunnerSettings) -> list[tuple[Run, list[Path]]]:
+    """(run, notebooks still to execute) for every run with something left to do."""
+    out = []
+    for run in runs:
+        todo = [Path(nb) for nb in settings.notebooks
+                if not is_current(run, Path(nb), notebook_parameters(Path(nb), settings))]
+        if todo:
+            # a later notebook depends on the earlier ones: once one is redone, so are the ones after it
+            first = [Path(nb) for nb in settings.notebooks].index(todo[0])
+            out.append((run, [Path(nb) for nb in settings.notebooks[first:]]))
+    return out
+
+
+def execute_notebook(run: Run, notebook: Path, parameters: dict[str, Any], threads: int) -> tuple[bool, str]:
+    """One notebook of one run in its own process; (ok, last error line). Log: ``<run>/<notebook>.log``."""
+    run.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "saelib.study", str(notebook), str(run.params_file)]
+    for name, value in parameters.items():
+        cmd += ["-p", name, json.dumps(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    log_path = run.cfg.run_dir / f"{Path(notebook).stem}.log"
+    with open(log_path, "w") as out:
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if code == 0:
+        path = stamp_path(run, notebook)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        io.write_json_atomic(path, stamp(run, notebook, parameters))
+        return True, ""
+    lines = [ln for ln in log_path.read_text().splitlines() if "failed" in ln or "Error" in ln]
+    return False, (lines[-1] if lines else f"exit code {code}; see {log_path}")[:300]
+
+
+def run_study(study_params: Path, settings: RunnerSettings) -> pd.DataFrame:
+    """Run every pending notebook of a study; returns the summary (one row per run)."""
+    runs = study_runs(study_params)
+    todo = pending(runs, settings)
+    study = runs[0].cfg.study
+    rows = {run.name: {"run": run.name, "status": "current", "minutes": 0.0, "error": ""} for run in runs}
+    if not todo:
+        log.info("study %s: all %d runs are finished and current; nothing to do", study, len(runs))
+    else:
+        threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.jobs)
+        log.info("study %s: %d of %d runs to do, %d at a time with %d thread(s) each",
+                 study, len(todo), len(runs), settings.jobs, threads)
+        bar = tqdm(total=len(todo), desc=f"study {study}", unit="run")
+        lock = threading.Lock()
+
+        def work(item: tuple[Run, list[Path]]) -> None:
+            run, notebooks = item
+            start = time.time()
+            status, error = "done", ""
+            for nb in notebooks:
+                ok, error = execute_notebook(run, nb, notebook_parameters(nb, settings), threads)
+                if not ok:
+                    status = f"failed in {nb.stem}"
+                    break
+            minutes = (time.time() - start) / 60
+            with lock:
+                rows[run.name].update(status=status, minutes=round(minutes, 1), error=error)
+                bar.update(1)
+                bar.write(f"[{bar.n:>3}/{len(todo)}] {run.name}: {status} in {minutes:.1f} min"
+                          + (f" — {error}" if error else ""))
+
+        with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
+            list(pool.map(work, todo))
+        bar.close()
+    summary = pd.DataFrame(list(rows.values()))
+    from saelib.study import REPORTS_DIR
+
+    for nb in map(Path, settings.study_notebooks):
+        if todo or not (REPORTS_DIR / study / f"{nb.stem}.html").exists():
+            log.info("report: %s", run_study_notebook(nb, runs[0].cfg.run_dir.parent, study))
+    return summary
+
+
+def run_study_notebook(notebook: Path, study_dir: Path, study: str) -> Path:
+    """A study-level notebook (compare, competition) over ``study_dir`` → ``reports/<study>/<notebook>.html``."""
+    import papermill
+
+    from saelib.study import REPORTS_DIR, render_report
+
+    executed = study_dir / notebook.name
+    papermill.execute_notebook(str(notebook), str(executed), parameters={"study_dir": str(study_dir)},
+                               cwd=str(Path.cwd()), progress_bar=False)
+    return render_report(executed, REPORTS_DIR / study / f"{notebook.stem}.html")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", help="params folder of the study, e.g. params/default")
+    parser.add_argument("--jobs", type=int, help="runs at once (default: _runner.yaml, else 1)")
+    parser.add_argument("--eval-profile", choices=("smoke", "default"))
+    parser.add_argument("--evals", nargs="+", help="evals to run (default: the evaluate notebook's list)")
+    parser.add_argument("--notebooks", nargs="+", help="per-run notebooks, in order")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        settings = load_runner_settings(Path(args.study), {
+            "jobs": args.jobs, "eval_profile": args.eval_profile, "evals": args.evals, "notebooks": args.notebooks})
+        summary = run_study(Path(args.study), settings)
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+    print(summary.to_string(index=False))
+    return 1 if summary["status"].str.startswith("failed").any() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

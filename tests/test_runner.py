@@ -1,0 +1,111 @@
+"""The study runner with a stand-in notebook (real papermill, real subprocesses): a study completes in parallel,
+a second call does nothing, a killed run resumes where it stopped, a failing run is reported while others finish."""
+
+import json
+import logging
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from saelib.config import ConfigError
+from saelib.runner import RunnerSettings, load_runner_settings, main, run_study
+
+STUB = '''
+import json, os
+from pathlib import Path
+from saelib.config import build_config
+cfg = build_config(params_file=params_file)
+run = Path(cfg.run_dir); run.mkdir(parents=True, exist_ok=True)
+steps = run / "steps.jsonl"
+done = [json.loads(l) for l in steps.read_text().splitlines()] if steps.exists() else []
+if cfg.seed == 13:
+    raise ValueError("this run is meant to fail")
+for step in range(len(done) + 1, 4):  # resumes after the last step written, like training from a checkpoint
+    with open(steps, "a") as f:
+        f.write(json.dumps(step) + "\\n")
+    if step == 1 and (run / "kill-me").exists():
+        (run / "kill-me").unlink()
+        os._exit(1)  # the kernel dies mid-run
+(run / "sae").mkdir(exist_ok=True)
+(run / "marker.json").write_text(json.dumps({"eval_profile": eval_profile}))
+'''
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('params_file = ""\neval_profile = "smoke"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(STUB)]
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(nb, tmp_path / "notebooks" / "evaluate.ipynb")
+    params = tmp_path / "params" / "mini"
+    params.mkdir(parents=True)
+    (params / "_study.yaml").write_text(f"runs_dir: {tmp_path / 'runs'}\nmodel_name: tiny-random\nhook_layer: 0\n")
+    for seed in range(3):
+        (params / f"topk_s{seed}.yaml").write_text(f"seed: {seed}\n")
+    return params
+
+
+def settings(**kw):
+    return RunnerSettings(**{"jobs": 2, "eval_profile": "smoke", "notebooks": ["notebooks/evaluate.ipynb"],
+                             "threads": 1, **kw})
+
+
+def steps(study_params, run):
+    path = study_params.parent.parent / "runs" / "mini" / run / "steps.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_study_runs_in_parallel_then_does_nothing(study, caplog):
+    caplog.set_level(logging.INFO)
+    summary = run_study(study, settings()).set_index("run")
+    assert list(summary["status"]) == ["done"] * 3
+    assert steps(study, "topk_s2") == [1, 2, 3]
+    runs = study.parent.parent / "runs" / "mini"
+    assert json.loads((runs / "topk_s0" / "marker.json").read_text()) == {"eval_profile": "smoke"}
+    assert (runs / "topk_s0" / "evaluate.ipynb").exists()  # the executed notebook
+    assert (study.parent.parent / "reports" / "mini" / "topk_s0.evaluate.html").exists()
+    again = run_study(study, settings())
+    assert list(again["status"]) == ["current"] * 3
+    assert "nothing to do" in caplog.text
+    assert steps(study, "topk_s2") == [1, 2, 3]  # not executed again
+    assert list(run_study(study, settings(eval_profile="default"))["status"]) == ["done"] * 3  # parameters changed
+
+
+def test_a_killed_run_resumes_and_a_failing_run_does_not_stop_the_others(study):
+    (study / "bad.yaml").write_text("seed: 13\n")
+    run = study.parent.parent / "runs" / "mini" / "topk_s1"
+    run.mkdir(parents=True)
+    (run / "kill-me").write_text("")
+    summary = run_study(study, settings()).set_index("run")
+    assert summary.loc["bad", "status"] == "failed in evaluate"
+    assert summary.loc["topk_s1", "status"] == "failed in evaluate"  # killed
+    assert summary.loc["topk_s0", "status"] == summary.loc["topk_s2", "status"] == "done"
+    executed = nbformat.read(study.parent.parent / "runs" / "mini" / "bad" / "evaluate.ipynb", as_version=4)
+    assert "this run is meant to fail" in json.dumps(executed.cells[-1].outputs)  # the error stays in the notebook
+    assert steps(study, "topk_s1") == [1]
+    second = run_study(study, settings()).set_index("run")
+    assert second.loc["topk_s1", "status"] == "done" and second.loc["topk_s0", "status"] == "current"
+    assert steps(study, "topk_s1") == [1, 2, 3]  # resumed after step 1, not restarted
+    assert second.loc["bad", "status"] == "failed in evaluate"
+
+
+def test_bad_runner_input_is_a_clear_error(study, tmp_path):
+    with pytest.raises(ConfigError, match="jobs: expected a positive integer"):
+        load_runner_settings(study, {"jobs": 0, "notebooks": ["notebooks/evaluate.ipynb"]})
+    (study / "_runner.yaml").write_text("jobz: 2\n")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        load_runner_settings(study, {})
+    (study / "_runner.yaml").unlink()
+    with pytest.raises(ConfigError, match="notebooks: expected existing notebook files"):
+        load_runner_settings(study, {"notebooks": ["notebooks/nope.ipynb"]})
+    with pytest.raises(ConfigError, match="evals: expected names from"):
+        load_runner_settings(study, {"evals": ["nope"], "notebooks": ["notebooks/evaluate.ipynb"]})
+    assert main([str(tmp_path / "params" / "missing")]) == 2
+    (study / "broken.yaml").write_text("k: -3\n")
+    with pytest.raises(ConfigError, match="k: expected"):
+        run_study(study, settings())
+    assert not (tmp_path / "runs").exists()  # nothing ran: every config is checked first
