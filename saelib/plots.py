@@ -109,3 +109,49 @@ def eval_status_table(status: pd.DataFrame) -> pd.DataFrame:
     """The status rows of ``evaluate_run``, messages kept whole."""
     return status[["eval", "status", "wall_time_s", "message"]].style.set_properties(
         subset=["message"], **{"white-space": "pre-wrap", "text-align": "left"})
+
+
+def pareto(wide_runs: pd.DataFrame, x: str, y: str, title: str) -> go.Figure:
+    """One point per run (``wide`` table), coloured by architecture; hover names the run."""
+    fig = go.Figure()
+    for arch, part in wide_runs.groupby("architecture"):
+        fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="markers", name=arch, text=part["run"],
+                                 marker={"size": 9}, hovertemplate="%{text}<br>%{x:.4g}, %{y:.4g}"))
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white")
+    return fig
+
+
+def metric_vs_parameter(summary: pd.DataFrame, parameter: str, title: str) -> go.Figure:
+    """Mean ± 95 % CI of each metric against ``parameter`` (tau or lambda); ``summary`` has columns parameter,
+    metric, mean, low, high, and optionally ``series`` (one line per series value)."""
+    metrics = list(dict.fromkeys(summary["metric"]))
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
+    series = summary["series"] if "series" in summary else pd.Series("", index=summary.index)
+    for col, metric in enumerate(metrics, start=1):
+        for name in dict.fromkeys(series):
+            part = summary[(summary["metric"] == metric) & (series == name)].sort_values(parameter)
+            fig.add_trace(go.Scatter(
+                x=part[parameter], y=part["mean"], mode="lines+markers", name=str(name), legendgroup=str(name),
+                showlegend=col == 1 and bool(name),
+                error_y={"type": "data", "symmetric": False, "array": (part["high"] - part["mean"]).fillna(0),
+                         "arrayminus": (part["mean"] - part["low"]).fillna(0)}), row=1, col=col)
+        fig.update_xaxes(title_text=parameter, type="log" if (summary[parameter] > 0).all() else "linear",
+                         row=1, col=col)
+    fig.update_layout(title=title, template="plotly_white", height=380, width=max(600, 330 * len(metrics)))
+    return fig
+
+
+def paired_differences(paired: pd.DataFrame, title: str) -> go.Figure:
+    """Paired difference (run − baseline) with its 95 % CI per configuration, one panel per metric."""
+    metrics = list(dict.fromkeys(paired["metric"]))
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
+    for col, metric in enumerate(metrics, start=1):
+        part = paired[paired["metric"] == metric]
+        fig.add_trace(go.Scatter(
+            x=part["difference"], y=part["config"], mode="markers", showlegend=False, text=part["verdict"],
+            error_x={"type": "data", "symmetric": False, "array": (part["high"] - part["difference"]).fillna(0),
+                     "arrayminus": (part["difference"] - part["low"]).fillna(0)}), row=1, col=col)
+        fig.add_vline(x=0, line_dash="dot", row=1, col=col)
+    fig.update_layout(title=title, template="plotly_white", height=max(350, 28 * paired["config"].nunique()),
+                      width=max(600, 330 * len(metrics)))
+    return fig

@@ -17,6 +17,22 @@ import pandas as pd
 from saelib import io
 from saelib.evals.common import EVALS_DIR
 
+#: The numbers the study reports: "eval/metric" → (display name, +1 higher is better / −1 lower is better / 0 neither)
+HEADLINE: dict[str, tuple[str, int]] = {
+    "core/reconstruction_quality.explained_variance": ("explained variance", +1),
+    "core/model_performance_preservation.ce_loss_score": ("CE-loss recovered", +1),
+    "core/model_behavior_preservation.kl_div_score": ("KL score", +1),
+    "core/sparsity.l0": ("L0", 0),
+    "absorption/mean.mean_absorption_fraction_score": ("absorption (mean fraction)", -1),
+    "absorption/mean.mean_full_absorption_score": ("full absorption", -1),
+    "absorption/mean.mean_num_split_features": ("split features", 0),
+    "sparse_probing/sae.sae_top_1_test_accuracy": ("sparse probing top-1", +1),
+    "sparse_probing/sae.sae_top_5_test_accuracy": ("sparse probing top-5", +1),
+    "unlearning_proxy/unlearning.unlearning_score": ("unlearning proxy score", +1),
+    "competition/competing_weighted_cos2": ("competing pairs' weighted cos²", 0),
+    "competition/competing_mean_cos2": ("competing pairs' mean cos²", 0),
+}
+
 COLUMNS = ["run", "config", "architecture", "tau", "lambda", "seed", "eval", "metric", "value"]
 SEED_SUFFIX = re.compile(r"_s\d+$")
 """Runs that differ only by seed are named ``<config>_s<seed>``; ``config`` drops that suffix."""
@@ -55,7 +71,7 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted((run_dir / EVALS_DIR).glob("*.json")) if (run_dir / EVALS_DIR).is_dir() else []:
         result = io.read_json(path)
-        eval_name = result.get("eval_type_id", path.stem)
+        eval_name = path.stem  # saelib's eval name (e.g. unlearning_proxy), not sae_bench's eval_type_id
         for metric, value in flatten_metrics(result.get("eval_result_metrics", {})):
             rows.append({**ident, "eval": eval_name, "metric": metric, "value": value})
     metrics_path = run_dir / io.METRICS_FILE
