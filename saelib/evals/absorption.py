@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -84,6 +85,9 @@ class AbsorptionSettings:
 
     vocab_sample_size: int = 3000
     """Words drawn (seeded) from the tokenizer's alphabetic tokens; 80 % train the probe, 20 % test it."""
+    min_words_per_letter: int = 20
+    """Top-up so every letter has this many words (sae_bench needs each letter in both probe splits, and its
+    metrics are per-letter averages, so rare letters like x, q, y, z need enough test words)."""
     seed: int = 42
     probe_batch_size: int = 64
     """sae_bench's ``create_and_train_probe`` batch size (LLM forward batches and probe training batches)."""
@@ -140,6 +144,7 @@ def _check_settings(s: AbsorptionSettings, n_alpha: int) -> None:
     need(isinstance(s, AbsorptionSettings), "settings", "an AbsorptionSettings", type(s).__name__)
     need(s.vocab_sample_size <= n_alpha, "vocab_sample_size",
          f"at most the {n_alpha} alphabetic tokens of the tokenizer", s.vocab_sample_size)
+    need(0 <= s.min_words_per_letter <= 1000, "min_words_per_letter", "0..1000", s.min_words_per_letter)
     need(s.vocab_sample_size >= 100, "vocab_sample_size", "at least 100 words (20 % are the test split)",
          s.vocab_sample_size)
     need("{word}" in s.prompt_template, "prompt_template", "a template containing {word}", s.prompt_template)
@@ -180,12 +185,37 @@ def alpha_vocabulary(tokenizer) -> list[str]:
     return _ALPHA_CACHE[key]
 
 
-def vocab_sample(tokenizer, size: int, seed: int) -> list[str]:
-    """The seeded, sorted sample of alphabetic tokens every stage sees."""
+def first_letter(word: str) -> str:
+    return word.strip()[0].lower()
+
+
+def vocab_sample(tokenizer, size: int, seed: int, min_per_letter: int = 0) -> list[str]:
+    """The seeded, sorted sample of alphabetic tokens every stage sees: ``size`` words drawn uniformly, then
+    topped up (same generator) so every letter has at least ``min_per_letter`` words."""
     alpha = alpha_vocabulary(tokenizer)
     if size > len(alpha):
         raise EvalError(f"vocab_sample_size: expected at most the {len(alpha)} alphabetic tokens, got {size}")
-    return sorted(random.Random(seed).sample(alpha, size))
+    rng = random.Random(seed)
+    sample = set(rng.sample(alpha, size))
+    for letter in LETTERS:
+        have = sum(first_letter(w) == letter for w in sample)
+        if have < min_per_letter:
+            pool = [w for w in alpha if first_letter(w) == letter and w not in sample]
+            sample.update(rng.sample(pool, min(min_per_letter - have, len(pool))))
+    return sorted(sample)
+
+
+def probe_split(words: list[str], settings: AbsorptionSettings) -> tuple[list[str], list[str]]:
+    """The probe's train and test words: sae_bench's ``create_dataset_probe_training`` under the seed, exactly
+    as ``train_probe`` calls it (cheap: no model)."""
+    from sae_bench.evals.absorption.probing import create_dataset_probe_training
+    from sae_bench.evals.absorption.prompting import first_letter_formatter
+
+    with _seeded(settings.seed):
+        train, test = create_dataset_probe_training(
+            vocab=words, formatter=first_letter_formatter(), num_prompts_per_token=1,
+            base_template=settings.prompt_template)
+    return [p.word for p, _ in train], [p.word for p, _ in test]
 
 
 @contextlib.contextmanager
@@ -287,11 +317,16 @@ class _StopAtLayer:
         return None, {self._hook: out}
 
 
+def _words(model, s: AbsorptionSettings) -> list[str]:
+    return vocab_sample(model.tokenizer, s.vocab_sample_size, s.seed, s.min_words_per_letter)
+
+
 def _probe_key(model, hook: str, s: AbsorptionSettings, n_alpha: int) -> dict:
     return {
         "format": PROBE_FORMAT, "sae_bench": version("sae_bench"), "model": model.cfg.model_name, "hook": hook,
         "d_model": model.cfg.d_model, "n_alpha_tokens": n_alpha, "vocab_sample_size": s.vocab_sample_size,
-        "seed": s.seed, "prompt_template": s.prompt_template, "prompt_token_pos": s.prompt_token_pos,
+        "min_words_per_letter": s.min_words_per_letter, "seed": s.seed, "prompt_template": s.prompt_template,
+        "prompt_token_pos": s.prompt_token_pos,
         "probe_batch_size": s.probe_batch_size, "probe_num_epochs": s.probe_num_epochs, "probe_lr": s.probe_lr,
         "dtype": str(model.cfg.dtype),
     }
@@ -335,8 +370,15 @@ def train_probe(model, hook: str, settings: AbsorptionSettings, artifacts_dir: P
     final = _probe_dir(artifacts_dir, key)
     if (final / "probe_report.json").exists():
         return final
-    words = vocab_sample(model.tokenizer, settings.vocab_sample_size, settings.seed)
+    words = _words(model, settings)
     _check_prompt_position(model, settings, words)
+    train_words, test_words = probe_split(words, settings)
+    for split, split_words in (("train", train_words), ("test", test_words)):
+        missing = sorted(set(LETTERS) - {first_letter(w) for w in split_words})
+        if missing:  # sae_bench's k-sparse probes and ROC AUC need every letter in both splits
+            raise EvalError(f"min_words_per_letter: expected every letter in the probe's {split} split, letters "
+                            f"{''.join(missing)} have none (raise min_words_per_letter or vocab_sample_size, or "
+                            f"change seed)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}")
     start = time.time()
@@ -348,8 +390,12 @@ def train_probe(model, hook: str, settings: AbsorptionSettings, artifacts_dir: P
                 num_epochs=settings.probe_num_epochs, lr=settings.probe_lr, device=torch.device("cpu"),
                 base_template=settings.prompt_template, pos_idx=settings.prompt_token_pos,
             )
+        stored_test = pd.read_csv(next(tmp.rglob("test_df.csv")), keep_default_na=False, na_values=[""])
+        if stored_test["token"].tolist() != test_words:
+            raise RuntimeError("sae_bench's probe split differs from probe_split(): sae_bench changed?")
         f1 = probe_f1_by_letter(model, tmp, layer)
-        report = {"key": key, "words_sha1": hashlib.sha1("\n".join(words).encode()).hexdigest(),
+        report = {"key": key, "n_words": len(words), "n_train": len(train_words), "n_test": len(test_words),
+                  "words_sha1": hashlib.sha1("\n".join(words).encode()).hexdigest(),
                   "f1_probe": f1, "letters_passing": sum(v > settings.min_GT_probe_f1 for v in f1.values()),
                   "mean_f1": float(np.mean(list(f1.values()))), "wall_time_s": time.time() - start}
         (tmp / "key.json").write_text(json.dumps(key, indent=1))
@@ -386,7 +432,6 @@ def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path
     """SAEBench first-letter absorption of ``sae`` through sae_bench (see module doc); returns the
     ``AbsorptionEvalOutput`` as a JSON dict. The probe is trained once per model/hook/settings under
     ``artifacts_dir``; SAE-side files live in a temporary folder."""
-    import pandas as pd
     from pydantic import TypeAdapter
     from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
     from sae_bench.evals.absorption.eval_output import (
@@ -413,7 +458,7 @@ def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path
 
     sae, folded = _unit_decoder(sae)
     _, sae, _ = load_and_format_sae("saelib", sae, str(sae.device))
-    words = vocab_sample(model.tokenizer, s.vocab_sample_size, s.seed)
+    words = _words(model, s)
     stored = _PromptActivations(probes_dir) if s.reuse_prompt_activations else None
     device = str(sae.device)
     sae_start = time.time()
@@ -488,7 +533,9 @@ def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path
     }
     unstructured = {
         "saelib_settings": asdict(s), "hook_name": hook, "n_alpha_tokens": report["key"]["n_alpha_tokens"],
-        "vocab_words_sha1": report["words_sha1"], "letters_passing_probe": len(details),
+        "vocab_words_sha1": report["words_sha1"],
+        "n_words": report["n_words"], "n_probe_train": report["n_train"], "n_probe_test": report["n_test"],
+        "letters_passing_probe": len(details),
         "probe_mean_f1": report["mean_f1"], "per_letter_k_sparse": per_letter,
         "decoder_norms_folded": folded, "probe_dir": probes_dir.name,
         "wall_time_s": time.time() - start, "wall_time_probe_s": probe_time,

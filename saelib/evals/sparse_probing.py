@@ -40,13 +40,16 @@ What saelib adds or changes, and why:
   runs without its all-padding columns, and the result is zero-padded back. sae_bench zeroes padding positions
   anyway and causal attention with the padding mask makes real tokens independent of padding (checked: relative
   difference 2e-8), so the activations are the same; short texts cost proportionally less.
-* **jaxtyping bug** (sae-bench 0.6.0 with jaxtyping 0.3): ``train_sklearn_probe`` is decorated with ``@beartype``
-  only, so it is type-checked inside the dimension memo of its ``@jaxtyped`` caller
-  ``train_probe_on_activations``, where ``train_dataset_size`` is bound to the per-class count and ``d_model`` to
-  the full width; the balanced task (2× the rows) or the top-k slice then fails the check. This happens with
-  SAEBench's own data too (not ours). saelib wraps that one function in ``jaxtyped(typechecker=beartype)`` for
-  the duration of the eval: it gets its own memo and stays checked.
-* **Centred LLM activations for the LLM probes** — see ``_centre_llm_inputs`` (the massive-activation issue).
+* **Two fixes around sae_bench's top-k probe** (``_sklearn_probe``, active only inside the eval):
+  (1) jaxtyping — sae-bench 0.6.0 checks ``train_sklearn_probe`` inside its caller's dimension memo, so under
+  jaxtyping 0.3 every top-k probe fails a size check (with SAEBench's own data as well); saelib gives that one
+  function its own memo, and all checks stay on. (2) Conditioning — the probe fits scikit-learn's lbfgs in
+  float32, which stops at a constant predictor (accuracy exactly 0.5) when the chosen feature carries a large
+  constant offset, as Gemma 3's massive-activation dimensions do; saelib subtracts the train-set mean first, an
+  exact reparametrisation of the same probe (same optimum as a float64 fit, same selected features). What
+  remains is SAEBench's method as it is: its unnormalised mean-difference selection prefers large-scale
+  dimensions, so on this model the LLM's top-1/top-2 accuracies are low (dimension 163 is often picked) —
+  measured, not a bug.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from saelib import io
 from saelib.evals.common import EvalError, EvalUnavailable
 
 log = logging.getLogger(__name__)
@@ -141,8 +145,9 @@ class SparseProbingSettings:
     random_seed: int = 42
     llm_batch_size: int = 16
     sae_batch_size: int = 125
-    centre_llm_probe_inputs: bool = True
-    """Subtract the train-set mean of the pooled LLM activations before the LLM probes (see module doc)."""
+    centre_sklearn_probe_inputs: bool = True
+    """Subtract the train-set mean before sae_bench's top-k logistic probes (exact reparametrisation that keeps
+    float32 lbfgs from stopping at a constant predictor; see ``_sklearn_probe``)."""
 
 
 SMOKE = SparseProbingSettings(
@@ -266,13 +271,43 @@ def _trimmed_llm_activations(original):
     return get_llm_activations
 
 
+def _sklearn_probe(original, centre: bool):
+    """``probe_training.train_sklearn_probe`` with its own jaxtyping memo and, if ``centre``, centred inputs.
+
+    Jaxtyping: sae-bench 0.6.0 decorates this function with ``@beartype`` only, so under jaxtyping 0.3 it is
+    checked inside the dimension memo of its ``@jaxtyped`` caller ``train_probe_on_activations``, where
+    ``train_dataset_size`` is bound to the per-class count and ``d_model`` to the full width: the balanced task
+    (2× the rows) and the top-k slice then fail the check — with SAEBench's own data as well. Wrapping it in
+    ``jaxtyped(typechecker=beartype)`` gives it a fresh memo; every check stays on.
+
+    Centring: the probe casts its inputs to float32, and scikit-learn's lbfgs then stops after 2–3 iterations
+    at w ≈ 0 when a feature carries a large constant offset (Gemma 3's residual dimension 163: mean ≈ 5,300,
+    std ≈ 265 after pooling) — a constant prediction, i.e. exactly 0.5 accuracy on a balanced task. The same
+    fit in float64, or on inputs minus their train-set mean, converges to the same optimum (measured: equal
+    coefficients and accuracy). Since the intercept is not penalised, subtracting the train mean is an exact
+    reparametrisation of SAEBench's probe: same model family, same optimum, same feature selection (a mean
+    difference is shift-invariant); only the solver's conditioning changes.
+    """
+    from beartype import beartype
+    from jaxtyping import jaxtyped
+
+    checked = jaxtyped(typechecker=beartype)(original)
+    if not centre:
+        return checked
+
+    def train_sklearn_probe(train_inputs, train_labels, test_inputs, test_labels, *args, **kwargs):
+        mean_1D = train_inputs.to(torch.float64).mean(0, keepdim=True)
+        train_inputs = (train_inputs.to(torch.float64) - mean_1D).to(train_inputs.dtype)
+        test_inputs = (test_inputs.to(torch.float64) - mean_1D).to(test_inputs.dtype)
+        return checked(train_inputs, train_labels, test_inputs, test_labels, *args, **kwargs)
+
+    return train_sklearn_probe
+
+
 @contextlib.contextmanager
 def sae_bench_patched(settings: SparseProbingSettings) -> Iterator[None]:
     """Patch sae_bench for this eval and restore it afterwards: the offline loader and task names, the jaxtyping
     fix for ``train_sklearn_probe``, and padding-free LLM activation collection (see the module doc)."""
-    from beartype import beartype
-    from jaxtyping import jaxtyped
-
     import sae_bench.evals.sparse_probing.probe_training as probe_training
     import sae_bench.sae_bench_utils.activation_collection as activation_collection
     import sae_bench.sae_bench_utils.dataset_info as dataset_info
@@ -291,8 +326,8 @@ def sae_bench_patched(settings: SparseProbingSettings) -> Iterator[None]:
     saved_classes = dict(dataset_info.chosen_classes_per_dataset)
     try:
         dataset_utils.get_multi_label_train_test_data = loader
-        # sae-bench 0.6.0 + jaxtyping 0.3: see the module doc. A fresh memo for this one function, checks kept.
-        probe_training.train_sklearn_probe = jaxtyped(typechecker=beartype)(probe_training.train_sklearn_probe)
+        probe_training.train_sklearn_probe = _sklearn_probe(
+            probe_training.train_sklearn_probe, settings.centre_sklearn_probe_inputs)
         activation_collection.get_llm_activations = _trimmed_llm_activations(
             activation_collection.get_llm_activations)
         for name, classes in OFFLINE_DATASETS.items():
@@ -303,3 +338,210 @@ def sae_bench_patched(settings: SparseProbingSettings) -> Iterator[None]:
             setattr(module, attr, value)
         dataset_info.chosen_classes_per_dataset.clear()
         dataset_info.chosen_classes_per_dataset.update(saved_classes)
+
+
+# ------------------------------------------------------------------------------------------------- the eval
+
+def _validate(settings: SparseProbingSettings, sae, model) -> tuple[str, ...]:
+    """Check every knob before any compute; returns the dataset names to run."""
+    if settings.dataset_source not in SOURCES:
+        raise EvalError(f"dataset_source: expected one of {SOURCES}, got {settings.dataset_source!r}")
+    names = tuple(settings.dataset_names) if settings.dataset_names is not None else \
+        _default_dataset_names(settings.dataset_source)
+    if not names or len(set(names)) != len(names):
+        raise EvalError(f"dataset_names: expected a non-empty list without repeats, got {list(names)}")
+    for field in ("probe_train_set_size", "probe_test_set_size"):
+        value = getattr(settings, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 4 or value % 2:
+            raise EvalError(f"{field}: expected an even integer ≥ 4 (half of it per class), got {value!r}")
+    n_ctx = model.cfg.n_ctx
+    if not isinstance(settings.context_length, int) or not 2 <= settings.context_length <= n_ctx:
+        raise EvalError(f"context_length: expected an integer in [2, {n_ctx}], got {settings.context_length!r}")
+    ks = tuple(settings.k_values)
+    if not ks or any(k not in SCHEMA_K_VALUES for k in ks) or len(set(ks)) != len(ks):
+        raise EvalError(f"k_values: expected distinct values among SAEBench's {SCHEMA_K_VALUES}, got {list(ks)}")
+    if max(ks) > min(model.cfg.d_model, sae.cfg.d_sae):
+        raise EvalError(f"k_values: expected k ≤ min(d_model, d_sae) = {min(model.cfg.d_model, sae.cfg.d_sae)}, "
+                        f"got {max(ks)}")
+    for field in ("llm_batch_size", "sae_batch_size", "random_seed"):
+        value = getattr(settings, field)
+        if not isinstance(value, int) or value < (0 if field == "random_seed" else 1):
+            raise EvalError(f"{field}: expected a {'non-negative' if field == 'random_seed' else 'positive'} "
+                            f"integer, got {value!r}")
+    if settings.dataset_source == "offline":
+        for name in names:
+            if name not in OFFLINE_DATASETS:
+                raise EvalError(f"dataset_names: expected offline tasks among {sorted(OFFLINE_DATASETS)}, "
+                                f"got {name!r}")
+        for name in names:  # reads the texts (seconds) and raises EvalError if a class is too small
+            offline_train_test(name, settings.probe_train_set_size, settings.probe_test_set_size,
+                               settings.random_seed)
+    else:
+        import sae_bench.sae_bench_utils.dataset_info as dataset_info
+
+        hub_names = [n for n in dataset_info.chosen_classes_per_dataset if not n.startswith(TASK_PREFIX)]
+        for name in names:
+            if name not in hub_names:
+                raise EvalError(f"dataset_names: expected SAEBench datasets among {hub_names}, got {name!r}")
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise EvalUnavailable("sparse_probing: dataset_source='hub' loads SAEBench's datasets from the "
+                                  "Hugging Face hub, which is offline here (HF_HUB_OFFLINE=1); use "
+                                  "dataset_source='offline'")
+    return names
+
+
+def _model_name(sae) -> str:
+    meta = getattr(sae.cfg, "metadata", None)
+    return getattr(meta, "model_name", None) or getattr(sae.cfg, "model_name", None) or "unknown"
+
+
+def _hook_name(sae) -> str:
+    meta = getattr(sae.cfg, "metadata", None)
+    return getattr(meta, "hook_name", None) or sae.cfg.hook_name
+
+
+def llm_artifacts_key(settings: SparseProbingSettings, model, model_name: str, hook_name: str) -> dict:
+    """Everything the stored LLM activations and LLM probe results depend on."""
+    return {
+        "eval": NAME, "model_name": model_name, "hook_name": hook_name, "d_model": model.cfg.d_model,
+        "n_layers": model.cfg.n_layers, "tokenizer": getattr(model.tokenizer, "name_or_path", None),
+        "vocab": len(model.tokenizer), "dataset_source": settings.dataset_source,
+        "data_version": DATA_VERSION if settings.dataset_source == "offline" else "hub",
+        "probe_train_set_size": settings.probe_train_set_size,
+        "probe_test_set_size": settings.probe_test_set_size, "context_length": settings.context_length,
+        "k_values": list(settings.k_values), "random_seed": settings.random_seed,
+        "centre_sklearn_probe_inputs": settings.centre_sklearn_probe_inputs,
+        "sae_bench": version("sae_bench"), "llm_dtype": "float32",
+    }
+
+
+def llm_artifacts_folder(artifacts_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(artifacts_dir) / NAME / f"{key['model_name']}_{key['hook_name']}_{digest}".replace("/", "_")
+
+
+def _activations_path(folder: Path, dataset_name: str) -> Path:
+    # sae_bench's own file name (main.run_eval_single_dataset), so run_eval_single_sae finds and loads it
+    return folder / f"{dataset_name}_activations.pt".replace("/", "_")
+
+
+def _ensure_llm_side(dataset_name: str, config, model, layer: int, hook_name: str, folder: Path) -> bool:
+    """sae_bench's LLM branch of ``run_eval_single_dataset`` (same functions, same order, same arguments),
+    seeded per dataset and written atomically. Returns True if it computed (False: already stored)."""
+    import sae_bench.evals.sparse_probing.main as main
+    import sae_bench.evals.sparse_probing.probe_training as probe_training
+    import sae_bench.sae_bench_utils.activation_collection as activation_collection
+
+    path = _activations_path(folder, dataset_name)
+    if path.exists():
+        return False
+    random.seed(config.random_seed)
+    torch.manual_seed(config.random_seed)
+    train_BLD, test_BLD = main.get_dataset_activations(
+        dataset_name, config, model, config.llm_batch_size, layer, hook_name, "cpu")
+    train_BD = activation_collection.create_meaned_model_activations(train_BLD)
+    test_BD = activation_collection.create_meaned_model_activations(test_BLD)
+    _, llm_test_accuracies = probe_training.train_probe_on_activations(
+        train_BD, test_BD, select_top_k=None, use_sklearn=False, batch_size=250, epochs=100, lr=1e-2)
+    llm_results = {"llm_test_accuracy": llm_test_accuracies}
+    for k in config.k_values:
+        _, accuracies = probe_training.train_probe_on_activations(train_BD, test_BD, select_top_k=k)
+        llm_results[f"llm_top_{k}_test_accuracy"] = accuracies
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    torch.save({"train": train_BLD, "test": test_BLD, "llm_results": llm_results}, tmp)
+    tmp.replace(path)
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_sae_bench() -> Iterator[None]:
+    """sae_bench prints one line per probe and sklearn warns about its deprecated ``penalty`` argument."""
+    import io as _io
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(_io.StringIO()):
+        warnings.filterwarnings("ignore", message=".*'penalty' was deprecated.*", category=FutureWarning)
+        yield
+
+
+def run_sparse_probing(sae, model, settings: SparseProbingSettings, artifacts_dir: Path) -> dict:
+    """SAEBench sparse probing of ``sae`` on ``model`` through sae_bench; returns ``SparseProbingEvalOutput``
+    as a JSON dict. The LLM side is computed once per (model, hook, settings) under ``artifacts_dir``."""
+    import sae_bench.evals.sparse_probing.main as main
+    from pydantic import TypeAdapter
+    from sae_bench.evals.sparse_probing.eval_config import SparseProbingEvalConfig
+    from sae_bench.evals.sparse_probing.eval_output import (
+        SparseProbingEvalOutput, SparseProbingLlmMetrics, SparseProbingMetricCategories, SparseProbingResultDetail,
+        SparseProbingSaeMetrics,
+    )
+    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+
+    from saelib.evals.core import _jsonable_cfg
+
+    start = time.time()
+    names = _validate(settings, sae, model)
+    model_name, hook_name = _model_name(sae), _hook_name(sae)
+    _, sae, _ = load_and_format_sae("saelib", sae, str(sae.device))
+    if model.cfg.d_model != sae.cfg.d_in:
+        raise EvalError(f"sae: expected d_in = the model's d_model {model.cfg.d_model}, got {sae.cfg.d_in}")
+    config = SparseProbingEvalConfig(
+        random_seed=settings.random_seed, dataset_names=list(names),
+        probe_train_set_size=settings.probe_train_set_size, probe_test_set_size=settings.probe_test_set_size,
+        context_length=settings.context_length, sae_batch_size=settings.sae_batch_size,
+        llm_batch_size=settings.llm_batch_size, llm_dtype="float32", model_name=model_name,
+        k_values=list(settings.k_values), lower_vram_usage=False,
+    )
+    key = llm_artifacts_key(settings, model, model_name, hook_name)
+    folder = llm_artifacts_folder(artifacts_dir, key)
+    computed = []
+    # torch.enable_grad restores the grad mode on exit (sae_bench's probe training switches it on globally)
+    with sae_bench_patched(settings), _quiet_sae_bench(), torch.enable_grad():
+        llm_start = time.time()
+        for name in tqdm(names, desc="sparse probing: LLM side", unit="dataset"):
+            if _ensure_llm_side(name, config, model, sae.cfg.hook_layer, hook_name, folder):
+                computed.append(name)
+        if computed:
+            io.write_json_atomic(folder / "key.json", key)
+        llm_seconds = time.time() - llm_start
+        sae_start = time.time()
+        results, per_class = main.run_eval_single_sae(config, sae, model, str(sae.device), str(folder),
+                                                      save_activations=False)
+        sae_seconds = time.time() - sae_start
+    unstructured = dict(per_class)
+    unstructured["saelib"] = {
+        "settings": dataclasses.asdict(settings), "llm_artifacts": str(folder), "llm_artifacts_key": key,
+        "llm_side_computed_for": computed, "llm_side_wall_time_s": llm_seconds, "sae_side_wall_time_s": sae_seconds,
+        "wall_time_s": time.time() - start,
+        "tasks": {n: {"classes": list(OFFLINE_DATASETS[n]), "stands_in_for": STANDS_IN_FOR[n],
+                      "sources": sorted({s for s, _ in OFFLINE_DATASETS[n].values()})}
+                  for n in names if n in OFFLINE_DATASETS},
+    }
+    output = SparseProbingEvalOutput(
+        eval_config=config, eval_id=str(uuid.uuid4()), datetime_epoch_millis=int(time.time() * 1000),
+        eval_result_metrics=SparseProbingMetricCategories(
+            llm=SparseProbingLlmMetrics(**{k: v for k, v in results.items()
+                                           if k.startswith("llm_") and not isinstance(v, dict)}),
+            sae=SparseProbingSaeMetrics(**{k: v for k, v in results.items()
+                                           if k.startswith("sae_") and not isinstance(v, dict)}),
+        ),
+        eval_result_details=[SparseProbingResultDetail(dataset_name=name, **result)
+                             for name, result in results.items() if isinstance(result, dict)],
+        eval_result_unstructured=unstructured,
+        sae_bench_commit_hash=f"sae-bench=={version('sae_bench')}", sae_lens_id="saelib",
+        sae_lens_release_id="saelib", sae_lens_version=version("sae_lens"), sae_cfg_dict=_jsonable_cfg(sae),
+    )
+    result = json.loads(output.to_json())
+    TypeAdapter(SparseProbingEvalOutput).validate_python(result)
+    return result
+
+
+def headline_metrics(result: dict) -> dict[str, float]:
+    """The flat summary: mean test accuracy over tasks, ``sparse_probing_{llm,sae}_{top_<k>,full}``."""
+    out = {}
+    for side in ("llm", "sae"):
+        for key, value in result["eval_result_metrics"][side].items():
+            if value is not None:
+                level = key.removeprefix(f"{side}_").removesuffix("_test_accuracy") or "full"
+                out[f"sparse_probing_{side}_{level if level != 'test_accuracy' else 'full'}"] = value
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ EVALS: dict[str, EvalSpec] = {
     "core": EvalSpec("core", "CoreSettings", "run_core_eval"),
     "absorption": EvalSpec("absorption", "AbsorptionSettings", "run_absorption"),
     "sparse_probing": EvalSpec("sparse_probing", "SparseProbingSettings", "run_sparse_probing"),
+    "competition": EvalSpec("competition", "CompetitionSettings", "run_competition"),
     "unlearning_proxy": EvalSpec("unlearning", "UnlearningSettings", "run_unlearning", (("mode", "proxy"),)),
     "unlearning": EvalSpec("unlearning", "UnlearningSettings", "run_unlearning", (("mode", "sae_bench"),)),
 }
@@ -91,7 +93,7 @@ def evaluate_run(run_dir: Path, model, evals=tuple(EVALS), settings: dict[str, A
     plan = {}  # every setting and stored file is checked before the first eval runs
     for name in names:
         resolved = _resolve_settings(name, settings.get(name), smoke)
-        if name == "core":
+        if hasattr(resolved, "resolved"):  # settings that default to the run's own held-out split
             resolved = resolved.resolved(run_dir)
         settings_json = common.settings_dict(resolved)
         path = common.result_path(run_dir, name)
@@ -137,7 +139,8 @@ def _run_one(name, run_dir, sae, model, fingerprint, settings, settings_json, pa
     start = time.time()
     try:
         _, _, run = EVALS[name].load()
-        result = run(sae, model, settings, artifacts / name)
+        kwargs = {"run_dir": run_dir} if "run_dir" in inspect.signature(run).parameters else {}
+        result = run(sae, model, settings, artifacts / name, **kwargs)
         common.write_result(path, result, fingerprint, settings_json, time.time() - start)
         if name == "core":
             from saelib.evals.core import write_headline

@@ -1,0 +1,198 @@
+"""Feature-competition patterns of one SAE on held-out text (a saelib eval, not an SAEBench one).
+
+The competition score is the training one (``saelib.competition``: s_ij = c_ij / min(p_i, p_j)) from exact
+held-out firing rates, so every architecture is measured alike. For a grid of thresholds τ it records how many
+pairs compete and the decoder cos² of competing vs non-competing co-firing pairs; at a reference τ it describes the
+co-activation graph (degree distribution, largest connected clusters); it lists the strongest competing pairs with
+the held-out contexts where both fire; and, if the run has an absorption result, whether each absorbing latent was
+competing with the main latent it absorbed from (its score = the largest τ that would still flag the pair).
+Written as ``<run>/evals/competition.json`` in SAEBench's result layout; read by ``notebooks/competition.ipynb``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saelib import io
+from saelib.evals.common import EvalError
+
+EVAL_TYPE_ID = "saelib_competition"
+
+
+@dataclass(frozen=True)
+class CompetitionSettings:
+    taus: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+    reference_tau: float = 0.02  # the co-activation graph and the listed pairs use this τ
+    min_cofirings: int = 5  # listed pairs and contexts need at least this many held-out co-firings
+    n_top_pairs: int = 50
+    n_context_pairs: int = 5
+    n_contexts: int = 4
+    context_tokens: int = 12
+    n_clusters: int = 10
+    dataset: str | None = None  # None: the run's held-out split (from cfg.json)
+    context_size: int | None = None
+    eval_tokens: int | None = None
+
+    def resolved(self, run_dir: Path) -> "CompetitionSettings":
+        cfg = io.read_json(Path(run_dir) / io.RUN_CFG_FILE)
+        return replace(self, **{f: getattr(self, f) if getattr(self, f) is not None else cfg[f]
+                                for f in ("dataset", "context_size", "eval_tokens")})
+
+
+SMOKE = CompetitionSettings(n_top_pairs=20, n_context_pairs=3, n_contexts=3)
+
+
+def _validate(s: CompetitionSettings) -> None:
+    if not s.taus or any(not 0 <= t <= 1 for t in s.taus):
+        raise EvalError(f"taus: expected a non-empty list of thresholds in [0, 1], got {s.taus!r}")
+    if not 0 <= s.reference_tau <= 1:
+        raise EvalError(f"reference_tau: expected a threshold in [0, 1], got {s.reference_tau!r}")
+    for name in ("min_cofirings", "n_top_pairs", "n_context_pairs", "n_contexts", "context_tokens", "n_clusters"):
+        if getattr(s, name) < 0:
+            raise EvalError(f"{name}: expected a non-negative integer, got {getattr(s, name)!r}")
+
+
+def run_competition(sae, model, settings: CompetitionSettings, artifacts_dir: Path | None = None,
+                    run_dir: Path | None = None) -> dict[str, Any]:
+    """The competition analysis of ``sae`` on the held-out split named by (resolved) ``settings``."""
+    from types import SimpleNamespace
+
+    from saelib.activations import cache_for_config, special_token_ids, split_tokens
+
+    _validate(settings)
+    if None in (settings.dataset, settings.context_size, settings.eval_tokens):
+        raise EvalError("settings: expected CompetitionSettings resolved against a run (.resolved(run_dir))")
+    cfg = SimpleNamespace(model_name=sae.cfg.metadata.model_name, hook_name=sae.cfg.metadata.hook_name,
+                          dataset=settings.dataset, context_size=settings.context_size,
+                          eval_tokens=settings.eval_tokens, eval_ce_tokens=0, cache_tokens=settings.eval_tokens,
+                          dtype="float32")
+    start = time.time()
+    cache = cache_for_config(cfg, model, "eval")
+    row_tokens = _row_token_positions(split_tokens(cfg, model, "eval"), special_token_ids(model), cache.n_rows)
+    absorption = None
+    if run_dir is not None and (Path(run_dir) / "evals" / "absorption.json").exists():
+        absorption = io.read_json(Path(run_dir) / "evals" / "absorption.json")
+    return analyse(sae, cache, settings, row_tokens=row_tokens, tokenizer=getattr(model, "tokenizer", None),
+                   absorption=absorption, started=start)
+
+
+def _row_token_positions(tokens_NS: np.ndarray, special: set[int], n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence, position) of every cache row: rows are the split's tokens in order, special tokens dropped."""
+    tokens = np.asarray(tokens_NS)
+    keep = ~np.isin(tokens, np.fromiter(special, dtype=np.int64))
+    seq, pos = np.nonzero(keep)
+    return np.stack([seq[:n_rows], pos[:n_rows]], axis=1), tokens
+
+
+@torch.no_grad()
+def analyse(sae, cache, settings: CompetitionSettings, row_tokens=None, tokenizer=None, absorption=None,
+            started: float | None = None) -> dict[str, Any]:
+    from saelib.analysis import competing_cos2, heldout_competition
+    from saelib.saes import pair_cos2_values
+
+    started = started or time.time()
+    stats = heldout_competition(sae, cache)
+    n_tokens = cache.n_rows
+    at_tau = {f"tau_{tau:g}": competing_cos2(sae, stats, tau) for tau in settings.taus}
+    i_P, j_P = stats.pairs()
+    score_P = stats.scores()
+    cofire_P = (stats.pair_rates * n_tokens).round().long()
+    edges = score_P > settings.reference_tau
+    graph = _graph(i_P[edges].numpy(), j_P[edges].numpy(), sae.cfg.d_sae, settings.n_clusters)
+    solid = edges & (cofire_P >= settings.min_cofirings)
+    order = torch.argsort(score_P[solid] * 1e6 + cofire_P[solid].float(), descending=True)[: settings.n_top_pairs]
+    top_i, top_j = i_P[solid][order], j_P[solid][order]
+    cos2_top = pair_cos2_values(sae.W_dec, top_i, top_j)
+    freq = stats.freq_F
+    top_pairs = [{"latent_i": int(i), "latent_j": int(j), "score": float(s), "cofirings": int(c),
+                  "freq_i": float(freq[i]), "freq_j": float(freq[j]), "cos2": float(c2)}
+                 for i, j, s, c, c2 in zip(top_i, top_j, score_P[solid][order], cofire_P[solid][order], cos2_top)]
+    if row_tokens is not None and tokenizer is not None:
+        for pair in top_pairs[: settings.n_context_pairs]:
+            pair["contexts"] = _contexts(sae, cache, pair["latent_i"], pair["latent_j"], row_tokens, tokenizer,
+                                         settings)
+    hist_edges = np.concatenate([[0.0], np.logspace(-3, 0, 31)])
+    score_hist, _ = np.histogram(score_P.numpy(), bins=hist_edges)
+    metrics = {**at_tau, "graph": {k: v for k, v in graph.items() if not isinstance(v, list)},
+               "n_cofiring_pairs": {"count": int(len(i_P))}}
+    unstructured = {
+        "score_histogram": {"bin_edges": hist_edges.tolist(), "counts": score_hist.tolist()},
+        "degree_histogram": graph["degree_histogram"], "largest_clusters": graph["largest_clusters"],
+        "top_pairs": top_pairs, "n_tokens": n_tokens, "wall_time_s": time.time() - started,
+    }
+    if absorption is not None:
+        unstructured["absorption_vs_competition"] = _absorption_pairs(absorption, stats)
+    return {
+        "eval_type_id": EVAL_TYPE_ID, "eval_config": asdict(settings), "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000), "eval_result_metrics": metrics,
+        "eval_result_details": [], "eval_result_unstructured": unstructured,
+        "sae_lens_id": "saelib", "sae_lens_release_id": "saelib",
+    }
+
+
+def _graph(i_E: np.ndarray, j_E: np.ndarray, d_sae: int, n_clusters: int) -> dict[str, Any]:
+    """Degree distribution and connected components of the competition graph (latents = nodes)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    degree = np.bincount(np.concatenate([i_E, j_E]), minlength=d_sae)
+    adjacency = coo_matrix((np.ones(len(i_E)), (i_E, j_E)), shape=(d_sae, d_sae))
+    _, labels = connected_components(adjacency, directed=False)
+    involved = degree > 0
+    sizes = np.bincount(labels[involved]) if involved.any() else np.zeros(0, dtype=int)
+    order = np.argsort(-sizes)[:n_clusters]
+    clusters = [{"size": int(sizes[c]), "latents": np.flatnonzero((labels == c) & involved)[:30].tolist()}
+                for c in order if sizes[c] > 0]
+    values, counts = np.unique(degree[involved], return_counts=True)
+    return {
+        "n_edges": int(len(i_E)), "n_latents_competing": int(involved.sum()),
+        "mean_degree": float(degree[involved].mean()) if involved.any() else 0.0,
+        "max_degree": int(degree.max()) if len(degree) else 0,
+        "n_clusters": int((sizes > 0).sum()), "largest_cluster": int(sizes.max()) if len(sizes) else 0,
+        "degree_histogram": {"degree": values.tolist(), "latents": counts.tolist()},
+        "largest_clusters": clusters,
+    }
+
+
+def _contexts(sae, cache, i: int, j: int, row_tokens, tokenizer, s: CompetitionSettings) -> list[dict]:
+    """Held-out tokens where both latents fire, strongest product first, with the text before them."""
+    positions, tokens = row_tokens
+    best: list[tuple[float, int]] = []
+    for start in range(0, cache.n_rows, 4096):
+        acts = sae.encode(cache.rows(start, start + 4096).to(sae.device, sae.dtype))
+        both = (acts[:, i] * acts[:, j])
+        for r in torch.nonzero(both > 0).flatten().tolist():
+            best.append((float(both[r]), start + r))
+    best.sort(reverse=True)
+    out = []
+    for strength, row in best[: s.n_contexts]:
+        seq, pos = positions[row]
+        before = tokens[seq, max(0, pos - s.context_tokens): pos]
+        out.append({"text": tokenizer.decode(before.tolist()), "token": tokenizer.decode([int(tokens[seq, pos])]),
+                    "product": strength})
+    return out
+
+
+def _absorption_pairs(absorption: dict, stats) -> list[dict]:
+    """For each (absorbing latent, main latent) pair named by the absorption result: its competition score."""
+    raw = (absorption.get("eval_result_unstructured") or {})
+    pairs = raw.get("absorbing_pairs") or []
+    if not pairs:
+        return []
+    keys = stats.pair_keys.numpy()
+    scores = stats.scores().numpy()
+    out = []
+    for item in pairs:
+        a, m = int(item["absorbing_latent"]), int(item["main_latent"])
+        key = min(a, m) * stats.d_sae + max(a, m)
+        at = np.searchsorted(keys, key)
+        score = float(scores[at]) if at < len(keys) and keys[at] == key else 0.0
+        out.append({**item, "score": score})
+    return out
