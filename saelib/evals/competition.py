@@ -114,10 +114,12 @@ def analyse(sae, cache, settings: CompetitionSettings, row_tokens=None, tokenize
     top_pairs = [{"latent_i": int(i), "latent_j": int(j), "score": float(s), "cofirings": int(c),
                   "freq_i": float(freq[i]), "freq_j": float(freq[j]), "cos2": float(c2)}
                  for i, j, s, c, c2 in zip(top_i, top_j, score_P[solid][order], cofire_P[solid][order], cos2_top)]
-    if row_tokens is not None and tokenizer is not None:
-        for pair in top_pairs[: settings.n_context_pairs]:
-            pair["contexts"] = _contexts(sae, cache, pair["latent_i"], pair["latent_j"], row_tokens, tokenizer,
-                                         settings)
+    if row_tokens is not None and tokenizer is not None and settings.n_context_pairs:
+        chosen = top_pairs[: settings.n_context_pairs]
+        found = _contexts(sae, cache, [(p["latent_i"], p["latent_j"]) for p in chosen], row_tokens, tokenizer,
+                          settings)
+        for pair, contexts in zip(chosen, found):
+            pair["contexts"] = contexts
     hist_edges = np.concatenate([[0.0], np.logspace(-3, 0, 31)])
     score_hist, _ = np.histogram(score_P.numpy(), bins=hist_edges)
     metrics = {**at_tau, "graph": {k: v for k, v in graph.items() if not isinstance(v, list)},
@@ -161,22 +163,30 @@ def _graph(i_E: np.ndarray, j_E: np.ndarray, d_sae: int, n_clusters: int) -> dic
     }
 
 
-def _contexts(sae, cache, i: int, j: int, row_tokens, tokenizer, s: CompetitionSettings) -> list[dict]:
-    """Held-out tokens where both latents fire, strongest product first, with the text before them."""
+def _contexts(sae, cache, pairs: list[tuple[int, int]], row_tokens, tokenizer,
+              s: CompetitionSettings) -> list[list[dict]]:
+    """Per pair: held-out tokens where both latents fire, strongest product first, with the text before them
+    (one pass over the cache for all pairs)."""
     positions, tokens = row_tokens
-    best: list[tuple[float, int]] = []
+    best: list[list[tuple[float, int]]] = [[] for _ in pairs]
+    i_Q = torch.tensor([i for i, _ in pairs])
+    j_Q = torch.tensor([j for _, j in pairs])
     for start in range(0, cache.n_rows, 4096):
         acts = sae.encode(cache.rows(start, start + 4096).to(sae.device, sae.dtype))
-        both = (acts[:, i] * acts[:, j])
-        for r in torch.nonzero(both > 0).flatten().tolist():
-            best.append((float(both[r]), start + r))
-    best.sort(reverse=True)
+        both_BQ = acts[:, i_Q] * acts[:, j_Q]
+        for q in range(len(pairs)):
+            top = torch.topk(both_BQ[:, q], min(s.n_contexts, len(both_BQ)))
+            best[q] += [(float(v), start + int(r)) for v, r in zip(top.values, top.indices) if v > 0]
     out = []
-    for strength, row in best[: s.n_contexts]:
-        seq, pos = positions[row]
-        before = tokens[seq, max(0, pos - s.context_tokens): pos]
-        out.append({"text": tokenizer.decode(before.tolist()), "token": tokenizer.decode([int(tokens[seq, pos])]),
-                    "product": strength})
+    for found in best:
+        found.sort(reverse=True)
+        contexts = []
+        for strength, row in found[: s.n_contexts]:
+            seq, pos = positions[row]
+            before = tokens[seq, max(0, pos - s.context_tokens): pos]
+            contexts.append({"text": tokenizer.decode(before.tolist()),
+                             "token": tokenizer.decode([int(tokens[seq, pos])]), "product": strength})
+        out.append(contexts)
     return out
 
 
