@@ -17,7 +17,7 @@ class CharTokenizer:
 def test_competition_counts_match_a_dense_computation(tiny_cache):
     sae = tiny_sae(k=8)
     settings = CompetitionSettings(taus=(0.1, 0.5), reference_tau=0.5, n_top_pairs=5, n_context_pairs=2,
-                                   n_contexts=2, context_tokens=3, dataset="x", context_size=32, eval_tokens=1500)
+                                   n_contexts=2, context_tokens=3, dense_freq=0.3, dataset="x", context_size=32, eval_tokens=1500)
     tokens = np.arange(60 * 32).reshape(60, 32) % 500 + 3
     tokens[:, 0] = 1
     rows = _row_token_positions(tokens, {1}, tiny_cache.n_rows)
@@ -33,7 +33,10 @@ def test_competition_counts_match_a_dense_computation(tiny_cache):
         expected = int((score[upper] > tau).sum())
         assert result["eval_result_metrics"][f"tau_{tau:g}"]["n_competing_pairs"] == expected
     graph = result["eval_result_metrics"]["graph"]
-    assert graph["n_edges"] == int((score[upper] > 0.5).sum())
+    dense = p > settings.dense_freq
+    plain = upper & ~dense[:, None] & ~dense[None, :]
+    assert graph["n_edges"] == int((score[plain] > 0.5).sum())
+    assert graph["competing_pairs_with_dense_latent"] == int((score[upper & ~plain] > 0.5).sum())
     hist = result["eval_result_unstructured"]["degree_histogram"]
     assert sum(d * c for d, c in zip(hist["degree"], hist["latents"])) == 2 * graph["n_edges"]
     pairs = result["eval_result_unstructured"]["top_pairs"]

@@ -36,6 +36,7 @@ class CompetitionSettings:
     n_contexts: int = 4
     context_tokens: int = 12
     n_clusters: int = 10
+    dense_freq: float = 0.1  # latents firing on more than this fraction of tokens are left out of the graph/lists
     dataset: str | None = None  # None: the run's held-out split (from cfg.json)
     context_size: int | None = None
     eval_tokens: int | None = None
@@ -54,6 +55,8 @@ def _validate(s: CompetitionSettings) -> None:
         raise EvalError(f"taus: expected a non-empty list of thresholds in [0, 1], got {s.taus!r}")
     if not 0 <= s.reference_tau <= 1:
         raise EvalError(f"reference_tau: expected a threshold in [0, 1], got {s.reference_tau!r}")
+    if not 0 < s.dense_freq <= 1:
+        raise EvalError(f"dense_freq: expected a firing fraction in (0, 1], got {s.dense_freq!r}")
     for name in ("min_cofirings", "n_top_pairs", "n_context_pairs", "n_contexts", "context_tokens", "n_clusters"):
         if getattr(s, name) < 0:
             raise EvalError(f"{name}: expected a non-negative integer, got {getattr(s, name)!r}")
@@ -104,13 +107,20 @@ def analyse(sae, cache, settings: CompetitionSettings, row_tokens=None, tokenize
     i_P, j_P = stats.pairs()
     score_P = stats.scores()
     cofire_P = (stats.pair_rates * n_tokens).round().long()
-    edges = score_P > settings.reference_tau
+    competing = score_P > settings.reference_tau
+    # a dense latent co-fires with nearly everything, so every rarer latent "competes" with it (s = 1): such pairs
+    # are counted, but left out of the graph and the listed pairs, which would otherwise show only them
+    freq = stats.freq_F
+    dense = freq > settings.dense_freq
+    with_dense = dense[i_P] | dense[j_P]
+    edges = competing & ~with_dense
     graph = _graph(i_P[edges].numpy(), j_P[edges].numpy(), sae.cfg.d_sae, settings.n_clusters)
+    graph["dense_latents"] = int(dense.sum())
+    graph["competing_pairs_with_dense_latent"] = int((competing & with_dense).sum())
     solid = edges & (cofire_P >= settings.min_cofirings)
     order = torch.argsort(score_P[solid] * 1e6 + cofire_P[solid].float(), descending=True)[: settings.n_top_pairs]
     top_i, top_j = i_P[solid][order], j_P[solid][order]
     cos2_top = pair_cos2_values(sae.W_dec, top_i, top_j)
-    freq = stats.freq_F
     top_pairs = [{"latent_i": int(i), "latent_j": int(j), "score": float(s), "cofirings": int(c),
                   "freq_i": float(freq[i]), "freq_j": float(freq[j]), "cos2": float(c2)}
                  for i, j, s, c, c2 in zip(top_i, top_j, score_P[solid][order], cofire_P[solid][order], cos2_top)]
