@@ -135,3 +135,29 @@ def test_smoke_on_the_real_model(real_model, tmp_path):
         SMOKE.multipliers)
     assert u["shortcut_max_abs_diff_nats"] < 1e-3
     assert 1.0 < u["baseline_loss"]["forget"] < 6.0  # real weights, ordinary text
+
+
+def test_selection_and_scoring_texts_are_disjoint_and_scoring_text_is_held_out():
+    from saelib.corpus import split_of
+    from saelib.evals.unlearning import proxy_texts
+
+    texts = proxy_texts(UnlearningSettings())
+    assert len(texts["forget_score"]) >= 30 and len(texts["retain_score"]) >= 1000
+    for side in ("forget", "retain"):
+        assert not set(texts[f"{side}_select"]) & set(texts[f"{side}_score"])
+        assert all(split_of(t) == "eval" for t in texts[f"{side}_score"])  # never in the SAE's training split
+    assert not set(texts["forget_score"]) & set(texts["retain_score"])
+
+
+def test_sae_bench_reads_the_forget_corpus_through_a_link_and_the_cwd_is_restored(tmp_path):
+    import os
+
+    from saelib.evals.unlearning import _sae_bench_data_layout
+
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text('{"text": "x"}\n')
+    cwd = os.getcwd()
+    with _sae_bench_data_layout(corpus, tmp_path / "art"):
+        # the CWD-relative path sae_bench's feature_activation.get_forget_retain_data opens
+        assert open("./sae_bench/evals/unlearning/data/bio-forget-corpus.jsonl").read() == '{"text": "x"}\n'
+    assert os.getcwd() == cwd

@@ -97,9 +97,9 @@ class UnlearningSettings:
     forget_set: str = "101_disease_class"
     retain_exclude: tuple[str, ...] = BIOMEDICAL_SETS
     context_size: int = 128
-    select_tokens: int = 32_768
-    """Non-special tokens per side (forget / retain) for the activation frequencies."""
-    score_tokens: int = 1_024
+    select_tokens: int = 16_384
+    """Tokens per side (forget / retain) for the activation frequencies (packed rows, BOS masked)."""
+    score_tokens: int = 768
     """Scored next-token targets per side (held-out forget / retain text), one document per row."""
     min_doc_tokens: int = 32
     retain_tolerance: float = 0.01
@@ -292,23 +292,29 @@ def proxy_texts(settings: UnlearningSettings) -> dict[str, list[str]]:
     return out
 
 
-def _rows(tokenizer, texts: list[str], ctx: int, min_tokens: int, budget: int, all_chunks: bool,
-          what: str) -> torch.Tensor:
-    """Rows ``[BOS, doc tokens…, PAD…]`` of length ``ctx``: every chunk of ``ctx - 1`` tokens of each document
-    (``all_chunks``) or only its first chunk, chunks shorter than ``min_tokens`` dropped, until ``budget`` document
-    tokens are collected (or the texts run out)."""
+def _packed_rows(tokenizer, texts: list[str], ctx: int, budget: int) -> torch.Tensor:
+    """Selection rows packed like the SAE's training sequences (BOS first and between documents, as
+    ``saelib.corpus`` does), enough for ``budget`` tokens; special positions are masked later, as sae_bench does."""
+    from saelib.corpus import _tokenize
+
+    rows = _tokenize(tokenizer, iter(texts), math.ceil(budget / (ctx - 1)), ctx)
+    if len(rows) == 0:
+        raise EvalError("forget_set: no selection text (its train split is empty)")
+    return torch.from_numpy(rows.astype(np.int64))
+
+
+def _rows(tokenizer, texts: list[str], ctx: int, min_tokens: int, budget: int, what: str) -> torch.Tensor:
+    """Scoring rows ``[BOS, first ctx-1 tokens of one document, PAD…]`` (documents shorter than ``min_tokens``
+    skipped) until ``budget`` document tokens are collected or the texts run out. One document per row: no
+    document boundary inside a row, and rows are independent samples for the standard errors."""
     bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
     rows, total = [], 0
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        chunks = [ids[i:i + ctx - 1] for i in range(0, len(ids), ctx - 1)] if all_chunks else [ids[:ctx - 1]]
-        for chunk in chunks:
-            if len(chunk) < min_tokens:
-                continue
-            rows.append([bos, *chunk] + [pad] * (ctx - 1 - len(chunk)))
-            total += len(chunk)
-            if total >= budget:
-                return torch.tensor(rows, dtype=torch.long)
+        chunk = tokenizer(text, add_special_tokens=False)["input_ids"][:ctx - 1]
+        if len(chunk) < min_tokens:
+            continue
+        rows.append([bos, *chunk] + [pad] * (ctx - 1 - len(chunk)))
+        total += len(chunk)
         if total >= budget:
             break
     if not rows:
@@ -409,16 +415,16 @@ def lm_side(model, settings: UnlearningSettings, hook: str, start: int, artifact
     with exclusive_lock(path.with_suffix(".lock")):
         if path.exists():
             return torch.load(path, weights_only=True)
-        start_time = time.time()
+        start_time, cpu0 = time.time(), time.process_time()
         texts = proxy_texts(settings)
         ctx, mn, batch = settings.context_size, settings.min_doc_tokens, settings.lm_batch_size
         data: dict[str, Any] = {"key": json.dumps(key, sort_keys=True)}
         for side in ("forget", "retain"):
-            rows = _rows(tok, texts[f"{side}_select"], ctx, mn, settings.select_tokens, True, f"{side} selection")
+            rows = _packed_rows(tok, texts[f"{side}_select"], ctx, settings.select_tokens)
             resid = _hook_resid(model, rows, hook, start, batch, f"{side} selection")
             data[f"{side}_select"] = resid[_valid_mask(rows, tok)].contiguous()  # BOS/PAD/EOS out, as sae_bench
         for side in ("forget", "retain"):
-            rows = _rows(tok, texts[f"{side}_score"], ctx, mn, settings.score_tokens, False, f"{side} scoring")
+            rows = _rows(tok, texts[f"{side}_score"], ctx, mn, settings.score_tokens, f"{side} scoring")
             data[f"{side}_score"] = _score_side(model, rows, hook, start, batch, f"{side} scoring")
         data["shortcut_max_abs_diff"] = _shortcut_check(model, data["forget_score"], start)
         if not data["shortcut_max_abs_diff"] < 1e-3:
@@ -426,6 +432,7 @@ def lm_side(model, settings: UnlearningSettings, hook: str, start: int, artifact
                                f"{data['shortcut_max_abs_diff']:.3g} nats")
         data["n_docs"] = {k: len(v) for k, v in texts.items()}
         data["lm_side_seconds"] = time.time() - start_time
+        data["lm_side_cpu_seconds"] = time.process_time() - cpu0
         tmp = path.with_name(path.name + ".tmp")
         torch.save(data, tmp)
         tmp.replace(path)
@@ -465,11 +472,17 @@ def _clamped_rise(model, sae, side: dict, acts: torch.Tensor, features: np.ndarr
         idx = touched[i:i + batch]
         r = resid[idx].to(sae.device, sae.dtype)
         new = anthropic_clamp_resid_SAE_features(r, None, sae, features, multiplier=multiplier)
-        f = fires[idx].to(r.device)
+        # where the hook clamped: the same encode of the same batch it did (not the full-tensor encode above,
+        # which may round differently), at real (non-pad) positions after BOS
+        f = (sae.encode(r)[:, :, torch.as_tensor(features)] > 0).any(-1)
+        f[:, 0] = False
+        f &= (tokens[idx] != model.tokenizer.pad_token_id).to(r.device)
+        if not f.any():
+            continue
         new = torch.where(f[..., None], new, r)  # untouched positions stay bit-identical
         first = f.float().argmax(1)  # first changed position per row
         pos = torch.arange(mask.shape[1])
-        m = mask[idx] & (pos[None, :] >= first[:, None].cpu())
+        m = mask[idx] & (pos[None, :] >= first[:, None].cpu()) & f.any(1)[:, None].cpu()
         new_loss = tail_token_losses(model, new.to(resid.dtype), tokens[idx], start, m)
         diff = torch.zeros(m.shape, dtype=torch.float64)
         diff[m] = new_loss.double() - base[idx][m].double()
@@ -505,7 +518,7 @@ def _run_proxy(sae, model, settings: UnlearningSettings, artifacts_dir: Path) ->
         raise EvalError(f"sae hook: {hook!r} is beyond the model's {model.cfg.n_layers} layers")
     torch.manual_seed(settings.seed)
     lm = lm_side(model, settings, hook, start, artifacts_dir)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     with torch.no_grad():
         forget_freq = activation_frequency(sae, lm["forget_select"])
         retain_freq = activation_frequency(sae, lm["retain_select"])
@@ -544,7 +557,7 @@ def _run_proxy(sae, model, settings: UnlearningSettings, artifacts_dir: Path) ->
     admissible = [row for row in table if row["admissible"]]
     best = max(admissible, key=lambda row: row["score"]) if admissible else None
     headline = max(0.0, best["score"]) if best else 0.0
-    per_sae_s = time.time() - t0
+    per_sae_s, per_sae_cpu = time.time() - t0, time.process_time() - cpu0
 
     fired = acts["forget"][:, 1:][acts["forget"][:, 1:] > 0]  # typical clamp scale: active values off BOS
     config = UnlearningEvalConfig(
@@ -553,7 +566,7 @@ def _run_proxy(sae, model, settings: UnlearningSettings, artifacts_dir: Path) ->
                        "proxy-retain:saelib-offline corpus (held-out eval split, other sources)"],
         intervention_method="clamp_feature_activation", retain_thresholds=list(settings.retain_thresholds),
         n_features_list=list(settings.n_features_list), multipliers=list(settings.multipliers),
-        dataset_size=int(len(lm["forget_select"])), seq_len=settings.context_size,
+        dataset_size=math.ceil(settings.select_tokens / (settings.context_size - 1)), seq_len=settings.context_size,
         n_batch_loss_added=0, target_metric="proxy:next_token_loss_rise", save_metrics=False,
         model_name=model.cfg.model_name, llm_batch_size=settings.lm_batch_size,
         llm_dtype=str(model.cfg.dtype).removeprefix("torch."),
@@ -579,7 +592,9 @@ def _run_proxy(sae, model, settings: UnlearningSettings, artifacts_dir: Path) ->
         "shortcut_max_abs_diff_nats": lm["shortcut_max_abs_diff"],
         "settings_table": table,
         "lm_side_seconds_when_computed": lm["lm_side_seconds"],
+        "lm_side_cpu_seconds_when_computed": lm.get("lm_side_cpu_seconds"),
         "wall_time_s": per_sae_s,
+        "cpu_time_s": per_sae_cpu,
     }
     out = UnlearningEvalOutput(
         eval_type_id=PROXY_EVAL_TYPE_ID, eval_config=config, eval_id=str(uuid.uuid4()),
