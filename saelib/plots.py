@@ -155,3 +155,34 @@ def paired_differences(paired: pd.DataFrame, title: str) -> go.Figure:
     fig.update_layout(title=title, template="plotly_white", height=max(350, 28 * paired["config"].nunique()),
                       width=max(600, 330 * len(metrics)))
     return fig
+
+
+def unlearning_headline(result: dict) -> dict[str, float]:
+    """The proxy's headline: score, its best setting and the loss rises behind it (nats)."""
+    raw = result["eval_result_unstructured"]
+    best = raw.get("best_setting") or {}
+    return {
+        "unlearning_proxy_score (nats)": result["eval_result_metrics"]["unlearning"]["unlearning_score"],
+        "best: retain_threshold": best.get("retain_threshold"), "best: n_features": best.get("n_features"),
+        "best: multiplier": best.get("multiplier"), "best: forget loss rise": best.get("forget_loss_rise"),
+        "best: retain loss rise": best.get("retain_loss_rise"),
+        "retain tolerance (nats)": raw.get("retain_tolerance_nats"),
+        "admissible settings": raw.get("n_admissible"), "settings": raw.get("n_settings"),
+    }
+
+
+def unlearning_curve(result: dict) -> go.Figure:
+    """Proxy score (forget rise − retain rise, ± 1 SE) against the clamp multiplier, one line per
+    (retain threshold, latents); hollow markers are settings whose retain damage exceeds the tolerance."""
+    table = pd.DataFrame(result["eval_result_unstructured"]["settings_table"])
+    fig = go.Figure()
+    for (thr, n), part in table.groupby(["retain_threshold", "n_features"]):
+        part = part.sort_values("multiplier")
+        fig.add_trace(go.Scatter(
+            x=part["multiplier"], y=part["score"], error_y={"type": "data", "array": part["score_se"]},
+            mode="lines+markers", name=f"retain thr {thr:g}, {n} latents",
+            marker={"symbol": ["circle" if a else "circle-open" for a in part["admissible"]], "size": 9}))
+    fig.update_layout(title="unlearning proxy: forget − retain loss rise vs clamp multiplier (hollow: retain "
+                            "damage above tolerance)", xaxis_title="multiplier (clamp to −multiplier)",
+                      yaxis_title="score (nats)", xaxis_type="log", template="plotly_white")
+    return fig
