@@ -25,7 +25,7 @@
 # %% tags=["parameters"]
 params_file = ""  # params/<study>/<run>.yaml: evaluates that run's folder (overrides run_dir)
 run_dir = "runs/smoke/topk"
-evals = ["core", "absorption", "sparse_probing", "unlearning_proxy", "unlearning"]
+evals = ["core", "absorption", "sparse_probing", "unlearning_proxy", "unlearning", "competition"]
 eval_profile = "smoke"  # "smoke" (fast, for CI) or "default" (the measured profile)
 force = False  # re-run evals even when a current result exists
 
@@ -33,6 +33,7 @@ force = False  # re-run evals even when a current result exists
 import logging
 from pathlib import Path
 
+import pandas as pd
 from IPython.display import display
 
 from saelib import plots
@@ -94,8 +95,23 @@ if "sparse_probing" in results:
 
 # %% [markdown]
 # ## Unlearning — offline proxy (not SAEBench's WMDP score)
+# Latents chosen as SAEBench does (fire often on the forget topic — held-in medical abstracts — and rarely on
+# general text), clamped to −multiplier when active; score = rise of next-token loss on held-out medical abstracts
+# minus the rise on held-out general text (nats), over SAEBench's grid, admissible only when the general-text loss
+# rises by at most 1 %. SAEBench's own eval (`unlearning`, WMDP-bio on gemma-2-2b-it) is listed in the status table
+# above with the reason it cannot run here.
 
 # %%
 if "unlearning_proxy" in results:
     display(plots.metrics_table(plots.unlearning_headline(results["unlearning_proxy"])))
     plots.unlearning_curve(results["unlearning_proxy"]).show()
+
+# %% [markdown]
+# ## Feature competition on held-out text
+# Pairs per competition threshold τ and their decoder cos² against co-firing pairs below τ; the strongest pairs
+# and where they fire are in `notebooks/competition.ipynb` across a study.
+
+# %%
+if "competition" in results:
+    per_tau = {k: v for k, v in results["competition"]["eval_result_metrics"].items() if k.startswith("tau_")}
+    display(pd.DataFrame(per_tau).T.round(5))
