@@ -14,17 +14,42 @@ from saelib.competition import CompetitionStats
 from saelib.saes import pair_cos2_values
 
 
+#: At most this many fired-pair events are listed at once (int64 keys: 8 bytes each → 128 MB; the count table holds them all until one fold: ≤ 0.8 GB at MAX_PAIR_EVENTS). TopK with k = 32
+#: lists 496 pairs per token; a ReLU SAE with L0 ≈ 400 lists ≈ 80,000, so its batches must be much smaller.
+PAIR_EVENTS_PER_CHUNK = 16_000_000
+#: Pair events counted in total before the held-out sample is cut short (bounds the count table's memory).
+MAX_PAIR_EVENTS = 100_000_000
+
+
 @torch.no_grad()
 def heldout_competition(sae, cache: ActivationCache, batch_size: int = 4096,
-                        max_pairs: int = 5_000_000) -> CompetitionStats:
+                        max_pairs: int = 5_000_000, max_pair_events: int = MAX_PAIR_EVENTS) -> CompetitionStats:
     """Exact firing and co-firing rates of ``sae``'s latents over the held-out cache (equal weight per token):
-    every batch goes into one window, folded once with decay 0, so the rates are pooled counts ÷ tokens."""
-    n_batches = -(-cache.n_rows // batch_size)
-    stats = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs, window=n_batches)
+    every batch goes into one window, folded once with decay 0, so the rates are pooled counts ÷ tokens.
+
+    Memory is bounded for SAEs with a large L0 (the number of fired pairs grows as L0²): rows are listed in chunks
+    of at most ``PAIR_EVENTS_PER_CHUNK`` pair events, and the sample stops after ``max_pair_events`` events
+    (``stats.n_tokens`` says how many held-out tokens were counted)."""
+    stats = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs, window=10**9)
+    events = 0
+    tokens = 0
     for start in range(0, cache.n_rows, batch_size):
         acts_BF = sae.encode(cache.rows(start, start + batch_size).to(sae.device, sae.dtype))
-        stats.update(acts_BF, k=int((acts_BF > 0).sum(-1).max().clamp_min(1)))
+        l0_B = (acts_BF > 0).sum(-1)
+        k_max = int(l0_B.max().clamp_min(1))
+        rows_per_chunk = max(1, PAIR_EVENTS_PER_CHUNK // max(1, k_max * (k_max - 1) // 2))
+        for lo in range(0, len(acts_BF), rows_per_chunk):
+            chunk = acts_BF[lo: lo + rows_per_chunk]
+            k = int((chunk > 0).sum(-1).max().clamp_min(1))
+            stats.update(chunk, k=k)
+            events += int((l0_B[lo: lo + rows_per_chunk] * (l0_B[lo: lo + rows_per_chunk] - 1) // 2).sum())
+            tokens += len(chunk)
+            if events >= max_pair_events:
+                break
+        if events >= max_pair_events:
+            break
     stats.flush()
+    stats.n_tokens = tokens
     return stats
 
 

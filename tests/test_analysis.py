@@ -29,3 +29,20 @@ def test_competing_cos2_splits_pairs_by_threshold(tiny_cache):
     keep = stats.scores() > 0.5
     expected = (W[i[keep]] * W[j[keep]]).sum(-1).square().mean().item()
     assert abs(high["competing_mean_cos2"] - expected) < 1e-6
+
+
+def test_heldout_competition_bounds_memory_for_large_l0(tiny_cache, monkeypatch):
+    """A dense ReLU-like SAE lists L0² pairs per token: chunks shrink and the sample stops at the event budget,
+    and the rates over the counted tokens equal a direct count on those tokens."""
+    import saelib.analysis as analysis
+
+    sae = tiny_sae(k=64)  # 64 of 128 latents fire: 2,016 pairs per token
+    monkeypatch.setattr(analysis, "PAIR_EVENTS_PER_CHUNK", 10_000)
+    stats = analysis.heldout_competition(sae, tiny_cache, batch_size=500, max_pair_events=600_000)
+    assert 0 < stats.n_tokens < tiny_cache.n_rows
+    with torch.no_grad():
+        fired = (sae.encode(tiny_cache.rows(0, stats.n_tokens)) > 0).double()
+    co = fired.T @ fired / stats.n_tokens
+    i_P, j_P = stats.pairs()
+    assert torch.allclose(stats.pair_rates.double(), co[i_P, j_P], atol=1e-6)
+    assert torch.allclose(stats.freq_F.double(), fired.mean(0), atol=1e-6)

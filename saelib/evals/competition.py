@@ -102,7 +102,7 @@ def analyse(sae, cache, settings: CompetitionSettings, row_tokens=None, tokenize
 
     started = started or time.time()
     stats = heldout_competition(sae, cache)
-    n_tokens = cache.n_rows
+    n_tokens = stats.n_tokens  # may be fewer than cache.n_rows for SAEs with a large L0 (see heldout_competition)
     at_tau = {f"tau_{tau:g}": competing_cos2(sae, stats, tau) for tau in settings.taus}
     i_P, j_P = stats.pairs()
     score_P = stats.scores()
