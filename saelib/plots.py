@@ -81,7 +81,8 @@ def probing_table(result: dict) -> pd.DataFrame:
     rows = []
     for d in result["eval_result_details"]:
         for who in ("llm", "sae"):
-            row = {"task": d["dataset_name"], "source": who, "full": d.get(f"{who}_test_accuracy")}
+            row = {"task": d["dataset_name"].removesuffix("_results"), "source": who,
+                   "full": d.get(f"{who}_test_accuracy")}
             row.update({k: d.get(f"{who}_top_{k}_test_accuracy") for k in PROBING_KS})
             rows.append(row)
     table = pd.DataFrame(rows)
