@@ -2,6 +2,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.saelib-installed
 PARAMS  ?= params/default/topk.yaml
+NOTEBOOKS := notebooks/train.ipynb notebooks/evaluate.ipynb notebooks/compare.ipynb notebooks/competition.ipynb
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -40,7 +41,8 @@ smoke: model
 ## test: unit tests, integration tests on the real model, nbval over every notebook
 test: model
 	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks/*.ipynb
+	# in dependency order: evaluate reads the smoke run that train writes; compare/competition read tests/fixtures/study
+	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not real_model" tests
