@@ -1,7 +1,7 @@
 # saelib: the two commands a newcomer needs are `make run` and `make test` (see README.md).
 PY      := .venv/bin/python
 STAMP   := .venv/.saelib-installed
-PARAMS  ?= params/default/topk.yaml
+PARAMS  ?= params/default/topk_s0.yaml
 NOTEBOOKS := notebooks/train.ipynb notebooks/evaluate.ipynb notebooks/compare.ipynb notebooks/competition.ipynb
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false

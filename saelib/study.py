@@ -1,7 +1,7 @@
 """Execute a notebook for a params file with papermill and render its HTML report (no input cells).
 
-``python -m saelib.study notebooks/train.ipynb params/default/topk.yaml`` → ``runs/default/topk/train.ipynb`` and
-``reports/default/topk.html``. The config is validated before anything is written. This module does not train.
+``python -m saelib.study notebooks/train.ipynb params/default/topk_s0.yaml`` → ``runs/default/topk_s0/train.ipynb`` and
+``reports/default/topk_s0.html``. The config is validated before anything is written. This module does not train.
 """
 
 from __future__ import annotations

@@ -124,10 +124,13 @@ def test_bad_input_names_the_parameter(tiny_text_model, tmp_path, change, name):
 
 @pytest.mark.real_model
 def test_smoke_on_the_real_model(real_model, tmp_path):
-    from sae_lens import SAE
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
 
-    sae = SAE.load_from_disk("runs/default/topk/sae")
-    sae.fold_W_dec_norm()
+    torch.manual_seed(0)  # a random SAE at the real hook: CI has no trained run (the flow, not the score, is tested)
+    meta = SAEMetadata(model_name="gemma-3-270m", hook_name="blocks.8.hook_resid_post", context_size=128,
+                       prepend_bos=True)
+    sae = TopKSAE(TopKSAEConfig(d_in=640, d_sae=512, k=16, metadata=meta))
     result = run_unlearning(sae, real_model, SMOKE, tmp_path)
     TypeAdapter(UnlearningEvalOutput).validate_python(result)
     u = result["eval_result_unstructured"]
