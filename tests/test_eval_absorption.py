@@ -2,7 +2,6 @@
 and clear errors for bad settings."""
 
 import copy
-import random
 from dataclasses import replace
 
 import pandas as pd
@@ -14,7 +13,7 @@ from sae_lens import TopKSAE, TopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
 import saelib.evals.absorption as absorption
-from saelib.evals.absorption import AbsorptionSettings, run_absorption, vocab_sample
+from saelib.evals.absorption import AbsorptionSettings, first_letter, probe_split, run_absorption, vocab_sample
 from saelib.evals.common import EvalError, EvalUnavailable
 from tests.test_evals import tiny_sae as _tiny_topk
 
@@ -89,21 +88,10 @@ def test_stop_at_layer_proxy_gives_the_full_model_activations(tiny_text_model):
 SEED = 42
 N_WORDS = 600
 ABSORBED_PER_LETTER = 4
-CRAFTED = AbsorptionSettings(vocab_sample_size=N_WORDS, seed=SEED, probe_num_epochs=20, k_sparse_probe_num_epochs=20,
+SCALE = 10.0  # residual-stream scale: sae_bench's probe (Adam, lr 1e-2 decaying) needs inputs well above unit norm
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+CRAFTED = AbsorptionSettings(vocab_sample_size=N_WORDS, seed=SEED, k_sparse_probe_num_epochs=20,
                              max_k_value=3, llm_batch_size=32)  # sae_bench's own gate: F1 > 0.6 for >= 20 letters
-
-
-def _test_words(words):
-    """sae_bench's probe split (create_dataset_probe_training: random.sample, first 80 % train) under the seed."""
-    rng_state = random.getstate()
-    random.seed(SEED)
-    shuffled = random.sample(words, len(words))
-    random.setstate(rng_state)
-    return shuffled[int(0.8 * len(words)):]
-
-
-def _letter(word):
-    return word.strip()[0].lower()
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +108,11 @@ def crafted(tiny_text_model):
     d = model.cfg.d_model
     basis = torch.linalg.qr(torch.randn(d, d))[0]  # orthonormal columns
     u = basis[:, :26].T  # letter directions
-    words = vocab_sample(model.tokenizer, N_WORDS, SEED)
-    test = _test_words(words)
-    counts = pd.Series([_letter(w) for w in test]).value_counts()
+    words = vocab_sample(model.tokenizer, N_WORDS, SEED, CRAFTED.min_words_per_letter, CRAFTED)
+    test = probe_split(words, CRAFTED)[1]
+    counts = pd.Series([first_letter(w) for w in test]).value_counts()
     letters = list(counts.index[:5])  # the five letters with the most test words
-    absorbed = [w for c in letters for w in [w for w in test if _letter(w) == c][:ABSORBED_PER_LETTER]]
+    absorbed = [w for c in letters for w in [w for w in test if first_letter(w) == c][:ABSORBED_PER_LETTER]]
     v = basis[:, 26:26 + len(absorbed)].T
     with torch.no_grad():
         for block in model.blocks:
@@ -133,10 +121,10 @@ def crafted(tiny_text_model):
         model.pos_embed.W_pos.zero_()
         for w in words:
             (tok,) = model.tokenizer(w, add_special_tokens=False)["input_ids"]
-            model.embed.W_E[tok] = u["abcdefghijklmnopqrstuvwxyz".index(_letter(w))] + 0.05 * torch.randn(d)
+            model.embed.W_E[tok] = SCALE * (u[LETTERS.index(first_letter(w))] + 0.05 * torch.randn(d))
         for m, w in enumerate(absorbed):
             (tok,) = model.tokenizer(w, add_special_tokens=False)["input_ids"]
-            model.embed.W_E[tok] += v[m]
+            model.embed.W_E[tok] += SCALE * v[m]
     return model, u, v, absorbed, letters
 
 
@@ -155,7 +143,7 @@ def _crafted_sae(u, v, absorbed, absorbing: bool):
         sae.W_dec[:26] = u
         sae.W_enc[:, :26] = u.T
         for m, w in enumerate(absorbed):
-            u_l = u["abcdefghijklmnopqrstuvwxyz".index(_letter(w))]
+            u_l = u[LETTERS.index(first_letter(w))]
             if absorbing:  # fires instead of the letter latent on this word, and carries the letter direction
                 direction = (u_l + v[m]) / 2 ** 0.5
                 sae.W_enc[:, 26 + m] = direction
