@@ -208,3 +208,22 @@ def test_too_few_letters_is_unavailable_with_the_count(tiny_text_model, tmp_path
     with pytest.raises(EvalUnavailable, match="of 26 first-letter probes reach F1 > 0.99"):
         run_absorption(tiny_sae(), tiny_text_model, replace(TINY, min_GT_probe_f1=0.99, min_feats_for_eval=20),
                        tmp_path)
+
+
+def test_absorbing_pairs_name_main_and_absorbing_latents():
+    import pandas as pd
+
+    from saelib.evals.absorption import absorbing_pairs
+
+    raw = pd.DataFrame([
+        {"letter": "a", "token": " apple", "split_feats": [3], "top_projection_feat": 7, "absorption_fraction": 0.9,
+         "is_full_absorption": True},
+        {"letter": "a", "token": " ant", "split_feats": [3], "top_projection_feat": 3, "absorption_fraction": 0.0,
+         "is_full_absorption": False},  # no absorption: no pair
+        {"letter": "b", "token": " bee", "split_feats": [4, 5], "top_projection_feat": 9, "absorption_fraction": 0.4,
+         "is_full_absorption": False},
+    ])
+    pairs = absorbing_pairs(raw)
+    assert [(p["main_latent"], p["absorbing_latent"]) for p in pairs] == [(3, 7), (4, 9), (5, 9)]
+    assert pairs[0]["is_full_absorption"] and not pairs[1]["is_full_absorption"]
+    assert absorbing_pairs(raw, limit=2) == pairs[:2]

@@ -571,6 +571,7 @@ def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path
         for _, row in k_sparse.iterrows()
     }
     unstructured = {
+        "absorbing_pairs": absorbing_pairs(raw),
         "saelib_settings": asdict(s), "hook_name": hook, "n_alpha_tokens": report["key"]["n_alpha_tokens"],
         "n_alpha_tokens_dropped_multi_token": _alpha(model.tokenizer, s.prompt_template)[1],
         "vocab_words_sha1": report["words_sha1"],
@@ -600,3 +601,26 @@ def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path
     result = json.loads(out.to_json())
     TypeAdapter(AbsorptionEvalOutput).validate_python(result)
     return result
+
+
+def absorbing_pairs(raw: pd.DataFrame, limit: int = 1000) -> list[dict]:
+    """(main latent, absorbing latent) pairs from sae_bench's per-word absorption rows: on a word where absorption
+    happened, the latent with the largest probe projection that is not one of the letter's main (split) latents
+    absorbed from each main latent. Read by the competition eval (were such pairs competing?)."""
+    pairs = []
+    if raw is None or not len(raw):
+        return pairs
+    for _, row in raw.iterrows():
+        if not row.get("absorption_fraction", 0) > 0:
+            continue
+        main = [int(i) for i in row["split_feats"]]
+        absorbing = int(row["top_projection_feat"])
+        if absorbing in main:
+            continue
+        for latent in main:
+            pairs.append({"letter": row["letter"], "token": str(row["token"]), "main_latent": latent,
+                          "absorbing_latent": absorbing, "absorption_fraction": float(row["absorption_fraction"]),
+                          "is_full_absorption": bool(row["is_full_absorption"])})
+            if len(pairs) >= limit:
+                return pairs
+    return pairs
