@@ -97,3 +97,14 @@ def test_a_model_without_the_sae_hook_is_an_error(fake_evals, tiny_model, tmp_pa
     sae.save_model(run / "sae")
     with pytest.raises(EvalError, match="model: expected a model with hook blocks.7.hook_resid_post"):
         evaluate_run(run, tiny_model, ["fake"])
+
+
+def test_a_result_that_reads_another_is_redone_when_that_one_changes(fake_evals, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(suite.DEPENDS_ON, "fake", "upstream")
+    monkeypatch.setitem(suite.EVALS, "upstream", suite.EvalSpec("tests.test_eval_suite", "FakeSettings", "run_fake"))
+    run = make_run(tmp_path)
+    evaluate_run(run, tiny_model, ["fake"])
+    assert evaluate_run(run, tiny_model, ["fake"]).loc[0, "status"] == "reused"
+    status = evaluate_run(run, tiny_model, ["upstream", "fake"]).set_index("eval")["status"]
+    assert status["upstream"] == "done" and status["fake"] == "done"  # upstream appeared within the same call
+    assert evaluate_run(run, tiny_model, ["upstream", "fake"])["status"].tolist() == ["reused", "reused"]

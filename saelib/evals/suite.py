@@ -95,18 +95,33 @@ def evaluate_run(run_dir: Path, model, evals=tuple(EVALS), settings: dict[str, A
         resolved = _resolve_settings(name, settings.get(name), smoke)
         if hasattr(resolved, "resolved"):  # settings that default to the run's own held-out split
             resolved = resolved.resolved(run_dir)
-        settings_json = common.settings_dict(resolved)
         path = common.result_path(run_dir, name)
-        current = None if force else common.stored_result(path, fingerprint, settings_json)
-        plan[name] = (resolved, settings_json, path, current)
+        if not force:  # another SAE's file is an error before anything runs
+            common.stored_result(path, fingerprint, _inputs(name, resolved, run_dir))
+        plan[name] = (resolved, path)
     rows = []
-    for name, (resolved, settings_json, path, current) in plan.items():
+    for name, (resolved, path) in plan.items():
+        settings_json = _inputs(name, resolved, run_dir)  # read now: an earlier eval of this call may change it
+        current = None if force else common.stored_result(path, fingerprint, settings_json)
         if current is not None:
             rows.append({"eval": name, "status": "reused", "wall_time_s": 0.0,
                          "message": "a result for this SAE and settings exists", "path": str(path)})
             continue
         rows.append(_run_one(name, run_dir, sae, model, fingerprint, resolved, settings_json, path, artifacts))
     return pd.DataFrame(rows)
+
+
+#: evals whose result also depends on another eval's result in the same run folder
+DEPENDS_ON = {"competition": "absorption"}
+
+
+def _inputs(name: str, settings, run_dir: Path) -> dict[str, Any]:
+    """What a stored result must match to be reused: the settings, plus the id of any result it reads."""
+    inputs = common.settings_dict(settings)
+    upstream = DEPENDS_ON.get(name)
+    if upstream and common.result_path(run_dir, upstream).exists():
+        inputs[f"{upstream}_eval_id"] = io.read_json(common.result_path(run_dir, upstream)).get("eval_id")
+    return inputs
 
 
 def _fold_decoder_norms(sae) -> None:
