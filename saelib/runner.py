@@ -205,6 +205,10 @@ def run_study(study_params: Path, settings: RunnerSettings) -> pd.DataFrame:
     for nb in map(Path, settings.study_notebooks):
         if todo or not (REPORTS_DIR / study / f"{nb.stem}.html").exists():
             log.info("report: %s", run_study_notebook(nb, runs[0].cfg.run_dir.parent, study))
+    if todo or not (REPORTS_DIR / study / "index.html").exists():
+        from saelib.reports import build_index
+
+        log.info("index: %s", build_index(study, runs[0].cfg.run_dir.parent, REPORTS_DIR))
     return summary
 
 
