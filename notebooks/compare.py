@@ -25,17 +25,15 @@ study_dir = "tests/fixtures/study"
 baseline = "topk"
 
 # %%
-from pathlib import Path
-
 import pandas as pd
 from IPython.display import Markdown, display
 
-from saelib import plots
+from saelib import io, plots
 from saelib.evals.results import HEADLINE, study_results, wide
 from saelib.stats import paired_vs_baseline, summarise
 
 plots.use_report_renderer()
-results = study_results(Path(study_dir))
+results = study_results(io.repo_path(study_dir))
 if results.empty:
     raise ValueError(f"study_dir: {study_dir} holds no eval results; run the study first (make study)")
 names = {key: name for key, (name, _) in HEADLINE.items()}

@@ -27,19 +27,17 @@ study_dir = "tests/fixtures/study"
 contrast = ["topk", "sgo_t0.02_l0.02"]  # configurations to set side by side (seed 0 where details are shown)
 
 # %%
-from pathlib import Path
-
 import pandas as pd
 import plotly.graph_objects as go
 from IPython.display import display
 
-from saelib import plots
+from saelib import io, plots
 from saelib.evals.results import study_results
 from saelib.evals.suite import run_results
 from saelib.stats import summarise
 
 plots.use_report_renderer()
-study = Path(study_dir)
+study = io.repo_path(study_dir)
 results = study_results(study)
 competition = results[results["eval"] == "competition"]
 if competition.empty:

@@ -104,3 +104,13 @@ def study_metrics(study_dir: Path) -> pd.DataFrame:
                      "tau": cfg.get("competition_threshold"), "lambda": cfg.get("orth_pen"), "seed": cfg["seed"],
                      **read_json(run_dir / METRICS_FILE)})
     return pd.DataFrame(rows)
+
+
+def repo_path(path: str | Path) -> Path:
+    """``path`` as given if it exists (or is absolute), else relative to the repository root when it exists there:
+    notebooks run with their own folder as working directory under nbval and from the root under papermill."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    alt = Path(__file__).resolve().parents[1] / p
+    return alt if alt.exists() else p

@@ -28,3 +28,11 @@ def test_makefile_runs_every_notebook_under_nbval():
     listed = re.search(r"^NOTEBOOKS := (.*)$", Path("Makefile").read_text(), re.M).group(1).split()
     assert sorted(listed) == sorted(str(p.with_suffix(".ipynb")) for p in NOTEBOOKS)
     assert listed.index("notebooks/train.ipynb") < listed.index("notebooks/evaluate.ipynb")
+
+
+def test_repo_path_finds_repository_files_from_another_folder(tmp_path, monkeypatch):
+    from saelib.io import repo_path
+
+    monkeypatch.chdir(tmp_path)
+    assert repo_path("tests/fixtures/study").is_dir()
+    assert repo_path("nowhere/at/all") == Path("nowhere/at/all")
