@@ -76,7 +76,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from saelib.evals.common import EvalError, EvalUnavailable
+from saelib.evals.common import EvalError, EvalUnavailable, provenance
 
 log = logging.getLogger(__name__)
 
@@ -594,9 +594,7 @@ def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path
             std_dev_num_split_features=float(statistics.stdev(n_split)),
         )),
         eval_result_details=details, eval_result_unstructured=unstructured,
-        sae_bench_commit_hash=f"sae-bench=={version('sae_bench')}", sae_lens_id="saelib",
-        sae_lens_release_id="saelib", sae_lens_version=version("sae_lens"),
-        sae_cfg_dict=json.loads(json.dumps(sae.cfg.to_dict(), default=str)),
+        **provenance(sae),
     )
     result = json.loads(out.to_json())
     TypeAdapter(AbsorptionEvalOutput).validate_python(result)

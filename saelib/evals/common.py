@@ -105,3 +105,24 @@ def write_result(path: Path, result: dict, fingerprint: str, settings: dict[str,
     path.parent.mkdir(parents=True, exist_ok=True)
     io.write_json_atomic(path, result)
     return result
+
+
+def provenance(sae) -> dict[str, Any]:
+    """The SAEBench output fields that say what produced a result (shared by every saelib eval)."""
+    from importlib.metadata import version
+
+    return {"sae_bench_commit_hash": f"sae-bench=={version('sae_bench')}", "sae_lens_id": "saelib",
+            "sae_lens_release_id": "saelib", "sae_lens_version": version("sae_lens"),
+            "sae_cfg_dict": json.loads(json.dumps(sae.cfg.to_dict(), default=str))}
+
+
+def heldout_split(sae, model, dataset: str, context_size: int, eval_tokens: int, eval_ce_tokens: int = 0):
+    """(activation cache, token sequences) of the held-out split at the SAE's hook: the study's shared eval cache."""
+    from types import SimpleNamespace
+
+    from saelib.activations import cache_for_config, split_tokens
+
+    cfg = SimpleNamespace(model_name=sae.cfg.metadata.model_name, hook_name=sae.cfg.metadata.hook_name,
+                          dataset=dataset, context_size=context_size, eval_tokens=eval_tokens,
+                          eval_ce_tokens=eval_ce_tokens, cache_tokens=eval_tokens, dtype="float32")
+    return cache_for_config(cfg, model, "eval"), split_tokens(cfg, model, "eval")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from saelib import io
-from saelib.evals.common import EvalError
+from saelib.evals.common import EvalError, heldout_split
 
 EVAL_TYPE_ID = "saelib_competition"
 
@@ -65,20 +65,14 @@ def _validate(s: CompetitionSettings) -> None:
 def run_competition(sae, model, settings: CompetitionSettings, artifacts_dir: Path | None = None,
                     run_dir: Path | None = None) -> dict[str, Any]:
     """The competition analysis of ``sae`` on the held-out split named by (resolved) ``settings``."""
-    from types import SimpleNamespace
-
-    from saelib.activations import cache_for_config, special_token_ids, split_tokens
+    from saelib.activations import special_token_ids
 
     _validate(settings)
     if None in (settings.dataset, settings.context_size, settings.eval_tokens):
         raise EvalError("settings: expected CompetitionSettings resolved against a run (.resolved(run_dir))")
-    cfg = SimpleNamespace(model_name=sae.cfg.metadata.model_name, hook_name=sae.cfg.metadata.hook_name,
-                          dataset=settings.dataset, context_size=settings.context_size,
-                          eval_tokens=settings.eval_tokens, eval_ce_tokens=0, cache_tokens=settings.eval_tokens,
-                          dtype="float32")
     start = time.time()
-    cache = cache_for_config(cfg, model, "eval")
-    row_tokens = _row_token_positions(split_tokens(cfg, model, "eval"), special_token_ids(model), cache.n_rows)
+    cache, tokens_NS = heldout_split(sae, model, settings.dataset, settings.context_size, settings.eval_tokens)
+    row_tokens = _row_token_positions(tokens_NS, special_token_ids(model), cache.n_rows)
     absorption = None
     if run_dir is not None and (Path(run_dir) / "evals" / "absorption.json").exists():
         absorption = io.read_json(Path(run_dir) / "evals" / "absorption.json")

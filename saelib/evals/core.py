@@ -14,7 +14,6 @@ import logging
 import math
 import time
 import uuid
-from importlib.metadata import version
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from saelib import io
 from saelib.activations import ActivationCache
-from saelib.evals.common import EVALS_DIR, EvalError
+from saelib.evals.common import EVALS_DIR, EvalError, heldout_split, provenance
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +148,8 @@ def _core_output(cfg, scalars: dict, details: list, sae, unstructured: dict):
     return CoreEvalOutput(
         eval_config=cfg, eval_id=str(uuid.uuid4()), datetime_epoch_millis=int(time.time() * 1000),
         eval_result_metrics=metrics, eval_result_details=details, eval_result_unstructured=unstructured,
-        sae_bench_commit_hash=f"sae-bench=={version('sae_bench')}", sae_lens_id="saelib",
-        sae_lens_release_id="saelib", sae_lens_version=version("sae_lens"), sae_cfg_dict=_jsonable_cfg(sae),
+        **provenance(sae),
     )
-
-
-def _jsonable_cfg(sae) -> dict:
-    cfg = sae.cfg.to_dict()
-    return json.loads(json.dumps(cfg, default=str))
 
 
 def headline_metrics(core_result: dict) -> dict[str, float]:
@@ -217,19 +210,12 @@ SMOKE = CoreSettings(eval_tokens=4_096, eval_ce_tokens=1_024)
 
 def run_core_eval(sae, model, settings: CoreSettings, artifacts_dir: Path | None = None) -> dict[str, Any]:
     """Core eval on the held-out split given by (resolved) ``settings``; the SAEBench JSON as a dict."""
-    from types import SimpleNamespace
-
-    from saelib.activations import cache_for_config, special_token_ids, split_tokens
+    from saelib.activations import special_token_ids
 
     if None in (settings.dataset, settings.context_size, settings.eval_tokens, settings.eval_ce_tokens):
         raise EvalError("settings: expected CoreSettings resolved against a run (CoreSettings.resolved(run_dir))")
-    cfg = SimpleNamespace(
-        model_name=sae.cfg.metadata.model_name, hook_name=sae.cfg.metadata.hook_name, dataset=settings.dataset,
-        context_size=settings.context_size, eval_tokens=settings.eval_tokens, eval_ce_tokens=settings.eval_ce_tokens,
-        cache_tokens=settings.eval_tokens, dtype="float32",
-    )
-    eval_cache = cache_for_config(cfg, model, "eval")
-    tokens_NS = split_tokens(cfg, model, "eval")
+    eval_cache, tokens_NS = heldout_split(sae, model, settings.dataset, settings.context_size, settings.eval_tokens,
+                                          settings.eval_ce_tokens)
     return run_core(sae, model, tokens_NS, eval_cache, special_token_ids(model), settings.eval_ce_tokens,
                     batch_size_prompts=settings.batch_size_prompts)
 

@@ -79,7 +79,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelib import io
-from saelib.evals.common import EvalError, EvalUnavailable
+from saelib.evals.common import EvalError, EvalUnavailable, provenance
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +485,6 @@ def run_sparse_probing(sae, model, settings: SparseProbingSettings, artifacts_di
     )
     from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
 
-    from saelib.evals.core import _jsonable_cfg
 
     start = time.time()
     names = _validate(settings, sae, model)
@@ -537,8 +536,7 @@ def run_sparse_probing(sae, model, settings: SparseProbingSettings, artifacts_di
         eval_result_details=[SparseProbingResultDetail(dataset_name=name, **result)
                              for name, result in results.items() if isinstance(result, dict)],
         eval_result_unstructured=unstructured,
-        sae_bench_commit_hash=f"sae-bench=={version('sae_bench')}", sae_lens_id="saelib",
-        sae_lens_release_id="saelib", sae_lens_version=version("sae_lens"), sae_cfg_dict=_jsonable_cfg(sae),
+        **provenance(sae),
     )
     result = json.loads(output.to_json())
     TypeAdapter(SparseProbingEvalOutput).validate_python(result)

@@ -59,7 +59,6 @@ import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +66,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelib.evals.common import EvalError, EvalUnavailable
+from saelib.evals.common import EvalError, EvalUnavailable, provenance, sae_fingerprint
 
 MODES = ("proxy", "sae_bench")
 PROXY_EVAL_TYPE_ID = "unlearning_proxy"
@@ -212,7 +211,7 @@ def _run_sae_bench(sae, model, settings: UnlearningSettings, artifacts_dir: Path
         llm_dtype=str(model.cfg.dtype).removeprefix("torch."),
     )
     _, sae, _ = load_and_format_sae("saelib", sae, str(sae.device))
-    sae_name = f"saelib_{_sae_digest(sae)}"
+    sae_name = f"saelib_{sae_fingerprint(sae)}"
     artifacts_folder = (artifacts_dir / "sae_bench_unlearning" / model_name).resolve()
     artifacts_folder.mkdir(parents=True, exist_ok=True)
     random.seed(config.random_seed)
@@ -229,7 +228,7 @@ def _run_sae_bench(sae, model, settings: UnlearningSettings, artifacts_dir: Path
         eval_result_metrics=UnlearningMetricCategories(unlearning=UnlearningMetrics(unlearning_score=score)),
         eval_result_details=[], eval_result_unstructured={"wall_time_s": time.time() - start,
                                                            "saelib_settings": asdict(settings)},
-        **_provenance(sae),
+        **provenance(sae),
     )
     return _validated(out)
 
@@ -600,27 +599,12 @@ def _run_proxy(sae, model, settings: UnlearningSettings, artifacts_dir: Path) ->
         eval_type_id=PROXY_EVAL_TYPE_ID, eval_config=config, eval_id=str(uuid.uuid4()),
         datetime_epoch_millis=int(time.time() * 1000),
         eval_result_metrics=UnlearningMetricCategories(unlearning=UnlearningMetrics(unlearning_score=headline)),
-        eval_result_details=[], eval_result_unstructured=unstructured, **_provenance(sae),
+        eval_result_details=[], eval_result_unstructured=unstructured, **provenance(sae),
     )
     return _validated(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-
-def _sae_digest(sae) -> str:
-    h = hashlib.sha256()
-    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-        h.update(getattr(sae, name).detach().cpu().float().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _provenance(sae) -> dict:
-    from saelib.evals.core import _jsonable_cfg
-
-    return {"sae_bench_commit_hash": f"sae-bench=={version('sae_bench')}", "sae_lens_id": "saelib",
-            "sae_lens_release_id": "saelib", "sae_lens_version": version("sae_lens"),
-            "sae_cfg_dict": _jsonable_cfg(sae)}
-
 
 def _validated(out) -> dict:
     from pydantic import TypeAdapter
