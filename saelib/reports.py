@@ -1,4 +1,4 @@
-"""``reports/<study>/index.html``: links to every HTML report of a study, its headline table and figure.
+"""``reports/<study>/index.html``: links to every HTML report of a study, its answers, headline table and figure.
 
 Built by the study runner after the runs (and by ``python -m saelib.reports <study> [runs_dir]``). Numbers come from
 ``saelib.evals.results.study_results``; nothing is recomputed.
@@ -28,6 +28,12 @@ def build_index(study: str, study_dir: Path, reports_dir: Path = REPORTS_DIR) ->
     if study_pages:
         parts.append("<h2>Study reports</h2><ul>" + "".join(
             f'<li><a href="{p.name}">{p.stem}</a></li>' for p in study_pages) + "</ul>")
+    answers = folder / "answers.md"
+    if answers.exists():  # written by saelib.answers from the same results, just before the index
+        import mistune
+
+        render = mistune.create_markdown(plugins=["table"])
+        parts.append("<h2>Answers</h2>" + render(answers.read_text()))
     results = study_results(study_dir) if Path(study_dir).is_dir() else None
     if results is not None and not results.empty:
         names = {key: name for key, (name, _) in HEADLINE.items()}

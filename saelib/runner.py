@@ -206,7 +206,13 @@ def run_study(study_params: Path, settings: RunnerSettings) -> pd.DataFrame:
         if todo or not (REPORTS_DIR / study / f"{nb.stem}.html").exists():
             log.info("report: %s", run_study_notebook(nb, runs[0].cfg.run_dir.parent, study))
     if todo or not (REPORTS_DIR / study / "index.html").exists():
+        from saelib.answers import write_answers
         from saelib.reports import build_index
+
+        try:
+            log.info("answers: %s", write_answers(study, runs[0].cfg.run_dir.parent, REPORTS_DIR))
+        except ValueError as err:  # no results yet, or no TopK baseline in this study
+            log.info("answers: none (%s)", err)
 
         log.info("index: %s", build_index(study, runs[0].cfg.run_dir.parent, REPORTS_DIR))
     return summary

@@ -1,0 +1,103 @@
+"""The study's written answers: numbers taken from the results, verdicts chosen by the intervals, README block."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from saelib import answers
+from saelib.evals.results import COLUMNS
+from saelib.stats import mean_ci, paired_vs_baseline
+
+FIXTURE = Path(__file__).parent / "fixtures" / "study"
+
+
+def _rows(config, arch, tau, lam, values_by_seed, key):
+    ev, metric = key.split("/", 1)
+    return [{"run": f"{config}_s{s}", "config": config, "architecture": arch, "tau": tau, "lambda": lam, "seed": s,
+             "eval": ev, "metric": metric, "value": v} for s, v in values_by_seed.items()]
+
+
+def _synthetic(sgo_shift: float, zero_shift: float = 0.0) -> pd.DataFrame:
+    """TopK, an SGO run shifted by ``sgo_shift`` on absorption (lower is better) and the λ = 0 control."""
+    key = "absorption/mean.mean_absorption_fraction_score"
+    base = {0: 0.10, 1: 0.12, 2: 0.11}
+    rows = _rows("topk", "topk", np.nan, np.nan, base, key)
+    rows += _rows("sgo_t0.02_l10", "sgo_topk", 0.02, 10.0, {s: v + sgo_shift + 0.001 * s for s, v in base.items()}, key)
+    rows += _rows("sgo_t0.02_l0", "sgo_topk", 0.02, 0.0, {s: v + zero_shift for s, v in base.items()}, key)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def test_fixture_answers_quote_the_measured_numbers(tmp_path):
+    out = answers.write_answers("fx", FIXTURE, tmp_path, readme=None)
+    text = out.read_text()
+    for question in ("Does the penalty reach the weights?", "beat TopK", "feature-competition patterns",
+                     "competition threshold τ"):
+        assert question in text
+    # TopK's held-out weighted cos² at τ = 0.02, straight from the two runs' JSON
+    values = [json.loads((FIXTURE / r / "evals" / "competition.json").read_text())["eval_result_metrics"]
+              ["tau_0.02"]["competing_weighted_cos2"] for r in ("topk_s0", "topk_s1")]
+    ci = mean_ci(values)
+    assert f"TopK {ci.mean:.3g} [{ci.low:.3g}, {ci.high:.3g}]" in text
+    assert "![paired differences from TopK](headline.png)" in text
+    png = tmp_path / "fx" / "headline.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_absorbing_pairs_match_a_direct_count():
+    table = answers.absorbing_pairs(FIXTURE)
+    assert not table.empty
+    result = json.loads((FIXTURE / "topk_s0" / "evals" / "competition.json").read_text())
+    pairs = pd.DataFrame(result["eval_result_unstructured"]["absorption_vs_competition"])
+    distinct = pairs.drop_duplicates(["main_latent", "absorbing_latent"])
+    row = table[(table["run"] == "topk_s0") & (table["tau"] == 0.02)].iloc[0]
+    assert row["pairs"] == len(distinct)
+    assert row["flagged"] == pytest.approx((distinct["score"] > 0.02).mean())
+    t = result["eval_result_metrics"]["tau_0.02"]
+    assert row["base_rate"] == pytest.approx(t["n_competing_pairs"] / t["n_cofiring_pairs"])
+
+
+def test_verdicts_follow_the_intervals():
+    key = "absorption/mean.mean_absorption_fraction_score"
+    metrics = {key: ("absorption (mean fraction)", -1)}
+    better = answers._quality_paragraph(paired_vs_baseline(_synthetic(-0.05), metrics))
+    assert "1 better than TopK, 0 worse" in better and "largest gain SGO (τ 0.02, λ 10)" in better
+    worse = answers._quality_paragraph(paired_vs_baseline(_synthetic(+0.05), metrics))
+    assert "0 better than TopK, 1 worse" in worse
+    null = answers._quality_paragraph(paired_vs_baseline(_synthetic(0.0), metrics))
+    assert "1 no detectable difference" in null  # the λ = 0 control is identical; sgo differs by 0.001·seed only
+
+
+def test_the_lambda_zero_control_is_checked_exactly():
+    key = "absorption/mean.mean_absorption_fraction_score"
+    ok = _synthetic(-0.05)
+    paired = paired_vs_baseline(ok, {key: ("absorption (mean fraction)", -1)})
+    assert "identical, as it must be" in answers._penalty_paragraph(ok, paired)
+    broken = _synthetic(-0.05, zero_shift=1e-6)
+    assert "NOT identical" in answers._penalty_paragraph(broken, paired)
+
+
+def test_readme_block_is_replaced_between_the_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- answers:fx:begin -->\nold\n<!-- answers:fx:end -->\noutro\n")
+    assert answers.replace_block(readme, "fx", "new text\n")
+    assert readme.read_text() == "intro\n<!-- answers:fx:begin -->\nnew text\n<!-- answers:fx:end -->\noutro\n"
+    assert not answers.replace_block(readme, "other", "x")
+    assert "new text" in readme.read_text()
+    answers.write_answers("fx", FIXTURE, tmp_path / "reports", readme=readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "reports/fx/headline.png" in text
+
+
+def test_a_study_without_topk_or_results_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="study_dir"):
+        answers.study_answers("empty", tmp_path)
+    only = tmp_path / "study"
+    for run in ("sgo_t0.02_l0.02_s0",):
+        (only / run).parent.mkdir(parents=True, exist_ok=True)
+        import shutil
+        shutil.copytree(FIXTURE / run, only / run)
+    with pytest.raises(ValueError, match="no `topk` runs"):
+        answers.study_answers("only", only)
