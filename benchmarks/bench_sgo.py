@@ -69,6 +69,8 @@ def time_steps(archs, d_sae, d_in, k, batch, reps, warmup=1):
     for rep in range(warmup + reps):
         x = next(data)
         for arch, trainer in trainers.items():  # interleaved: noise hits every architecture alike
+            if hasattr(trainer.sae, "metrics_due"):  # as saelib.train does with log_every = 10
+                trainer.sae.metrics_due = trainer.n_training_steps % 10 == 0
             start = time.perf_counter()
             trainer.step(x)
             trainer.n_training_steps += 1

@@ -21,6 +21,7 @@
 
 # %% tags=["parameters"]
 params_file = ""  # params/<study>/<run>.yaml: overrides; names the run <study>/<run>
+competition_analysis = True  # held-out competition at this run's τ (a study leaves it to the competition eval)
 study = "smoke"
 run_name = "topk"
 runs_dir = "runs"
@@ -108,5 +109,8 @@ display(plots.metrics_table(metrics))
 # so TopK and SGO are measured alike.
 
 # %%
-competition = competition_for_run(cfg, sae, eval_cache)
-display(plots.metrics_table(competition))
+if competition_analysis:
+    competition = competition_for_run(cfg, sae, eval_cache)
+    display(plots.metrics_table(competition))
+else:
+    print("skipped (competition_analysis=False): the evaluate notebook's competition eval measures every τ")

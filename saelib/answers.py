@@ -126,7 +126,7 @@ def _penalty_paragraph(results: pd.DataFrame, paired_all: pd.DataFrame) -> str:
                          f"{len(diffs)} metric values = {max(diffs):.3g}"
                          + (" — identical, as it must be (the control)." if exact
                             else " — NOT identical: the λ = 0 control is broken."))
-    name = f"cos² (τ {REFERENCE_TAU:g})"
+    name = HEADLINE[PENALTY_METRIC][0]
     rows = paired_all[(paired_all["metric"] == name) & paired_all["config"].map(_is_sgo)]
     if rows.empty:
         lines.append("No held-out competition results for the SGO runs.")
@@ -231,7 +231,7 @@ def headline_figure(paired: pd.DataFrame, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [HEADLINE[k][0] if k in HEADLINE else f"cos² (τ {REFERENCE_TAU:g})" for k in FIGURE_METRICS]
+    names = [HEADLINE[k][0] for k in FIGURE_METRICS]
     names = [n for n in names if n in set(paired["metric"])]
     if not names:
         return None
@@ -268,15 +268,14 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports
         raise ValueError(f"study_dir: {study_dir} holds no eval results; run the study first")
     if "topk" not in set(results["config"]):
         raise ValueError(f"study_dir: {study_dir} has no `topk` runs, the baseline every answer is measured against")
-    metrics = {**QUALITY, PENALTY_METRIC: (f"cos² (τ {REFERENCE_TAU:g})", 0)}
+    metrics = {**QUALITY, PENALTY_METRIC: (HEADLINE[PENALTY_METRIC][0], 0)}
     paired_all = paired_vs_baseline(results, metrics, baseline="topk")
     paired = paired_all[paired_all["metric"].isin([v[0] for v in QUALITY.values()])]
-    figure = headline_figure(paired_all[paired_all["metric"].isin(
-        [HEADLINE[k][0] if k in HEADLINE else metrics[k][0] for k in FIGURE_METRICS])],
+    figure = headline_figure(paired_all[paired_all["metric"].isin([HEADLINE[k][0] for k in FIGURE_METRICS])],
         Path(reports_dir) / study / "headline.png")
-    table = summarise(results, {k: v[0] for k, v in {**HEADLINE, **metrics}.items()}).pivot(
+    table = summarise(results, {k: v[0] for k, v in HEADLINE.items()}).pivot(
         index="config", columns="metric", values="text")
-    order = [v[0] for v in QUALITY.values()] + [metrics[PENALTY_METRIC][0]]
+    order = [v[0] for v in QUALITY.values()] + [HEADLINE[PENALTY_METRIC][0]]
     table = table[[c for c in order if c in table.columns]]
     parts = [
         f"_Study `{study}`: " + _profile_line(study_dir, results) + "_",

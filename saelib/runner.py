@@ -39,11 +39,14 @@ from tqdm.auto import tqdm
 
 from saelib import io
 from saelib.config import ConfigError, RunConfig, build_config
+from saelib.evals.results import SEED_SUFFIX
 
 log = logging.getLogger(__name__)
 
 RUNNER_FILE = "_runner.yaml"
 STAMP_DIR = ".runner"
+BASELINE = "topk"
+"""Runs of this configuration go first within each seed (every comparison is against it)."""
 DEFAULT_NOTEBOOKS = ("notebooks/train.ipynb", "notebooks/evaluate.ipynb")
 #: notebook parameters the runner passes, by notebook stem (train.ipynb only takes params_file)
 RUNNER_PARAMETERS = {"evaluate": ("eval_profile", "evals")}
@@ -57,6 +60,8 @@ class RunnerSettings:
     notebooks: list[str] = field(default_factory=lambda: list(DEFAULT_NOTEBOOKS))
     study_notebooks: list[str] = field(default_factory=list)
     threads: int | None = None  # per run; None: cores // jobs
+    parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Fixed papermill parameters per notebook stem, e.g. ``{train: {competition_analysis: false}}``."""
 
     def validate(self) -> None:
         if not isinstance(self.jobs, int) or self.jobs < 1:
@@ -66,6 +71,11 @@ class RunnerSettings:
         for nb in [*self.notebooks, *self.study_notebooks]:
             if not Path(nb).is_file():
                 raise ConfigError(f"notebooks: expected existing notebook files, {nb!r} does not exist")
+        stems = {Path(nb).stem for nb in self.notebooks}
+        if not isinstance(self.parameters, dict) or not all(
+                isinstance(v, dict) for v in self.parameters.values()) or set(self.parameters) - stems:
+            raise ConfigError(f"parameters: expected {{notebook stem: {{name: value}}}} for notebooks {sorted(stems)}, "
+                              f"got {self.parameters!r}")
         if self.evals is not None:
             from saelib.evals.suite import check_eval_names
 
@@ -107,13 +117,16 @@ def study_runs(study_params: Path) -> list[Run]:
     files = sorted(p for p in study_params.glob("*.yaml") if not p.name.startswith("_"))
     if not files:
         raise ConfigError(f"study: {study_params} holds no run params files (*.yaml not starting with _)")
-    return [Run(p, build_config(params_file=p)) for p in files]
+    runs = [Run(p, build_config(params_file=p)) for p in files]
+    # seed by seed, the TopK baseline first: a study stopped part-way holds complete, comparable seeds
+    return sorted(runs, key=lambda r: (r.cfg.seed, SEED_SUFFIX.sub("", r.name) != BASELINE, r.name))
 
 
 def notebook_parameters(notebook: Path, settings: RunnerSettings) -> dict[str, Any]:
     names = RUNNER_PARAMETERS.get(Path(notebook).stem, ())
     params = {"eval_profile": settings.eval_profile, "evals": settings.evals}
-    return {k: params[k] for k in names if params[k] is not None}
+    return {**{k: params[k] for k in names if params[k] is not None},
+            **settings.parameters.get(Path(notebook).stem, {})}
 
 
 def stamp(run: Run, notebook: Path, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -154,12 +167,16 @@ def execute_notebook(run: Run, notebook: Path, parameters: dict[str, Any], threa
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     log_path = run.cfg.run_dir / f"{Path(notebook).stem}.log"
+    started = time.time()
     with open(log_path, "w") as out:
         code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     if code == 0:
         path = stamp_path(run, notebook)
         path.parent.mkdir(parents=True, exist_ok=True)
         io.write_json_atomic(path, stamp(run, notebook, parameters))
+        io.write_json_atomic(path.with_suffix(".time.json"), {
+            "seconds": round(time.time() - started, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "threads": threads})
         return True, ""
     lines = [ln for ln in log_path.read_text().splitlines() if "failed" in ln or "Error" in ln]
     return False, (lines[-1] if lines else f"exit code {code}; see {log_path}")[:300]
@@ -167,6 +184,7 @@ def execute_notebook(run: Run, notebook: Path, parameters: dict[str, Any], threa
 
 def run_study(study_params: Path, settings: RunnerSettings) -> pd.DataFrame:
     """Run every pending notebook of a study; returns the summary (one row per run)."""
+    t_start = time.time()
     runs = study_runs(study_params)
     todo = pending(runs, settings)
     study = runs[0].cfg.study
@@ -200,6 +218,13 @@ def run_study(study_params: Path, settings: RunnerSettings) -> pd.DataFrame:
             list(pool.map(work, todo))
         bar.close()
     summary = pd.DataFrame(list(rows.values()))
+    if todo:
+        log.info("study %s: this call took %.1f min wall", study, (time.time() - t_start) / 60)
+    timings = study_timings(runs, settings.notebooks)
+    if not timings.empty:
+        log.info("study %s: %d notebook runs on record, %.2f h of notebook time (%.2f h wall at %d jobs)", study,
+                 len(timings), timings["seconds"].sum() / 3600, timings["seconds"].sum() / 3600 / settings.jobs,
+                 settings.jobs)
     from saelib.study import REPORTS_DIR
 
     for nb in map(Path, settings.study_notebooks):
@@ -216,6 +241,18 @@ def run_study(study_params: Path, settings: RunnerSettings) -> pd.DataFrame:
 
         log.info("index: %s", build_index(study, runs[0].cfg.run_dir.parent, REPORTS_DIR))
     return summary
+
+
+def study_timings(runs: list[Run], notebooks) -> pd.DataFrame:
+    """Seconds each finished notebook of each run took (from ``<run>/.runner/<notebook>.time.json``), kept across
+    calls, so a study finished over several sessions still has its compute on record."""
+    rows = []
+    for run in runs:
+        for nb in map(Path, notebooks):
+            path = stamp_path(run, nb).with_suffix(".time.json")
+            if path.exists():
+                rows.append({"run": run.name, "notebook": nb.stem, **io.read_json(path)})
+    return pd.DataFrame(rows, columns=["run", "notebook", "seconds", "finished", "threads"])
 
 
 def run_study_notebook(notebook: Path, study_dir: Path, study: str) -> Path:

@@ -96,6 +96,8 @@ class HistoryTrainer(SAETrainer):
         super().save_checkpoint(checkpoint_name, base_path, wandb_aliases)
 
     def step(self, batch: torch.Tensor):
+        if hasattr(self.sae, "metrics_due"):
+            self.sae.metrics_due = self.n_training_steps % self.log_every == 0  # the row written below
         output = super().step(batch)
         if not math.isfinite(output.loss.item()):
             raise NonFiniteLossError(

@@ -9,7 +9,7 @@ import nbformat
 import pytest
 
 from saelib.config import ConfigError
-from saelib.runner import RunnerSettings, load_runner_settings, main, run_study
+from saelib.runner import RunnerSettings, load_runner_settings, main, run_study, study_runs, study_timings
 
 STUB = '''
 import json, os
@@ -68,11 +68,17 @@ def test_study_runs_in_parallel_then_does_nothing(study, caplog):
     assert json.loads((runs / "topk_s0" / "marker.json").read_text()) == {"eval_profile": "smoke"}
     assert (runs / "topk_s0" / "evaluate.ipynb").exists()  # the executed notebook
     assert (study.parent.parent / "reports" / "mini" / "topk_s0.evaluate.html").exists()
+    timings = study_timings(study_runs(study), settings().notebooks)
+    assert sorted(timings["run"]) == ["topk_s0", "topk_s1", "topk_s2"] and (timings["seconds"] > 0).all()
     again = run_study(study, settings())
     assert list(again["status"]) == ["current"] * 3
     assert "nothing to do" in caplog.text
     assert steps(study, "topk_s2") == [1, 2, 3]  # not executed again
     assert list(run_study(study, settings(eval_profile="default"))["status"]) == ["done"] * 3  # parameters changed
+    fixed = settings(eval_profile="default", parameters={"evaluate": {"eval_profile": "smoke"}})
+    assert list(run_study(study, fixed)["status"]) == ["done"] * 3  # a notebook's fixed parameter wins
+    runs = study.parent.parent / "runs" / "mini"
+    assert json.loads((runs / "topk_s0" / "marker.json").read_text()) == {"eval_profile": "smoke"}
 
 
 def test_a_killed_run_resumes_and_a_failing_run_does_not_stop_the_others(study):
@@ -96,6 +102,8 @@ def test_a_killed_run_resumes_and_a_failing_run_does_not_stop_the_others(study):
 def test_bad_runner_input_is_a_clear_error(study, tmp_path):
     with pytest.raises(ConfigError, match="jobs: expected a positive integer"):
         load_runner_settings(study, {"jobs": 0, "notebooks": ["notebooks/evaluate.ipynb"]})
+    with pytest.raises(ConfigError, match="parameters: expected"):
+        load_runner_settings(study, {"parameters": {"train": {"x": 1}}, "notebooks": ["notebooks/evaluate.ipynb"]})
     (study / "_runner.yaml").write_text("jobz: 2\n")
     with pytest.raises(ConfigError, match="unknown keys"):
         load_runner_settings(study, {})
@@ -109,3 +117,10 @@ def test_bad_runner_input_is_a_clear_error(study, tmp_path):
     with pytest.raises(ConfigError, match="k: expected"):
         run_study(study, settings())
     assert not (tmp_path / "runs").exists()  # nothing ran: every config is checked first
+
+
+def test_runs_go_seed_by_seed_with_the_baseline_first(study):
+    for name, seed in (("gram_s0", 0), ("batchtopk_s1", 1), ("gram_s1", 1)):
+        (study / f"{name}.yaml").write_text(f"seed: {seed}\n")
+    assert [r.name for r in study_runs(study)] == [
+        "topk_s0", "gram_s0", "topk_s1", "batchtopk_s1", "gram_s1", "topk_s2"]

@@ -29,8 +29,8 @@ HEADLINE: dict[str, tuple[str, int]] = {
     "sparse_probing/sae.sae_top_1_test_accuracy": ("sparse probing top-1", +1),
     "sparse_probing/sae.sae_top_5_test_accuracy": ("sparse probing top-5", +1),
     "unlearning_proxy/unlearning.unlearning_score": ("unlearning proxy score", +1),
-    "competition/competing_weighted_cos2": ("competing pairs' weighted cos²", 0),
-    "competition/competing_mean_cos2": ("competing pairs' mean cos²", 0),
+    "competition/tau_0.02.competing_weighted_cos2": ("competing pairs' weighted cos² (τ 0.02)", 0),
+    "competition/tau_0.02.competing_mean_cos2": ("competing pairs' mean cos² (τ 0.02)", 0),
 }
 
 COLUMNS = ["run", "config", "architecture", "tau", "lambda", "seed", "eval", "metric", "value"]
