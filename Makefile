@@ -6,7 +6,7 @@ NOTEBOOKS := notebooks/train.ipynb notebooks/evaluate.ipynb notebooks/compare.ip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model run study smoke test test-fast sync clean-runs
+.PHONY: setup model run run-one study smoke test test-fast sync clean-runs
 
 ## setup: local .venv with the pinned stack (idempotent: re-runs only when pyproject.toml changes)
 setup: $(STAMP)
@@ -25,8 +25,13 @@ $(STAMP): pyproject.toml
 model: setup
 	$(PY) -m saelib.models
 
-## run: the default profile on the embedded model: cache, TopK SAE, core eval, HTML report (offline)
+## run: the whole default study on the embedded model, offline: 54 runs (18 configurations × 3 seeds) through the
+## train and evaluate notebooks, then compare/competition reports, reports/default/index.html and the README's answers
 run: model
+	$(PY) -m saelib.runner params/default
+
+## run-one: one run of the default profile (cache, SAE, core eval, HTML report): PARAMS=params/default/topk_s0.yaml
+run-one: model
 	$(PY) -m saelib.study notebooks/train.ipynb $(PARAMS)
 
 ## study: every run of params/$(STUDY) through the train and evaluate notebooks (parallel, skip/resume; see saelib/runner.py)
