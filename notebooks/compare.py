@@ -29,6 +29,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from saelib import io, plots
+from saelib.answers import study_answers
 from saelib.evals.results import HEADLINE, study_results, wide
 from saelib.stats import paired_vs_baseline, summarise
 
@@ -94,3 +95,12 @@ for config, part in paired.groupby("config"):
                 for row in part.itertuples()]
     lines.append(f"- `{config}` vs `{baseline}` — " + "; ".join(verdicts))
 display(Markdown("\n".join(lines) if lines else "No configuration shares seeds with the baseline."))
+
+# %% [markdown]
+# ## The mission's questions, answered from these results
+# The same text `make run` writes to `reports/<study>/answers.md` and the README (`saelib.answers`): every verdict is
+# decided by the paired 95 % interval, none is written by hand. (Needs TopK runs: it is the baseline of every answer.)
+
+# %%
+if "topk" in set(results["config"]):
+    display(Markdown(study_answers(io.repo_path(study_dir).name, io.repo_path(study_dir), reports_dir=None).markdown))

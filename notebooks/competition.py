@@ -32,6 +32,7 @@ import plotly.graph_objects as go
 from IPython.display import display
 
 from saelib import io, plots
+from saelib.answers import absorbing_pairs
 from saelib.evals.results import study_results
 from saelib.evals.suite import run_results
 from saelib.stats import summarise
@@ -113,8 +114,16 @@ for config, run in shown.items():
     for tau in runs[run]["competition"]["eval_config"]["taus"]:
         frame[f"flagged at τ={tau:g}"] = frame["score"] > tau
     display(frame.head(20))
-    print(f"{config}: {len(frame)} absorbing pairs; flagged at τ: " + ", ".join(
-        f"{tau:g}: {(frame['score'] > tau).mean():.0%}" for tau in runs[run]["competition"]["eval_config"]["taus"]))
+flagged = absorbing_pairs(study)
+if not flagged.empty:
+    print("Distinct (absorbed, absorbing) latent pairs flagged as competing, vs the base rate over all co-firing "
+          "pairs (mean ± 95 % CI over seeds):")
+    table = summarise(pd.concat([flagged.assign(eval="a", metric=m, value=100 * flagged[m],
+                                                group=flagged["config"] + "|" + flagged["tau"].astype(str))
+                                 for m in ("flagged", "base_rate")]),
+                      {"a/flagged": "% flagged", "a/base_rate": "% of all co-firing pairs"}, by="group")
+    table[["config", "tau"]] = table["group"].str.split("|", expand=True)
+    display(table.pivot_table(index=["config", "tau"], columns="metric", values="text", aggfunc="first"))
 
 # %% [markdown]
 # ## The strongest competing pairs and where both fire

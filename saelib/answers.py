@@ -262,7 +262,9 @@ def headline_figure(paired: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
-def study_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports")) -> Answers:
+def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("reports")) -> Answers:
+    """The answers' markdown; the headline figure is written to ``reports_dir/<study>/headline.png`` (not at all
+    when ``reports_dir`` is None, e.g. from a notebook)."""
     results = study_results(study_dir)
     if results.empty:
         raise ValueError(f"study_dir: {study_dir} holds no eval results; run the study first")
@@ -271,7 +273,8 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports
     metrics = {**QUALITY, PENALTY_METRIC: (HEADLINE[PENALTY_METRIC][0], 0)}
     paired_all = paired_vs_baseline(results, metrics, baseline="topk")
     paired = paired_all[paired_all["metric"].isin([v[0] for v in QUALITY.values()])]
-    figure = headline_figure(paired_all[paired_all["metric"].isin([HEADLINE[k][0] for k in FIGURE_METRICS])],
+    figure = None if reports_dir is None else headline_figure(
+        paired_all[paired_all["metric"].isin([HEADLINE[k][0] for k in FIGURE_METRICS])],
         Path(reports_dir) / study / "headline.png")
     table = summarise(results, {k: v[0] for k, v in HEADLINE.items()}).pivot(
         index="config", columns="metric", values="text")
