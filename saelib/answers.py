@@ -48,18 +48,26 @@ def _num(x: float, digits: int = 3) -> str:
     return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}g}"
 
 
-def _ci(ci: Interval, digits: int = 3) -> str:
+def _ci(ci: Interval, digits: int = 3, count: bool = False) -> str:
+    """"mean [low, high]"; ``count`` rounds to whole numbers and clips the interval at 0."""
     if ci.n == 0:
         return "n/a"
+    fmt = (lambda x: f"{max(0.0, x):,.0f}") if count else (lambda x: _num(x, digits))
     if ci.n < 2:
-        return f"{_num(ci.mean, digits)} (one seed, no interval)"
-    return f"{_num(ci.mean, digits)} [{_num(ci.low, digits)}, {_num(ci.high, digits)}]"
+        return f"{fmt(ci.mean)} (one seed, no interval)"
+    return f"{fmt(ci.mean)} [{fmt(ci.low)}, {fmt(ci.high)}]"
 
 
 def _diff(row) -> str:
     if row.seeds < 2:
-        return f"{row.difference:+.3g} (one seed)"
+        return f"{row.difference:+.3g} (one seed, no interval)"
     return f"{row.difference:+.3g} [{row.low:+.3g}, {row.high:+.3g}]"
+
+
+def _diff_ci(ci: Interval) -> str:
+    if ci.n < 2:
+        return f"{ci.mean:+.3g} (one seed, no interval)" if ci.n else "n/a"
+    return f"{ci.mean:+.3g} [{ci.low:+.3g}, {ci.high:+.3g}]"
 
 
 def _is_sgo(config: str) -> bool:
@@ -70,14 +78,24 @@ def _is_control(config: str) -> bool:
     return re.match(r"sgo_t[0-9.]+_l0$", config) is not None
 
 
+def _tau_of(config: str) -> float | None:
+    m = re.match(r"sgo_t([0-9.]+)_l", config)
+    return float(m.group(1)) if m else None
+
+
 def _sgo_label(config: str) -> str:
     m = re.match(r"sgo_t([0-9.]+)_l([0-9.]+)$", config)
     return f"SGO (τ {m.group(1)}, λ {m.group(2)})" if m else config
 
 
+DETECTED = ("better", "worse", "higher", "lower")
+NO_INTERVAL = "not enough seeds for an interval"
+
+
 def absorbing_pairs(study_dir: Path) -> pd.DataFrame:
-    """Per run and τ: how many distinct (absorbed, absorbing) latent pairs the absorption eval found, the fraction
-    of them the competition score flags at τ, and the base rate (fraction of all co-firing pairs flagged)."""
+    """Per run and τ: the distinct (absorbed, absorbing) latent pairs the absorption eval found, how many of them
+    co-fire on held-out text (score > 0), the fraction of the co-firing ones flagged as competing at τ, and the base
+    rate (fraction of all co-firing pairs flagged) — both fractions over co-firing pairs, so they compare."""
     rows = []
     for run_dir in sorted(p for p in Path(study_dir).iterdir() if (p / "evals" / "competition.json").exists()):
         result = io.read_json(run_dir / "evals" / "competition.json")
@@ -85,21 +103,31 @@ def absorbing_pairs(study_dir: Path) -> pd.DataFrame:
         if not pairs:
             continue
         distinct = pd.DataFrame(pairs).drop_duplicates(["main_latent", "absorbing_latent"])
+        cofiring = distinct[distinct["score"] > 0]
         metrics = result["eval_result_metrics"]
         for tau in result["eval_config"]["taus"]:
             per_tau = metrics.get(f"tau_{tau:g}") or metrics.get(f"tau_{tau}")
             if not per_tau or not per_tau.get("n_cofiring_pairs"):
                 continue
             rows.append({"run": run_dir.name, "config": re.sub(r"_s\d+$", "", run_dir.name), "tau": float(tau),
-                         "pairs": len(distinct), "flagged": float((distinct["score"] > tau).mean()),
+                         "pairs": len(distinct), "cofiring": len(cofiring),
+                         "flagged": float((cofiring["score"] > tau).mean()) if len(cofiring) else math.nan,
                          "base_rate": per_tau["n_competing_pairs"] / per_tau["n_cofiring_pairs"]})
-    return pd.DataFrame(rows, columns=["run", "config", "tau", "pairs", "flagged", "base_rate"])
+    return pd.DataFrame(rows, columns=["run", "config", "tau", "pairs", "cofiring", "flagged", "base_rate"])
 
 
 def _values(results: pd.DataFrame, config: str, key: str) -> pd.Series:
     ev, metric = key.split("/", 1)
     part = results[(results["config"] == config) & (results["eval"] == ev) & (results["metric"] == metric)]
-    return part.set_index("seed")["value"]
+    return part.drop_duplicates("seed").set_index("seed")["value"]
+
+
+def _paired(results: pd.DataFrame, config: str, key: str, baseline: str = "topk",
+            baseline_key: str | None = None) -> Interval:
+    """Mean and 95 % interval of (config − baseline) over the seeds both have."""
+    a, b = _values(results, config, key), _values(results, baseline, baseline_key or key)
+    common = a.index.intersection(b.index)
+    return mean_ci((a[common] - b[common]).values)
 
 
 def _profile_line(study_dir: Path, results: pd.DataFrame) -> str:
@@ -108,56 +136,83 @@ def _profile_line(study_dir: Path, results: pd.DataFrame) -> str:
     return (f"{results['run'].nunique()} runs ({results['config'].nunique()} configurations × seeds {seeds}) on "
             f"{cfg['model_name']} layer {cfg['hook_layer']} resid_post, d_sae {cfg['d_sae']:,}, k {cfg['k']}, "
             f"{cfg['training_tokens']:,} training tokens. Brackets: 95 % t-interval over seeds (paired by seed for "
-            f"differences); a difference is called better/worse only when its interval excludes 0.")
+            f"differences); a difference is called better/worse (or higher/lower) only when its interval excludes 0.")
 
 
-def _penalty_paragraph(results: pd.DataFrame, paired_all: pd.DataFrame) -> str:
+def _sae_tensors_equal(study_dir: Path, run_a: str, run_b: str) -> bool | None:
+    """Whether two runs' saved SAEs hold identical tensors (None when either is missing)."""
+    from safetensors.torch import load_file
+
+    files = [sorted((Path(study_dir) / run / io.SAE_DIR).glob("*.safetensors")) for run in (run_a, run_b)]
+    if not files[0] or not files[1]:
+        return None
+    a, b = load_file(files[0][0]), load_file(files[1][0])
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and bool((a[k] == b[k]).all()) for k in a)
+
+
+def _penalty_paragraph(results: pd.DataFrame, study_dir: Path | None = None) -> str:
     lines = []
-    zero = [c for c in sorted(results["config"].unique()) if _is_control(c)]
-    for config in zero:
+    for config in (c for c in sorted(results["config"].unique()) if _is_control(c)):
         diffs = []
         for key in QUALITY:
             a, b = _values(results, config, key), _values(results, "topk", key)
             common = a.index.intersection(b.index)
             diffs += list((a[common] - b[common]).abs())
+        seeds = sorted(set(_values(results, config, next(iter(QUALITY))).index)
+                       & set(_values(results, "topk", next(iter(QUALITY))).index))
+        same = [_sae_tensors_equal(study_dir, f"{config}_s{s}", f"topk_s{s}") for s in seeds] if study_dir else []
+        weights = ("" if not same or None in same else
+                   f"its saved SAE {'equals' if all(same) else 'DIFFERS from'} TopK's tensor for tensor on "
+                   f"{sum(same)} of {len(same)} seeds; ")
         if diffs:
-            exact = max(diffs) == 0
-            lines.append(f"`{config}` (λ = 0) against TopK on the same seeds: largest absolute difference over "
-                         f"{len(diffs)} metric values = {max(diffs):.3g}"
-                         + (" — identical, as it must be (the control)." if exact
-                            else " — NOT identical: the λ = 0 control is broken."))
-    name = HEADLINE[PENALTY_METRIC][0]
-    rows = paired_all[(paired_all["metric"] == name) & paired_all["config"].map(_is_sgo)]
-    if rows.empty:
-        lines.append("No held-out competition results for the SGO runs.")
-        return " ".join(lines)
-    base = mean_ci(_values(results, "topk", PENALTY_METRIC).values)
-    lower = rows[rows["verdict"] == "lower"]
-    unchanged = rows[rows["verdict"] == "no detectable difference"]
-    lines.append(f"Held-out score-weighted decoder cos² of the pairs competing at τ = {REFERENCE_TAU:g}: TopK "
-                 f"{_ci(base)}. The penalty lowers it detectably in {len(lower)} of {len(rows)} SGO configurations"
-                 + (": " + "; ".join(f"{_sgo_label(r.config)} {_diff(r)}" for r in
-                                     lower.sort_values("difference").itertuples()) if len(lower) else "")
-                 + "." + (f" No detectable change in {len(unchanged)}: " + "; ".join(
-                     f"{_sgo_label(r.config)} {_diff(r)}" for r in unchanged.itertuples()) + "." if len(unchanged)
-                          else ""))
+            largest = max(diffs)
+            lines.append(f"The control `{config}` (λ = 0) against TopK on the same seeds: {weights}largest absolute "
+                         f"difference over {len(diffs)} eval metric values {largest:.3g}"
+                         + (" — identical, as it must be." if largest == 0 and (not same or all(same)) else
+                            " — evals run with other thread counts may differ in the last digits; the weights decide."
+                            if same and all(same) else " — NOT identical: the λ = 0 control is broken."))
+    base_tau = mean_ci(_values(results, "topk", PENALTY_METRIC).values)
+    if base_tau.n == 0:
+        return " ".join(lines + ["No held-out competition results for TopK, so the penalty's effect is not measured."])
+    groups: dict[str, list[str]] = {}
+    for config in sorted(c for c in results["config"].unique() if _is_sgo(c) and not _is_control(c)):
+        tau = _tau_of(config)
+        key = f"competition/tau_{tau:g}.competing_weighted_cos2"
+        ci = _paired(results, config, key)
+        if ci.n == 0:
+            continue
+        verdict = NO_INTERVAL if ci.n < 2 else ("lower" if ci.high < 0 else "higher" if ci.low > 0 else
+                                                "no detectable difference")
+        groups.setdefault(verdict, []).append(f"{_sgo_label(config)} {_diff_ci(ci)}")
+    total = sum(len(v) for v in groups.values())
+    lines.append(f"Held-out score-weighted decoder cos² of the pairs each SGO configuration penalises (competing at "
+                 f"its own τ), against TopK's at the same τ (TopK at τ = {REFERENCE_TAU:g}: {_ci(base_tau)}): of "
+                 f"{total} configurations with λ > 0, " + "; ".join(
+                     f"{verdict} in {len(items)} ({', '.join(items)})" for verdict, items in sorted(groups.items()))
+                 + ".")
     return " ".join(lines)
 
 
-def _quality_paragraph(paired: pd.DataFrame) -> str:
+def _quality_paragraph(results: pd.DataFrame, paired: pd.DataFrame) -> str:
     if paired.empty:
         return "No configuration shares seeds with TopK yet."
     lines = []
     sgo = paired[paired["config"].map(_is_sgo) & ~paired["config"].map(_is_control)]  # λ = 0: the control
+    tested = paired[paired["seeds"] >= 2]
+    if len(tested):
+        lines.append(f"Against TopK, {len(tested)} comparisons have an interval; at 95 % about "
+                     f"{0.05 * len(tested):.1f} of them would be called better/worse by chance alone, so single calls "
+                     f"are weak evidence — look for consistent ones.")
     for metric in dict.fromkeys(paired["metric"]):
         part = sgo[sgo["metric"] == metric]
         if part.empty:
             continue
         counts = part["verdict"].value_counts()
         better, worse = part[part["verdict"] == "better"], part[part["verdict"] == "worse"]
-        text = (f"**{metric}**: of {len(part)} SGO configurations with λ > 0, {counts.get('better', 0)} better than TopK, "
-                f"{counts.get('worse', 0)} worse, {counts.get('no detectable difference', 0)} no detectable "
-                f"difference")
+        text = (f"**{metric}**: of {len(part)} SGO configurations with λ > 0, {counts.get('better', 0)} better "
+                f"than TopK, {counts.get('worse', 0)} worse, {counts.get('no detectable difference', 0)} no "
+                f"detectable difference" + (f", {counts.get(NO_INTERVAL, 0)} without an interval (one shared seed)"
+                                            if counts.get(NO_INTERVAL, 0) else ""))
         if len(better):
             best = better.sort_values("difference", key=lambda d: -d.abs()).iloc[0]
             text += f" (largest gain {_sgo_label(best.config)} {_diff(best)})"
@@ -165,43 +220,64 @@ def _quality_paragraph(paired: pd.DataFrame) -> str:
             worst = worse.sort_values("difference", key=lambda d: -d.abs()).iloc[0]
             text += f" (largest loss {_sgo_label(worst.config)} {_diff(worst)})"
         lines.append(text + ".")
-    others = paired[paired["config"].isin(BASELINES)]
-    for config, part in others.groupby("config"):
-        detected = part[part["verdict"].isin(("better", "worse"))]
-        lines.append(f"`{config}` vs TopK: " + ("; ".join(f"{r.metric} {r.verdict} {_diff(r)}" for r in
-                                                         detected.itertuples()) if len(detected)
-                                                 else "no detectable difference on any metric") + ".")
+    reference = f"sgo_t{REFERENCE_TAU:g}_l10"
+    present = set(results["config"])
+    for baseline in ("topk", *BASELINES):
+        if baseline not in present:
+            continue
+        # each baseline against TopK, and the penalised SGO reference against the baseline: SGO vs every other SAE
+        pairs = [(baseline, "topk")] if baseline != "topk" else []
+        if reference in present:
+            pairs.append((reference, baseline))
+        for config, base in pairs:
+            rows = paired_vs_baseline(results[results["config"].isin([config, base])], QUALITY, baseline=base)
+            rows = rows[rows["config"] == config]
+            if rows.empty or (rows["seeds"] < 2).all():
+                lines.append(f"`{config}` vs `{base}`: not comparable yet (fewer than two shared seeds).")
+                continue
+            detected = rows[rows["verdict"].isin(DETECTED)]
+            lines.append(f"`{config}` vs `{base}`: " + ("; ".join(f"{r.metric} {r.verdict} {_diff(r)}"
+                                                                  for r in detected.itertuples())
+                                                        if len(detected) else
+                                                        f"no detectable difference on any of {len(rows)} metrics")
+                         + ".")
     return " ".join(lines)
 
 
-def _competition_paragraph(results: pd.DataFrame, absorbing: pd.DataFrame) -> str:
+def _competition_paragraph(results: pd.DataFrame, absorbing: pd.DataFrame, reference_tau: float) -> str:
     def ci(key: str, config: str = "topk") -> Interval:
         return mean_ci(_values(results, config, key).values)
 
-    t = f"tau_{REFERENCE_TAU:g}"
+    t = f"tau_{reference_tau:g}"
     cofiring, competing = ci(f"competition/{t}.n_cofiring_pairs"), ci(f"competition/{t}.n_competing_pairs")
     if cofiring.n == 0:
         return "No competition results for TopK."
-    text = (f"In TopK, {_ci(cofiring, 4)} latent pairs co-fire on held-out text; {_ci(competing, 4)} of them compete "
-            f"at τ = {REFERENCE_TAU:g}. Competing pairs' decoders overlap more than non-competing ones: mean cos² "
-            f"{_ci(ci(f'competition/{t}.competing_mean_cos2'))} vs {_ci(ci(f'competition/{t}.noncompeting_mean_cos2'))}. "
-            f"The competition graph at this τ: {_ci(ci('competition/graph.n_latents_competing'), 4)} latents, mean "
-            f"degree {_ci(ci('competition/graph.mean_degree'))}, largest cluster "
-            f"{_ci(ci('competition/graph.largest_cluster'), 4)} latents ({_ci(ci('competition/graph.n_clusters'))} "
-            f"clusters), {_ci(ci('competition/graph.dense_latents'))} dense latents set apart.")
-    part = absorbing[(absorbing["config"] == "topk") & (absorbing["tau"] == REFERENCE_TAU)]
+    gap = _paired(results, "topk", f"competition/{t}.competing_mean_cos2", "topk",
+                  f"competition/{t}.noncompeting_mean_cos2")
+    overlap = ("more than" if gap.n >= 2 and gap.low > 0 else "less than" if gap.n >= 2 and gap.high < 0 else
+               "no detectably different from" if gap.n >= 2 else "(one seed) vs")
+    text = (f"In TopK, {_ci(cofiring, count=True)} latent pairs co-fire on held-out text; "
+            f"{_ci(competing, count=True)} of them compete at τ = {reference_tau:g}. Competing pairs' decoders "
+            f"overlap {overlap} non-competing ones: mean cos² {_ci(ci(f'competition/{t}.competing_mean_cos2'))} vs "
+            f"{_ci(ci(f'competition/{t}.noncompeting_mean_cos2'))} (difference {_diff_ci(gap)}). The competition "
+            f"graph at this τ (dense latents set apart: {_ci(ci('competition/graph.dense_latents'), count=True)}): "
+            f"{_ci(ci('competition/graph.n_latents_competing'), count=True)} latents, mean degree "
+            f"{_ci(ci('competition/graph.mean_degree'))}, largest cluster "
+            f"{_ci(ci('competition/graph.largest_cluster'), count=True)} latents in "
+            f"{_ci(ci('competition/graph.n_clusters'), count=True)} cluster(s).")
+    part = absorbing[(absorbing["config"] == "topk") & (absorbing["tau"] == reference_tau)]
     if not part.empty:
-        text += (f" Absorption ↔ competition: of the distinct (absorbed, absorbing) latent pairs the absorption eval "
-                 f"found ({_ci(mean_ci(part['pairs'].values), 3)} per TopK run), "
-                 f"{_ci(mean_ci(100 * part['flagged'].values), 3)} % are flagged as competing at τ = "
-                 f"{REFERENCE_TAU:g}, against a base rate of {_ci(mean_ci(100 * part['base_rate'].values), 3)} % of all "
-                 f"co-firing pairs.")
+        gap = mean_ci((100 * (part["flagged"] - part["base_rate"])).values)
+        text += (f" Absorption ↔ competition: the absorption eval found {_ci(mean_ci(part['pairs'].values), count=True)}"
+                 f" distinct (absorbed, absorbing) latent pairs per TopK run, {_ci(mean_ci(part['cofiring'].values), count=True)}"
+                 f" of which co-fire on held-out text; of those, {_ci(mean_ci(100 * part['flagged'].values))} % are "
+                 f"flagged as competing at τ = {reference_tau:g}, against {_ci(mean_ci(100 * part['base_rate'].values))} % "
+                 f"of all co-firing pairs (difference {_diff_ci(gap)} points).")
     return text
 
 
 def _threshold_paragraph(results: pd.DataFrame, paired: pd.DataFrame) -> str:
-    sweep = sorted({c for c in results["config"].unique() if re.match(r"sgo_t[0-9.]+_l10$", c)},
-                   key=lambda c: float(re.match(r"sgo_t([0-9.]+)_", c).group(1)))
+    sweep = sorted({c for c in results["config"].unique() if re.match(r"sgo_t[0-9.]+_l10$", c)}, key=_tau_of)
     counts = []
     for tau in sorted({float(m) for m in results["metric"].str.extract(r"^tau_([0-9.]+)\.")[0].dropna()}):
         ci = mean_ci(_values(results, "topk", f"competition/tau_{tau:g}.n_competing_pairs").values)
@@ -210,18 +286,22 @@ def _threshold_paragraph(results: pd.DataFrame, paired: pd.DataFrame) -> str:
     text = ("Pairs each τ would penalise (held-out, TopK, mean over seeds): " + "; ".join(counts) + "."
             if counts else "")
     if not sweep:
-        return text + " No τ sweep in this study."
+        return text + " No τ sweep (sgo_t*_l10 configurations) in this study."
     lines = []
     for metric in dict.fromkeys(paired["metric"]):
         part = paired[(paired["metric"] == metric) & paired["config"].isin(sweep)]
+        part = part.set_index("config").reindex(sweep).dropna(subset=["difference"])
         if part.empty:
             continue
-        part = part.set_index("config").reindex(sweep).dropna(subset=["difference"])
-        detected = part[part["verdict"] != "no detectable difference"]
-        lines.append(f"{metric}: " + ", ".join(f"τ {re.match(r'sgo_t([0-9.]+)_', c).group(1)} {_diff(r)}"
-                                                for c, r in zip(part.index, part.itertuples()))
-                     + (f" ({len(detected)} of {len(part)} detectably different from TopK)" if len(part) else ""))
-    return (text + f" Threshold sweep at λ = 10, difference from TopK per τ — " + "; ".join(lines) + ".")
+        detected = part[part["verdict"].isin(DETECTED)]
+        untested = part[part["verdict"] == NO_INTERVAL]
+        lines.append(f"{metric}: " + ", ".join(f"τ {_tau_of(c):g} {_diff(r)}" for c, r in zip(part.index,
+                                                                                            part.itertuples()))
+                     + f" ({len(detected)} of {len(part)} detectably different from TopK"
+                     + (f", {len(untested)} without an interval" if len(untested) else "") + ")")
+    if not lines:
+        return text + " No τ-sweep run shares a seed with TopK yet."
+    return text + " Threshold sweep at λ = 10, difference from TopK per τ — " + "; ".join(lines) + "."
 
 
 def headline_figure(paired: pd.DataFrame, path: Path) -> Path | None:
@@ -246,13 +326,15 @@ def headline_figure(paired: pd.DataFrame, path: Path) -> Path | None:
         for yi, row, c in zip(y, part.itertuples(), colour):
             if not np.isnan(row.low):
                 ax.plot([row.low, row.high], [yi, yi], color=c, lw=1.2)
-            ax.plot([row.difference], [yi], "o", color=c, ms=3.5)
+            ax.plot([row.difference], [yi], "o", color=c, ms=3.5,
+                    mfc=c if row.seeds >= 2 else "none")  # hollow: one seed, no interval
         ax.axvline(0, color="0.2", lw=0.8, ls=":")
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.set_yticks(y, configs)
     axes[0].invert_yaxis()
-    fig.suptitle("difference from TopK, paired by seed (95 % CI; green better, red worse, blue changed)", fontsize=9)
+    fig.suptitle("difference from TopK, paired by seed (95 % CI; green better, red worse, blue changed; "
+                 "hollow: one seed)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
@@ -282,10 +364,11 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     table = table[[c for c in order if c in table.columns]]
     parts = [
         f"_Study `{study}`: " + _profile_line(study_dir, results) + "_",
-        "**Does the penalty reach the weights?** " + _penalty_paragraph(results, paired_all),
+        "**Does the penalty reach the weights?** " + _penalty_paragraph(results, Path(study_dir)),
         "**Does sparsity-guided orthogonality beat TopK, standard and other orthogonal SAEs?** "
-        + _quality_paragraph(paired),
-        "**Which feature-competition patterns exist?** " + _competition_paragraph(results, absorbing_pairs(study_dir)),
+        + _quality_paragraph(results, paired),
+        "**Which feature-competition patterns exist?** "
+        + _competition_paragraph(results, absorbing_pairs(study_dir), REFERENCE_TAU),
         "**How does the competition threshold τ matter?** " + _threshold_paragraph(results, paired),
     ]
     if figure is not None:
@@ -301,7 +384,7 @@ def write_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports
     out = Path(reports_dir) / study / "answers.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name("answers.md.tmp")
-    tmp.write_text(answers.markdown.replace(FIGURE_LINK, FIGURE_LINK.format(figure="headline.png")))
+    tmp.write_text(answers.markdown.replace(FIGURE_LINK, FIGURE_LINK.format(figure="headline.png")), encoding="utf-8")
     tmp.replace(out)
     if readme is not None and Path(readme).exists():
         link = FIGURE_LINK.format(figure=f"{Path(reports_dir).as_posix()}/{study}/headline.png")
@@ -312,12 +395,32 @@ def write_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports
 def replace_block(readme: Path, study: str, text: str) -> bool:
     """Replace the text between the study's markers in ``readme``; False (file untouched) when they are absent."""
     begin, end = BEGIN.format(study=study), END.format(study=study)
-    source = readme.read_text()
+    source = readme.read_text(encoding="utf-8")
     if begin not in source or end not in source or source.index(begin) > source.index(end):
         return False
     head, rest = source.split(begin, 1)
     _, tail = rest.split(end, 1)
     tmp = readme.with_name(readme.name + ".tmp")
-    tmp.write_text(f"{head}{begin}\n{text}{end}{tail}")
+    tmp.write_text(f"{head}{begin}\n{text}{end}{tail}", encoding="utf-8")
     tmp.replace(readme)
     return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m saelib.answers <study> [runs_dir]``: rewrite a study's answers (and the README block) now."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("study")
+    parser.add_argument("runs_dir", nargs="?", default="runs")
+    args = parser.parse_args(argv)
+    try:
+        print(write_answers(args.study, Path(args.runs_dir) / args.study))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

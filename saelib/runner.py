@@ -71,11 +71,14 @@ class RunnerSettings:
         for nb in [*self.notebooks, *self.study_notebooks]:
             if not Path(nb).is_file():
                 raise ConfigError(f"notebooks: expected existing notebook files, {nb!r} does not exist")
-        stems = {Path(nb).stem for nb in self.notebooks}
-        if not isinstance(self.parameters, dict) or not all(
-                isinstance(v, dict) for v in self.parameters.values()) or set(self.parameters) - stems:
-            raise ConfigError(f"parameters: expected {{notebook stem: {{name: value}}}} for notebooks {sorted(stems)}, "
-                              f"got {self.parameters!r}")
+        # entries for notebooks this call does not run are kept, not an error (--notebooks may pick a subset)
+        if not isinstance(self.parameters, dict) or not all(isinstance(v, dict) for v in self.parameters.values()):
+            raise ConfigError(f"parameters: expected {{notebook stem: {{name: value}}}}, got {self.parameters!r}")
+        owned = {name for names in RUNNER_PARAMETERS.values() for name in names}
+        clash = {name for values in self.parameters.values() for name in values} & owned
+        if clash:
+            raise ConfigError(f"parameters: {sorted(clash)} are runner settings (set them as such, so the command "
+                              f"line can override them), not fixed notebook parameters")
         if self.evals is not None:
             from saelib.evals.suite import check_eval_names
 
@@ -220,9 +223,9 @@ def run_study(study_params: Path, settings: RunnerSettings) -> pd.DataFrame:
     summary = pd.DataFrame(list(rows.values()))
     if todo:
         log.info("study %s: this call took %.1f min wall", study, (time.time() - t_start) / 60)
-    timings = study_timings(runs, settings.notebooks)
+    timings = study_timings(runs, settings)
     if not timings.empty:
-        log.info("study %s: %d notebook runs on record, %.2f h of notebook time (%.2f h wall at %d jobs)", study,
+        log.info("study %s: %d current notebook runs on record, %.2f h of notebook time (≈ %.2f h wall at %d jobs)", study,
                  len(timings), timings["seconds"].sum() / 3600, timings["seconds"].sum() / 3600 / settings.jobs,
                  settings.jobs)
     from saelib.study import REPORTS_DIR
@@ -236,21 +239,22 @@ def run_study(study_params: Path, settings: RunnerSettings) -> pd.DataFrame:
 
         try:
             log.info("answers: %s", write_answers(study, runs[0].cfg.run_dir.parent, REPORTS_DIR))
-        except ValueError as err:  # no results yet, or no TopK baseline in this study
-            log.info("answers: none (%s)", err)
+        except Exception as err:  # noqa: BLE001 — no results yet, no TopK baseline, ...: the index is still built
+            (REPORTS_DIR / study / "answers.md").unlink(missing_ok=True)  # never show answers from older results
+            log.warning("answers: none (%s: %s)", type(err).__name__, err)
 
         log.info("index: %s", build_index(study, runs[0].cfg.run_dir.parent, REPORTS_DIR))
     return summary
 
 
-def study_timings(runs: list[Run], notebooks) -> pd.DataFrame:
-    """Seconds each finished notebook of each run took (from ``<run>/.runner/<notebook>.time.json``), kept across
-    calls, so a study finished over several sessions still has its compute on record."""
+def study_timings(runs: list[Run], settings: RunnerSettings) -> pd.DataFrame:
+    """Seconds each finished, current notebook of each run took (``<run>/.runner/<notebook>.time.json``), kept
+    across calls, so a study finished over several sessions still has its compute on record."""
     rows = []
     for run in runs:
-        for nb in map(Path, notebooks):
+        for nb in map(Path, settings.notebooks):
             path = stamp_path(run, nb).with_suffix(".time.json")
-            if path.exists():
+            if path.exists() and is_current(run, nb, notebook_parameters(nb, settings)):
                 rows.append({"run": run.name, "notebook": nb.stem, **io.read_json(path)})
     return pd.DataFrame(rows, columns=["run", "notebook", "seconds", "finished", "threads"])
 

@@ -40,7 +40,7 @@ def test_fixture_answers_quote_the_measured_numbers(tmp_path):
     values = [json.loads((FIXTURE / r / "evals" / "competition.json").read_text())["eval_result_metrics"]
               ["tau_0.02"]["competing_weighted_cos2"] for r in ("topk_s0", "topk_s1")]
     ci = mean_ci(values)
-    assert f"TopK {ci.mean:.3g} [{ci.low:.3g}, {ci.high:.3g}]" in text
+    assert f"TopK at τ = 0.02: {ci.mean:.3g} [{ci.low:.3g}, {ci.high:.3g}]" in text
     assert "![paired differences from TopK](headline.png)" in text
     png = tmp_path / "fx" / "headline.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -54,7 +54,9 @@ def test_absorbing_pairs_match_a_direct_count():
     distinct = pairs.drop_duplicates(["main_latent", "absorbing_latent"])
     row = table[(table["run"] == "topk_s0") & (table["tau"] == 0.02)].iloc[0]
     assert row["pairs"] == len(distinct)
-    assert row["flagged"] == pytest.approx((distinct["score"] > 0.02).mean())
+    cofiring = distinct[distinct["score"] > 0]  # the base rate is over co-firing pairs, so is the flagged fraction
+    assert row["cofiring"] == len(cofiring)
+    assert row["flagged"] == pytest.approx((cofiring["score"] > 0.02).mean())
     t = result["eval_result_metrics"]["tau_0.02"]
     assert row["base_rate"] == pytest.approx(t["n_competing_pairs"] / t["n_cofiring_pairs"])
 
@@ -62,21 +64,43 @@ def test_absorbing_pairs_match_a_direct_count():
 def test_verdicts_follow_the_intervals():
     key = "absorption/mean.mean_absorption_fraction_score"
     metrics = {key: ("absorption (mean fraction)", -1)}
-    better = answers._quality_paragraph(paired_vs_baseline(_synthetic(-0.05), metrics))
+    better = answers._quality_paragraph(_synthetic(-0.05), paired_vs_baseline(_synthetic(-0.05), metrics))
     assert "1 better than TopK, 0 worse" in better and "largest gain SGO (τ 0.02, λ 10)" in better
-    worse = answers._quality_paragraph(paired_vs_baseline(_synthetic(+0.05), metrics))
+    worse = answers._quality_paragraph(_synthetic(+0.05), paired_vs_baseline(_synthetic(+0.05), metrics))
     assert "0 better than TopK, 1 worse" in worse
-    null = answers._quality_paragraph(paired_vs_baseline(_synthetic(0.0), metrics))
+    null = answers._quality_paragraph(_synthetic(0.0), paired_vs_baseline(_synthetic(0.0), metrics))
     assert "1 no detectable difference" in null  # the λ = 0 control is identical; sgo differs by 0.001·seed only
 
 
 def test_the_lambda_zero_control_is_checked_exactly():
-    key = "absorption/mean.mean_absorption_fraction_score"
     ok = _synthetic(-0.05)
-    paired = paired_vs_baseline(ok, {key: ("absorption (mean fraction)", -1)})
-    assert "identical, as it must be" in answers._penalty_paragraph(ok, paired)
+    assert "identical, as it must be" in answers._penalty_paragraph(ok)
     broken = _synthetic(-0.05, zero_shift=1e-6)
-    assert "NOT identical" in answers._penalty_paragraph(broken, paired)
+    assert "NOT identical" in answers._penalty_paragraph(broken)
+
+
+def test_one_seed_is_never_called_a_difference():
+    key = "absorption/mean.mean_absorption_fraction_score"
+    one = _synthetic(-0.05)
+    one = one[one["seed"] == 0]
+    paired = paired_vs_baseline(one, {key: ("absorption (mean fraction)", -1)})
+    text = answers._quality_paragraph(one, paired)
+    assert "0 better than TopK, 0 worse, 0 no detectable difference, 1 without an interval" in text
+    sweep = answers._threshold_paragraph(one, paired)
+    assert "(0 of 1 detectably different from TopK, 1 without an interval)" in sweep
+
+
+def test_the_penalty_is_judged_at_each_configurations_own_tau():
+    rows = []
+    for tau, topk, sgo in ((0.02, 0.030, 0.025), (0.2, 0.050, 0.051)):
+        key = f"competition/tau_{tau:g}.competing_weighted_cos2"
+        rows += _rows("topk", "topk", np.nan, np.nan, {s: topk + 0.001 * s for s in range(3)}, key)
+        for config, value in (("sgo_t0.02_l10", sgo if tau == 0.02 else topk),
+                              ("sgo_t0.2_l10", sgo if tau == 0.2 else topk)):
+            rows += _rows(config, "sgo_topk", 0.0, 10.0, {s: value + 0.001 * s + 1e-4 * (s == 1) for s in range(3)},
+                          key)
+    text = answers._penalty_paragraph(pd.DataFrame(rows, columns=COLUMNS))
+    assert "lower in 1 (SGO (τ 0.02, λ 10)" in text and "higher in 1 (SGO (τ 0.2, λ 10)" in text
 
 
 def test_readme_block_is_replaced_between_the_markers_only(tmp_path):

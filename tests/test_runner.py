@@ -68,17 +68,18 @@ def test_study_runs_in_parallel_then_does_nothing(study, caplog):
     assert json.loads((runs / "topk_s0" / "marker.json").read_text()) == {"eval_profile": "smoke"}
     assert (runs / "topk_s0" / "evaluate.ipynb").exists()  # the executed notebook
     assert (study.parent.parent / "reports" / "mini" / "topk_s0.evaluate.html").exists()
-    timings = study_timings(study_runs(study), settings().notebooks)
+    timings = study_timings(study_runs(study), settings())
     assert sorted(timings["run"]) == ["topk_s0", "topk_s1", "topk_s2"] and (timings["seconds"] > 0).all()
     again = run_study(study, settings())
     assert list(again["status"]) == ["current"] * 3
     assert "nothing to do" in caplog.text
     assert steps(study, "topk_s2") == [1, 2, 3]  # not executed again
     assert list(run_study(study, settings(eval_profile="default"))["status"]) == ["done"] * 3  # parameters changed
-    fixed = settings(eval_profile="default", parameters={"evaluate": {"eval_profile": "smoke"}})
-    assert list(run_study(study, fixed)["status"]) == ["done"] * 3  # a notebook's fixed parameter wins
-    runs = study.parent.parent / "runs" / "mini"
-    assert json.loads((runs / "topk_s0" / "marker.json").read_text()) == {"eval_profile": "smoke"}
+    assert study_timings(study_runs(study), settings()).empty  # those times belong to the old parameters
+    fixed = settings(eval_profile="default", parameters={"evaluate": {"extra": 1}, "train": {"x": 2}})
+    assert list(run_study(study, fixed)["status"]) == ["done"] * 3  # a fixed parameter is part of the stamp
+    assert json.loads((runs / "topk_s0" / ".runner" / "evaluate.json").read_text())["parameters"] == {
+        "eval_profile": "default", "extra": 1}
 
 
 def test_a_killed_run_resumes_and_a_failing_run_does_not_stop_the_others(study):
@@ -103,7 +104,10 @@ def test_bad_runner_input_is_a_clear_error(study, tmp_path):
     with pytest.raises(ConfigError, match="jobs: expected a positive integer"):
         load_runner_settings(study, {"jobs": 0, "notebooks": ["notebooks/evaluate.ipynb"]})
     with pytest.raises(ConfigError, match="parameters: expected"):
-        load_runner_settings(study, {"parameters": {"train": {"x": 1}}, "notebooks": ["notebooks/evaluate.ipynb"]})
+        load_runner_settings(study, {"parameters": {"train": 1}, "notebooks": ["notebooks/evaluate.ipynb"]})
+    with pytest.raises(ConfigError, match="are runner settings"):
+        load_runner_settings(study, {"parameters": {"evaluate": {"eval_profile": "smoke"}},
+                                     "notebooks": ["notebooks/evaluate.ipynb"]})
     (study / "_runner.yaml").write_text("jobz: 2\n")
     with pytest.raises(ConfigError, match="unknown keys"):
         load_runner_settings(study, {})
