@@ -39,7 +39,10 @@ MODELS: dict[str, ModelSpec] = {
     "gemma-3-270m": ModelSpec("gemma-3-270m", "google/gemma-3-270m", 18, 640, offline=True),
     "gemma-2-2b": ModelSpec("gemma-2-2b", "google/gemma-2-2b", 26, 2304, offline=False),
     "tiny-random": ModelSpec("tiny-random", "tiny-random", 2, 64, offline=True),
+    "tiny-random-text": ModelSpec("tiny-random-text", "tiny-random", 2, 64, offline=True),
 }
+"""``tiny-random-text`` is ``tiny-random`` with the embedded Gemma tokenizer: the real notebooks and the study runner
+run end to end on it in seconds (tests)."""
 
 
 def cache_root() -> Path:
@@ -59,6 +62,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu"):
     spec = get_spec(name)
     if name == "tiny-random":
         return tiny_random_model(device=device)
+    if name == "tiny-random-text":
+        return tiny_random_model(device=device, tokenizer=embedded_tokenizer())
     if name == "gemma-3-270m":
         return _load_embedded_gemma3(device)
     return _load_from_hub(spec, device)
