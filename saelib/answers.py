@@ -185,6 +185,10 @@ def _penalty_paragraph(results: pd.DataFrame, study_dir: Path | None = None) -> 
                                                 "no detectable difference")
         groups.setdefault(verdict, []).append(f"{_sgo_label(config)} {_diff_ci(ci)}")
     total = sum(len(v) for v in groups.values())
+    if total == 0:
+        return " ".join(lines + [f"TopK's held-out score-weighted decoder cos² of pairs competing at τ = "
+                                 f"{REFERENCE_TAU:g}: {_ci(base_tau)}; no SGO configuration with λ > 0 has "
+                                 f"competition results yet."])
     lines.append(f"Held-out score-weighted decoder cos² of the pairs each SGO configuration penalises (competing at "
                  f"its own τ), against TopK's at the same τ (TopK at τ = {REFERENCE_TAU:g}: {_ci(base_tau)}): of "
                  f"{total} configurations with λ > 0, " + "; ".join(
@@ -254,11 +258,12 @@ def _competition_paragraph(results: pd.DataFrame, absorbing: pd.DataFrame, refer
         return "No competition results for TopK."
     gap = _paired(results, "topk", f"competition/{t}.competing_mean_cos2", "topk",
                   f"competition/{t}.noncompeting_mean_cos2")
-    overlap = ("more than" if gap.n >= 2 and gap.low > 0 else "less than" if gap.n >= 2 and gap.high < 0 else
-               "no detectably different from" if gap.n >= 2 else "(one seed) vs")
+    overlap = ("overlap more than" if gap.n >= 2 and gap.low > 0 else "overlap less than" if gap.n >= 2 and
+               gap.high < 0 else "overlap no detectably differently from" if gap.n >= 2 else
+               "(one seed, no interval) compared with")
     text = (f"In TopK, {_ci(cofiring, count=True)} latent pairs co-fire on held-out text; "
             f"{_ci(competing, count=True)} of them compete at τ = {reference_tau:g}. Competing pairs' decoders "
-            f"overlap {overlap} non-competing ones: mean cos² {_ci(ci(f'competition/{t}.competing_mean_cos2'))} vs "
+            f"{overlap} non-competing ones: mean cos² {_ci(ci(f'competition/{t}.competing_mean_cos2'))} vs "
             f"{_ci(ci(f'competition/{t}.noncompeting_mean_cos2'))} (difference {_diff_ci(gap)}). The competition "
             f"graph at this τ (dense latents set apart: {_ci(ci('competition/graph.dense_latents'), count=True)}): "
             f"{_ci(ci('competition/graph.n_latents_competing'), count=True)} latents, mean degree "
