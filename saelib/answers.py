@@ -150,6 +150,17 @@ def _sae_tensors_equal(study_dir: Path, run_a: str, run_b: str) -> bool | None:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape and bool((a[k] == b[k]).all()) for k in a)
 
 
+def _decoder_change(study_dir: Path, run_a: str, run_b: str) -> float | None:
+    """Largest absolute element of W_dec(run_a) − W_dec(run_b) (None when either SAE is missing)."""
+    from safetensors.torch import load_file
+
+    files = [sorted((study_dir / run / io.SAE_DIR).glob("*.safetensors")) for run in (run_a, run_b)]
+    if not files[0] or not files[1]:
+        return None
+    a, b = load_file(files[0][0])["W_dec"], load_file(files[1][0])["W_dec"]
+    return float((a - b).abs().max()) if a.shape == b.shape else math.inf
+
+
 def _penalty_paragraph(results: pd.DataFrame, study_dir: Path | None = None) -> str:
     lines = []
     for config in (c for c in sorted(results["config"].unique()) if _is_control(c)):
@@ -171,6 +182,19 @@ def _penalty_paragraph(results: pd.DataFrame, study_dir: Path | None = None) -> 
                          + (" — identical, as it must be." if largest == 0 and (not same or all(same)) else
                             " — evals run with other thread counts may differ in the last digits; the weights decide."
                             if same and all(same) else " — NOT identical: the λ = 0 control is broken."))
+    if study_dir is not None:  # the published failure: λ > 0 runs identical to λ = 0. Here, do the weights move?
+        moved, checked, largest = 0, 0, 0.0
+        for config in (c for c in sorted(results["config"].unique()) if _is_sgo(c) and not _is_control(c)):
+            for seed in sorted(set(results.loc[results["config"] == config, "seed"])):
+                delta = _decoder_change(Path(study_dir), f"{config}_s{seed}", f"topk_s{seed}")
+                if delta is not None:
+                    checked += 1
+                    moved += delta > 0
+                    largest = max(largest, delta)
+        if checked:
+            lines.append(f"Every SGO run with λ > 0 against TopK on the same seed: the decoder differs in {moved} of "
+                         f"{checked} runs (largest |ΔW_dec| element {largest:.3g}), so the penalty reaches the weights"
+                         + ("." if moved == checked else f" — except in {checked - moved} runs, where it did NOT."))
     base_tau = mean_ci(_values(results, "topk", PENALTY_METRIC).values)
     if base_tau.n == 0:
         return " ".join(lines + ["No held-out competition results for TopK, so the penalty's effect is not measured."])

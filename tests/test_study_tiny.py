@@ -51,6 +51,7 @@ def test_a_tiny_study_runs_end_to_end_and_the_control_matches_topk(tmp_path, mon
     answers = (reports / "answers.md").read_text()
     assert "its saved SAE equals TopK's tensor for tensor on 1 of 1 seeds" in answers
     assert "identical, as it must be" in answers
+    assert "the decoder differs in 1 of 1 runs" in answers  # λ = 1 moved the weights
     assert "Answers" in (reports / "index.html").read_text()
     assert len(study_timings(study_runs(study), settings)) == 6  # two notebooks per run, times on record
 
