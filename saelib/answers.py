@@ -373,6 +373,13 @@ def headline_figure(paired: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
+def _reference_tau(study_dir: Path) -> float:
+    """The τ the competition eval built its graph at (its ``reference_tau``; REFERENCE_TAU if no result says)."""
+    for path in sorted(Path(study_dir).glob("topk_s*/evals/competition.json")):
+        return float(io.read_json(path)["eval_config"].get("reference_tau", REFERENCE_TAU))
+    return REFERENCE_TAU
+
+
 def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("reports")) -> Answers:
     """The answers' markdown; the headline figure is written to ``reports_dir/<study>/headline.png`` (not at all
     when ``reports_dir`` is None, e.g. from a notebook)."""
@@ -397,7 +404,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
         "**Does sparsity-guided orthogonality beat TopK, standard and other orthogonal SAEs?** "
         + _quality_paragraph(results, paired),
         "**Which feature-competition patterns exist?** "
-        + _competition_paragraph(results, absorbing_pairs(study_dir), REFERENCE_TAU),
+        + _competition_paragraph(results, absorbing_pairs(study_dir), _reference_tau(study_dir)),
         "**How does the competition threshold τ matter?** " + _threshold_paragraph(results, paired),
     ]
     if figure is not None:
