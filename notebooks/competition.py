@@ -24,7 +24,7 @@
 
 # %% tags=["parameters"]
 study_dir = "tests/fixtures/study"
-contrast = ["topk", "sgo_t0.02_l0.02"]  # configurations to set side by side (seed 0 where details are shown)
+contrast = ["topk", "sgo_t0.02_l0.02", "sgo_t0.02_l10", "ortsae"]  # side by side where present (seed 0 in details)
 
 # %%
 import pandas as pd
