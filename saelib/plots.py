@@ -128,16 +128,23 @@ def metric_vs_parameter(summary: pd.DataFrame, parameter: str, title: str) -> go
     metrics = list(dict.fromkeys(summary["metric"]))
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
     series = summary["series"] if "series" in summary else pd.Series("", index=summary.index)
+    values = summary[parameter].astype(float)
+    positive = values[values > 0]
+    # 0 next to values decades apart (λ = 0, 0.01 … 10): evenly spaced categories; all positive: log axis
+    categorical = (values <= 0).any() and len(positive) > 0 and positive.max() / positive.min() > 100
+    axis_type = "category" if categorical else "log" if (values > 0).all() else "linear"
+    order = [f"{v:g}" for v in sorted(values.unique())]
     for col, metric in enumerate(metrics, start=1):
         for name in dict.fromkeys(series):
             part = summary[(summary["metric"] == metric) & (series == name)].sort_values(parameter)
+            x = part[parameter].map(lambda v: f"{v:g}") if categorical else part[parameter]
             fig.add_trace(go.Scatter(
-                x=part[parameter], y=part["mean"], mode="lines+markers", name=str(name), legendgroup=str(name),
+                x=x, y=part["mean"], mode="lines+markers", name=str(name), legendgroup=str(name),
                 showlegend=col == 1 and bool(name),
                 error_y={"type": "data", "symmetric": False, "array": (part["high"] - part["mean"]).fillna(0),
                          "arrayminus": (part["mean"] - part["low"]).fillna(0)}), row=1, col=col)
-        fig.update_xaxes(title_text=parameter, type="log" if (summary[parameter] > 0).all() else "linear",
-                         row=1, col=col)
+        fig.update_xaxes(title_text=parameter, type=axis_type, row=1, col=col,
+                         **({"categoryorder": "array", "categoryarray": order} if categorical else {}))
     fig.update_layout(title=title, template="plotly_white", height=380, width=max(600, 330 * len(metrics)))
     return fig
 
