@@ -191,6 +191,13 @@ def run_study(study_params: Path, settings: RunnerSettings) -> pd.DataFrame:
     runs = study_runs(study_params)
     todo = pending(runs, settings)
     study = runs[0].cfg.study
+    study_dir = runs[0].cfg.run_dir.parent
+    stray = sorted(p.name for p in study_dir.glob("*/") if (p / io.RUN_CFG_FILE).exists()) if study_dir.is_dir() else []
+    stray = [name for name in stray if name not in {r.name for r in runs}]
+    if stray:
+        log.warning("study %s: %s hold(s) runs with no params file in %s; the compare/competition reports and the "
+                    "answers read every run folder, so move them out of %s: %s", study, study_dir, study_params,
+                    study_dir, ", ".join(stray))
     rows = {run.name: {"run": run.name, "status": "current", "minutes": 0.0, "error": ""} for run in runs}
     if not todo:
         log.info("study %s: all %d runs are finished and current; nothing to do", study, len(runs))

@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from saelib.config import ConfigError
+from saelib.config import ConfigError, build_config
 from saelib.runner import RunnerSettings, load_runner_settings, main, run_study, study_runs, study_timings
 
 STUB = '''
@@ -68,6 +68,11 @@ def test_study_runs_in_parallel_then_does_nothing(study, caplog):
     assert json.loads((runs / "topk_s0" / "marker.json").read_text()) == {"eval_profile": "smoke"}
     assert (runs / "topk_s0" / "evaluate.ipynb").exists()  # the executed notebook
     assert (study.parent.parent / "reports" / "mini" / "topk_s0.evaluate.html").exists()
+    stray = study.parent.parent / "runs" / "mini" / "old_s0"
+    stray.mkdir()
+    (stray / "cfg.json").write_text(json.dumps(build_config({"run_name": "old_s0"}).to_dict()))
+    run_study(study, settings())
+    assert "runs with no params file" in caplog.text and "old_s0" in caplog.text
     timings = study_timings(study_runs(study), settings())
     assert sorted(timings["run"]) == ["topk_s0", "topk_s1", "topk_s2"] and (timings["seconds"] > 0).all()
     again = run_study(study, settings())

@@ -1,8 +1,10 @@
 """Every eval result of a study as one tidy table: (run, config, architecture, tau, lambda, seed, eval, metric, value).
 
 Used by every notebook that compares runs. Reads ``runs/<study>/<run>/cfg.json``, each ``evals/<eval>.json``
-(SAEBench format; metrics flattened as ``<group>.<metric>``) and the held-out competition numbers in
-``metrics.json`` (eval ``competition``). Only finite numbers become rows; nothing is computed here.
+(SAEBench format; metrics flattened as ``<group>.<metric>``; the competition eval's per-τ numbers are
+``competition/tau_<τ>.*``) and, when the train notebook measured it, the held-out competition at the run's own τ in
+``metrics.json`` (eval ``competition``, keys ``competition_*``/``competing_*``; studies skip it and compare the eval's
+per-τ numbers). Every run folder under the study folder counts. Only finite numbers become rows; nothing is computed.
 """
 
 from __future__ import annotations
