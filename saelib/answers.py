@@ -23,7 +23,7 @@ import pandas as pd
 
 from saelib import io
 from saelib.evals.results import HEADLINE, study_results
-from saelib.stats import Interval, mean_ci, paired_vs_baseline, summarise
+from saelib.stats import Interval, mean_ci, paired_vs_baseline, summarise, verdict
 
 REFERENCE_TAU = 0.02
 """The τ at which runs are compared on held-out competition (the competition eval's ``reference_tau``)."""
@@ -139,29 +139,22 @@ def _profile_line(study_dir: Path, results: pd.DataFrame) -> str:
             f"differences); a difference is called better/worse (or higher/lower) only when its interval excludes 0.")
 
 
-def _sae_tensors_equal(study_dir: Path, run_a: str, run_b: str) -> bool | None:
-    """Whether two runs' saved SAEs hold identical tensors (None when either is missing)."""
+def _weights_loader(study_dir: Path):
+    """run name → its saved SAE's tensors (None when missing), each file read once per call of the answers."""
+    from functools import cache
+
     from safetensors.torch import load_file
 
-    files = [sorted((Path(study_dir) / run / io.SAE_DIR).glob("*.safetensors")) for run in (run_a, run_b)]
-    if not files[0] or not files[1]:
-        return None
-    a, b = load_file(files[0][0]), load_file(files[1][0])
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and bool((a[k] == b[k]).all()) for k in a)
+    @cache
+    def load(run: str) -> dict | None:
+        files = sorted((Path(study_dir) / run / io.SAE_DIR).glob("*.safetensors"))
+        return load_file(files[0]) if files else None
+
+    return load
 
 
-def _decoder_change(study_dir: Path, run_a: str, run_b: str) -> float | None:
-    """Largest absolute element of W_dec(run_a) − W_dec(run_b) (None when either SAE is missing)."""
-    from safetensors.torch import load_file
-
-    files = [sorted((study_dir / run / io.SAE_DIR).glob("*.safetensors")) for run in (run_a, run_b)]
-    if not files[0] or not files[1]:
-        return None
-    a, b = load_file(files[0][0])["W_dec"], load_file(files[1][0])["W_dec"]
-    return float((a - b).abs().max()) if a.shape == b.shape else math.inf
-
-
-def _penalty_paragraph(results: pd.DataFrame, study_dir: Path | None = None) -> str:
+def _control_sentences(results: pd.DataFrame, load) -> list[str]:
+    """The λ = 0 control against TopK on the same seeds: saved tensors and every eval metric."""
     lines = []
     for config in (c for c in sorted(results["config"].unique()) if _is_control(c)):
         diffs = []
@@ -169,56 +162,71 @@ def _penalty_paragraph(results: pd.DataFrame, study_dir: Path | None = None) -> 
             a, b = _values(results, config, key), _values(results, "topk", key)
             common = a.index.intersection(b.index)
             diffs += list((a[common] - b[common]).abs())
+        if not diffs:
+            continue
         seeds = sorted(set(_values(results, config, next(iter(QUALITY))).index)
                        & set(_values(results, "topk", next(iter(QUALITY))).index))
-        same = [_sae_tensors_equal(study_dir, f"{config}_s{s}", f"topk_s{s}") for s in seeds] if study_dir else []
+        pairs = [(load(f"{config}_s{s}"), load(f"topk_s{s}")) for s in seeds] if load else []
+        same = [None if a is None or b is None else a.keys() == b.keys() and all(
+            a[k].shape == b[k].shape and bool((a[k] == b[k]).all()) for k in a) for a, b in pairs]
         weights = ("" if not same or None in same else
                    f"its saved SAE {'equals' if all(same) else 'DIFFERS from'} TopK's tensor for tensor on "
                    f"{sum(same)} of {len(same)} seeds; ")
-        if diffs:
-            largest = max(diffs)
-            lines.append(f"The control `{config}` (λ = 0) against TopK on the same seeds: {weights}largest absolute "
-                         f"difference over {len(diffs)} eval metric values {largest:.3g}"
-                         + (" — identical, as it must be." if largest == 0 and (not same or all(same)) else
-                            " — evals run with other thread counts may differ in the last digits; the weights decide."
-                            if same and all(same) else " — NOT identical: the λ = 0 control is broken."))
-    if study_dir is not None:  # the published failure: λ > 0 runs identical to λ = 0. Here, do the weights move?
-        moved, checked, largest = 0, 0, 0.0
-        for config in (c for c in sorted(results["config"].unique()) if _is_sgo(c) and not _is_control(c)):
-            for seed in sorted(set(results.loc[results["config"] == config, "seed"])):
-                delta = _decoder_change(Path(study_dir), f"{config}_s{seed}", f"topk_s{seed}")
-                if delta is not None:
-                    checked += 1
-                    moved += delta > 0
-                    largest = max(largest, delta)
-        if checked:
-            lines.append(f"Every SGO run with λ > 0 against TopK on the same seed: the decoder differs in {moved} of "
-                         f"{checked} runs (largest |ΔW_dec| element {largest:.3g}), so the penalty reaches the weights"
-                         + ("." if moved == checked else f" — except in {checked - moved} runs, where it did NOT."))
+        largest = max(diffs)
+        lines.append(f"The control `{config}` (λ = 0) against TopK on the same seeds: {weights}largest absolute "
+                     f"difference over {len(diffs)} eval metric values {largest:.3g}"
+                     + (" — identical, as it must be." if largest == 0 and (not same or all(same)) else
+                        " — evals run with other thread counts may differ in the last digits; the weights decide."
+                        if same and all(same) else " — NOT identical: the λ = 0 control is broken."))
+    return lines
+
+
+def _weights_sentence(results: pd.DataFrame, load) -> list[str]:
+    """The published failure was λ > 0 runs identical to λ = 0: does each SGO run's decoder differ from TopK's?"""
+    moved, checked, largest = 0, 0, 0.0
+    for config in (c for c in sorted(results["config"].unique()) if _is_sgo(c) and not _is_control(c)):
+        for seed in sorted(set(results.loc[results["config"] == config, "seed"])):
+            a, b = load(f"{config}_s{seed}"), load(f"topk_s{seed}")
+            if a is None or b is None:
+                continue
+            delta = (float((a["W_dec"] - b["W_dec"]).abs().max()) if a["W_dec"].shape == b["W_dec"].shape
+                     else math.inf)
+            checked += 1
+            moved += delta > 0
+            largest = max(largest, delta)
+    if not checked:
+        return []
+    return [f"Every SGO run with λ > 0 against TopK on the same seed: the decoder differs in {moved} of {checked} "
+            f"runs (largest |ΔW_dec| element {largest:.3g}), so the penalty reaches the weights"
+            + ("." if moved == checked else f" — except in {checked - moved} runs, where it did NOT.")]
+
+
+def _own_tau_sentence(results: pd.DataFrame) -> list[str]:
+    """Each SGO configuration's held-out score-weighted cos² at its own τ, against TopK's at the same τ."""
     base_tau = mean_ci(_values(results, "topk", PENALTY_METRIC).values)
     if base_tau.n == 0:
-        return " ".join(lines + ["No held-out competition results for TopK, so the penalty's effect is not measured."])
+        return ["No held-out competition results for TopK, so the penalty's effect is not measured."]
     groups: dict[str, list[str]] = {}
     for config in sorted(c for c in results["config"].unique() if _is_sgo(c) and not _is_control(c)):
-        tau = _tau_of(config)
-        key = f"competition/tau_{tau:g}.competing_weighted_cos2"
-        ci = _paired(results, config, key)
-        if ci.n == 0:
-            continue
-        verdict = NO_INTERVAL if ci.n < 2 else ("lower" if ci.high < 0 else "higher" if ci.low > 0 else
-                                                "no detectable difference")
-        groups.setdefault(verdict, []).append(f"{_sgo_label(config)} {_diff_ci(ci)}")
+        ci = _paired(results, config, f"competition/tau_{_tau_of(config):g}.competing_weighted_cos2")
+        if ci.n:
+            groups.setdefault(verdict(ci, 0), []).append(f"{_sgo_label(config)} {_diff_ci(ci)}")
     total = sum(len(v) for v in groups.values())
     if total == 0:
-        return " ".join(lines + [f"TopK's held-out score-weighted decoder cos² of pairs competing at τ = "
-                                 f"{REFERENCE_TAU:g}: {_ci(base_tau)}; no SGO configuration with λ > 0 has "
-                                 f"competition results yet."])
-    lines.append(f"Held-out score-weighted decoder cos² of the pairs each SGO configuration penalises (competing at "
-                 f"its own τ), against TopK's at the same τ (TopK at τ = {REFERENCE_TAU:g}: {_ci(base_tau)}): of "
-                 f"{total} configurations with λ > 0, " + "; ".join(
-                     f"{verdict} in {len(items)} ({', '.join(items)})" for verdict, items in sorted(groups.items()))
-                 + ".")
-    return " ".join(lines)
+        return [f"TopK's held-out score-weighted decoder cos² of pairs competing at τ = {REFERENCE_TAU:g}: "
+                f"{_ci(base_tau)}; no SGO configuration with λ > 0 has competition results yet."]
+    return [f"Held-out score-weighted decoder cos² of the pairs each SGO configuration penalises (competing at its "
+            f"own τ), against TopK's at the same τ (TopK at τ = {REFERENCE_TAU:g}: {_ci(base_tau)}): of {total} "
+            f"configurations with λ > 0, " + "; ".join(f"{v} in {len(items)} ({', '.join(items)})"
+                                                      for v, items in sorted(groups.items())) + "."]
+
+
+def _penalty_paragraph(results: pd.DataFrame, study_dir: Path | None = None) -> str:
+    load = _weights_loader(study_dir) if study_dir is not None else None
+    lines = _control_sentences(results, load)
+    if load is not None:
+        lines += _weights_sentence(results, load)
+    return " ".join(lines + _own_tau_sentence(results))
 
 
 def _quality_paragraph(results: pd.DataFrame, paired: pd.DataFrame) -> str:
