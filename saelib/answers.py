@@ -44,6 +44,9 @@ class Answers:
     figure: Path | None
 
 
+ONE_SEED = " (one seed, no interval)"  # after a number measured on one seed only; said once when all are
+
+
 def _num(x: float, digits: int = 3) -> str:
     return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}g}"
 
@@ -54,19 +57,19 @@ def _ci(ci: Interval, digits: int = 3, count: bool = False) -> str:
         return "n/a"
     fmt = (lambda x: f"{max(0.0, x):,.0f}") if count else (lambda x: _num(x, digits))
     if ci.n < 2:
-        return f"{fmt(ci.mean)} (one seed, no interval)"
+        return f"{fmt(ci.mean)}{ONE_SEED}"
     return f"{fmt(ci.mean)} [{fmt(ci.low)}, {fmt(ci.high)}]"
 
 
 def _diff(row) -> str:
     if row.seeds < 2:
-        return f"{row.difference:+.3g} (one seed, no interval)"
+        return f"{row.difference:+.3g}{ONE_SEED}"
     return f"{row.difference:+.3g} [{row.low:+.3g}, {row.high:+.3g}]"
 
 
 def _diff_ci(ci: Interval) -> str:
     if ci.n < 2:
-        return f"{ci.mean:+.3g} (one seed, no interval)" if ci.n else "n/a"
+        return f"{ci.mean:+.3g}{ONE_SEED}" if ci.n else "n/a"
     return f"{ci.mean:+.3g} [{ci.low:+.3g}, {ci.high:+.3g}]"
 
 
@@ -136,7 +139,9 @@ def _profile_line(study_dir: Path, results: pd.DataFrame) -> str:
     return (f"{results['run'].nunique()} runs ({results['config'].nunique()} configurations × seeds {seeds}) on "
             f"{cfg['model_name']} layer {cfg['hook_layer']} resid_post, d_sae {cfg['d_sae']:,}, k {cfg['k']}, "
             f"{cfg['training_tokens']:,} training tokens. Brackets: 95 % t-interval over seeds (paired by seed for "
-            f"differences); a difference is called better/worse (or higher/lower) only when its interval excludes 0.")
+            f"differences); a difference is called better/worse (or higher/lower) only when its interval excludes 0."
+            + (" One seed: every number below is a single measurement without an interval, and no difference is "
+               "called." if len(seeds) == 1 else ""))
 
 
 def _weights_loader(study_dir: Path):
@@ -292,7 +297,7 @@ def _competition_paragraph(results: pd.DataFrame, absorbing: pd.DataFrame, refer
                   f"competition/{t}.noncompeting_mean_cos2")
     overlap = ("overlap more than" if gap.n >= 2 and gap.low > 0 else "overlap less than" if gap.n >= 2 and
                gap.high < 0 else "overlap no detectably differently from" if gap.n >= 2 else
-               "(one seed, no interval) compared with")
+               f"{ONE_SEED.strip()} compared with")
     text = (f"In TopK, {_ci(cofiring, count=True)} latent pairs co-fire on held-out text; "
             f"{_ci(competing, count=True)} of them compete at τ = {reference_tau:g}. Competing pairs' decoders "
             f"{overlap} non-competing ones: mean cos² {_ci(ci(f'competition/{t}.competing_mean_cos2'))} vs "
@@ -418,7 +423,10 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     if figure is not None:
         parts.append(FIGURE_LINK)
     parts.append("Mean ± 95 % CI half-width over seeds, per configuration:\n\n" + table.to_markdown())
-    return Answers("\n\n".join(parts) + "\n", figure)
+    markdown = "\n\n".join(parts) + "\n"
+    if results["seed"].nunique() == 1:  # say it once instead of after every number
+        markdown = markdown.replace(f"{ONE_SEED.strip()} compared with", "compared with").replace(ONE_SEED, "")
+    return Answers(markdown, figure)
 
 
 def write_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports"),

@@ -125,3 +125,16 @@ def test_a_study_without_topk_or_results_is_a_clear_error(tmp_path):
         shutil.copytree(FIXTURE / run, only / run)
     with pytest.raises(ValueError, match="no `topk` runs"):
         answers.study_answers("only", only)
+
+
+def test_a_one_seed_study_says_so_once_instead_of_after_every_number(tmp_path):
+    import shutil
+
+    for run in ("topk_s0", "sgo_t0.02_l0.02_s0"):
+        shutil.copytree(FIXTURE / run, tmp_path / "one" / run)
+    text = answers.study_answers("one", tmp_path / "one", reports_dir=None).markdown
+    assert text.count("One seed: every number below is a single measurement") == 1
+    assert answers.ONE_SEED not in text and "(one seed" not in text
+    assert "without an interval (one shared seed)" in text  # the counts still say why nothing is called
+    two = answers.study_answers("fx", FIXTURE, reports_dir=None).markdown
+    assert "One seed: every number" not in two
