@@ -185,8 +185,9 @@ def execute_notebook(run: Run, notebook: Path, parameters: dict[str, Any], threa
     return False, (lines[-1] if lines else f"exit code {code}; see {log_path}")[:300]
 
 
-def run_study(study_params: Path, settings: RunnerSettings) -> pd.DataFrame:
-    """Run every pending notebook of a study; returns the summary (one row per run)."""
+def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool = False) -> pd.DataFrame:
+    """Run every pending notebook of a study; returns the summary (one row per run). ``reports_only``: run nothing,
+    render the study's reports, answers and index from the runs finished so far (a look at a study part-way)."""
     t_start = time.time()
     runs = study_runs(study_params)
     todo = pending(runs, settings)
@@ -199,7 +200,13 @@ def run_study(study_params: Path, settings: RunnerSettings) -> pd.DataFrame:
                     "answers read every run folder, so move them out of %s: %s", study, study_dir, study_params,
                     study_dir, ", ".join(stray))
     rows = {run.name: {"run": run.name, "status": "current", "minutes": 0.0, "error": ""} for run in runs}
-    if not todo:
+    if reports_only:
+        for run, _ in todo:
+            rows[run.name]["status"] = "pending"
+        log.info("study %s: reports only — %d of %d runs finished and current, %d pending (not run)",
+                 study, len(runs) - len(todo), len(runs), len(todo))
+        todo = []
+    elif not todo:
         log.info("study %s: all %d runs are finished and current; nothing to do", study, len(runs))
     else:
         threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.jobs)
@@ -238,9 +245,9 @@ def run_study(study_params: Path, settings: RunnerSettings) -> pd.DataFrame:
     from saelib.study import REPORTS_DIR
 
     for nb in map(Path, settings.study_notebooks):
-        if todo or not (REPORTS_DIR / study / f"{nb.stem}.html").exists():
+        if todo or reports_only or not (REPORTS_DIR / study / f"{nb.stem}.html").exists():
             log.info("report: %s", run_study_notebook(nb, runs[0].cfg.run_dir.parent, study))
-    if todo or not (REPORTS_DIR / study / "index.html").exists():
+    if todo or reports_only or not (REPORTS_DIR / study / "index.html").exists():
         from saelib.answers import write_answers
         from saelib.reports import build_index
 
@@ -285,12 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-profile", choices=("smoke", "default"))
     parser.add_argument("--evals", nargs="+", help="evals to run (default: the evaluate notebook's list)")
     parser.add_argument("--notebooks", nargs="+", help="per-run notebooks, in order")
+    parser.add_argument("--reports-only", action="store_true",
+                        help="run nothing; render the reports, answers and index from the runs finished so far")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         settings = load_runner_settings(Path(args.study), {
             "jobs": args.jobs, "eval_profile": args.eval_profile, "evals": args.evals, "notebooks": args.notebooks})
-        summary = run_study(Path(args.study), settings)
+        summary = run_study(Path(args.study), settings, reports_only=args.reports_only)
     except ConfigError as err:
         log.error("%s", err)
         return 2

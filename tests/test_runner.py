@@ -133,3 +133,17 @@ def test_runs_go_seed_by_seed_with_the_baseline_first(study):
         (study / f"{name}.yaml").write_text(f"seed: {seed}\n")
     assert [r.name for r in study_runs(study)] == [
         "topk_s0", "gram_s0", "topk_s1", "batchtopk_s1", "gram_s1", "topk_s2"]
+
+
+def test_reports_only_runs_nothing_and_renders_the_index_from_the_finished_runs(study, caplog):
+    caplog.set_level(logging.INFO)
+    (study / "topk_s2.yaml").unlink()
+    run_study(study, settings())  # two runs finished
+    (study / "topk_s2.yaml").write_text("seed: 2\n")
+    index = study.parent.parent / "reports" / "mini" / "index.html"
+    index.unlink()
+    summary = run_study(study, settings(), reports_only=True).set_index("run")
+    assert list(summary["status"]) == ["current", "current", "pending"]
+    assert not (study.parent.parent / "runs" / "mini" / "topk_s2").exists()  # not run
+    assert index.exists() and "2 of 3 runs finished and current, 1 pending" in caplog.text
+    assert main([str(study), "--reports-only", "--notebooks", "notebooks/evaluate.ipynb"]) == 0
