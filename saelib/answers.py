@@ -141,7 +141,17 @@ def _profile_line(study_dir: Path, results: pd.DataFrame) -> str:
             f"{cfg['training_tokens']:,} training tokens. Brackets: 95 % t-interval over seeds (paired by seed for "
             f"differences); a difference is called better/worse (or higher/lower) only when its interval excludes 0."
             + (" One seed: every number below is a single measurement without an interval, and no difference is "
-               "called." if len(seeds) == 1 else ""))
+               "called." if len(seeds) == 1 else "") + _unequal_seeds(results))
+
+
+def _unequal_seeds(results: pd.DataFrame) -> str:
+    """A study part-way has configurations with fewer seeds than others: say how many, so no reader assumes all."""
+    per_config = results.groupby("config")["seed"].nunique()
+    if per_config.nunique() < 2:
+        return ""
+    counts = per_config.value_counts().sort_index(ascending=False)
+    return (" Not every configuration has every seed yet (a study part-way): " + ", ".join(
+        f"{n} configuration{'s' * (n > 1)} with {k} seed{'s' * (k > 1)}" for k, n in counts.items()) + ".")
 
 
 def _weights_loader(study_dir: Path):

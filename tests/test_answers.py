@@ -138,3 +138,13 @@ def test_a_one_seed_study_says_so_once_instead_of_after_every_number(tmp_path):
     assert "without an interval (one shared seed)" in text  # the counts still say why nothing is called
     two = answers.study_answers("fx", FIXTURE, reports_dir=None).markdown
     assert "One seed: every number" not in two
+
+
+def test_a_study_part_way_says_how_many_seeds_each_configuration_has(tmp_path):
+    import shutil
+
+    for run in ("topk_s0", "topk_s1", "sgo_t0.02_l0.02_s0"):
+        shutil.copytree(FIXTURE / run, tmp_path / "part" / run)
+    text = answers.study_answers("part", tmp_path / "part", reports_dir=None).markdown
+    assert "a study part-way): 1 configuration with 2 seeds, 1 configuration with 1 seed." in text
+    assert "part-way" not in answers.study_answers("fx", FIXTURE, reports_dir=None).markdown
