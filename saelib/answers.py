@@ -381,12 +381,18 @@ def headline_figure(paired: pd.DataFrame, path: Path) -> Path | None:
             ax.plot([row.difference], [yi], "o", color=c, ms=3.5,
                     mfc=c if row.seeds >= 2 else "none")  # hollow: one seed, no interval
         ax.axvline(0, color="0.2", lw=0.8, ls=":")
+        # the axis spans the differences (and 0), not the intervals: a two-seed interval (t = 12.7) would squash
+        # every other row; intervals beyond the edge are clipped there
+        points = np.append(part["difference"].dropna().to_numpy(), 0.0)
+        pad = 0.08 * (points.max() - points.min()) or 1e-6
+        ax.set_xlim(points.min() - pad, points.max() + pad)
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))  # small differences: long tick labels would overlap
         ax.set_yticks(y, configs)
     axes[0].invert_yaxis()
     fig.suptitle("difference from TopK, paired by seed (95 % CI; green better, red worse, blue changed; "
-                 "hollow: one seed)", fontsize=9)
+                 "hollow: one seed; intervals clipped at the panel edge)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
