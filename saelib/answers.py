@@ -23,7 +23,7 @@ import pandas as pd
 
 from saelib import io
 from saelib.evals.results import HEADLINE, study_results
-from saelib.stats import Interval, mean_ci, paired_vs_baseline, summarise, verdict
+from saelib.stats import NO_INTERVAL, NO_SPREAD, Interval, mean_ci, paired_vs_baseline, summarise, verdict
 
 REFERENCE_TAU = 0.02
 """The τ at which runs are compared on held-out competition (the competition eval's ``reference_tau``)."""
@@ -92,7 +92,7 @@ def _sgo_label(config: str) -> str:
 
 
 DETECTED = ("better", "worse", "higher", "lower")
-NO_INTERVAL = "not enough seeds for an interval"
+UNTESTED = (NO_INTERVAL, NO_SPREAD)
 
 
 def absorbing_pairs(study_dir: Path) -> pd.DataFrame:
@@ -259,11 +259,13 @@ def _quality_paragraph(results: pd.DataFrame, paired: pd.DataFrame) -> str:
         if part.empty:
             continue
         counts = part["verdict"].value_counts()
+        untested = counts.get(NO_INTERVAL, 0) + counts.get(NO_SPREAD, 0)
         better, worse = part[part["verdict"] == "better"], part[part["verdict"] == "worse"]
         text = (f"**{metric}**: of {len(part)} SGO configurations with λ > 0, {counts.get('better', 0)} better "
                 f"than TopK, {counts.get('worse', 0)} worse, {counts.get('no detectable difference', 0)} no "
-                f"detectable difference" + (f", {counts.get(NO_INTERVAL, 0)} without an interval (one shared seed)"
-                                            if counts.get(NO_INTERVAL, 0) else ""))
+                f"detectable difference" + (f", {untested} without an interval (one shared seed"
+                                            + (", or the same difference on every seed)" if counts.get(NO_SPREAD, 0)
+                                               else ")") if untested else ""))
         if len(better):
             best = better.sort_values("difference", key=lambda d: -d.abs()).iloc[0]
             text += f" (largest gain {_sgo_label(best.config)} {_diff(best)})"
@@ -287,11 +289,13 @@ def _quality_paragraph(results: pd.DataFrame, paired: pd.DataFrame) -> str:
                 lines.append(f"`{config}` vs `{base}`: not comparable yet (fewer than two shared seeds).")
                 continue
             detected = rows[rows["verdict"].isin(DETECTED)]
+            untested = int(rows["verdict"].isin(UNTESTED).sum())
             lines.append(f"`{config}` vs `{base}`: " + ("; ".join(f"{r.metric} {r.verdict} {_diff(r)}"
                                                                   for r in detected.itertuples())
                                                         if len(detected) else
-                                                        f"no detectable difference on any of {len(rows)} metrics")
-                         + ".")
+                                                        f"no detectable difference on any of {len(rows) - untested} "
+                                                        f"metrics with an interval")
+                         + (f" ({untested} without an interval)" if untested else "") + ".")
     return " ".join(lines)
 
 
@@ -346,7 +350,7 @@ def _threshold_paragraph(results: pd.DataFrame, paired: pd.DataFrame) -> str:
         if part.empty:
             continue
         detected = part[part["verdict"].isin(DETECTED)]
-        untested = part[part["verdict"] == NO_INTERVAL]
+        untested = part[part["verdict"].isin(UNTESTED)]
         lines.append(f"{metric}: " + ", ".join(f"τ {_tau_of(c):g} {_diff(r)}" for c, r in zip(part.index,
                                                                                             part.itertuples()))
                      + f" ({len(detected)} of {len(part)} detectably different from TopK"

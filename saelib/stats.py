@@ -62,7 +62,8 @@ def paired_vs_baseline(results: pd.DataFrame, metrics: dict[str, tuple[str, int]
 
     ``metrics`` maps "eval/metric" → (display name, direction): +1 when higher is better, −1 when lower is better,
     0 when neither (descriptive: the verdict then says "higher"/"lower"). The verdict is "better"/"worse" when the
-    95 % interval of the mean paired difference excludes 0, else "no detectable difference"."""
+    95 % interval of the mean paired difference excludes 0, else "no detectable difference"; NO_INTERVAL with one
+    shared seed, NO_SPREAD when every seed gave the same non-zero difference (a zero-width interval)."""
     keyed = results.assign(key=results["eval"] + "/" + results["metric"])
     keyed = keyed[keyed["key"].isin(metrics)]
     if baseline not in set(keyed[by]):
@@ -82,9 +83,15 @@ def paired_vs_baseline(results: pd.DataFrame, metrics: dict[str, tuple[str, int]
     return pd.DataFrame(rows, columns=[by, "metric", "seeds", "difference", "low", "high", "verdict"])
 
 
+NO_INTERVAL = "not enough seeds for an interval"
+NO_SPREAD = "the same difference on every seed, no spread for an interval"
+
+
 def verdict(ci: Interval, direction: int) -> str:
     if ci.n < 2:
-        return "not enough seeds for an interval"
+        return NO_INTERVAL
+    if ci.low == ci.high and ci.mean != 0:  # discrete metrics (accuracies) can repeat a difference on a few seeds: a
+        return NO_SPREAD                    # zero-width t interval is no evidence (identical runs: mean 0, no call)
     if ci.low > 0 or ci.high < 0:
         sign = 1 if ci.low > 0 else -1
         if direction == 0:

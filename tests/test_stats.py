@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from saelib.stats import mean_ci, paired_vs_baseline, summarise
+from saelib.stats import NO_SPREAD, mean_ci, paired_vs_baseline, summarise
 
 
 def test_mean_ci_matches_a_direct_t_interval():
@@ -26,14 +26,18 @@ def tidy(rows):
 
 def test_paired_verdicts_use_per_seed_differences():
     rows = [("topk", s, "ev", v) for s, v in enumerate([0.90, 0.80, 0.70])]
-    rows += [("sgo", s, "ev", v) for s, v in enumerate([0.91, 0.81, 0.71])]  # +0.01 on every seed: paired → better
+    rows += [("sgo", s, "ev", v) for s, v in enumerate([0.91, 0.812, 0.709])]  # +.01 +.012 +.009: paired → better
+    rows += [("same", s, "ev", v) for s, v in enumerate([0.91, 0.81, 0.71])]  # +0.01 exactly on every seed: no spread
+    rows += [("twin", s, "ev", v) for s, v in enumerate([0.90, 0.80, 0.70])]  # identical to the baseline
     rows += [("sgo", s, "abs", v) for s, v in enumerate([0.2, 0.3, 0.1])]
     rows += [("topk", s, "abs", v) for s, v in enumerate([0.1, 0.4, 0.2])]  # differences +.1 −.1 −.1: no difference
     rows += [("gram", s, "ev", v) for s, v in enumerate([0.85, 0.75, 0.66])]
     table = paired_vs_baseline(tidy(rows), {"e/ev": ("EV", +1), "e/abs": ("absorption", -1)}).set_index(
         ["config", "metric"])
     assert table.loc[("sgo", "EV"), "verdict"] == "better"
-    assert table.loc[("sgo", "EV"), "difference"] == pytest.approx(0.01)
+    assert table.loc[("sgo", "EV"), "difference"] == pytest.approx(0.031 / 3)
+    assert table.loc[("same", "EV"), "verdict"] == NO_SPREAD  # a zero-width interval is no evidence of a difference
+    assert table.loc[("twin", "EV"), "verdict"] == "no detectable difference"
     assert table.loc[("sgo", "absorption"), "verdict"] == "no detectable difference"
     assert table.loc[("gram", "EV"), "verdict"] == "worse"
     assert ("gram", "absorption") not in table.index or table.loc[("gram", "absorption"), "seeds"] == 0
