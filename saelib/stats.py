@@ -90,8 +90,10 @@ NO_SPREAD = "the same difference on every seed, no spread for an interval"
 def verdict(ci: Interval, direction: int) -> str:
     if ci.n < 2:
         return NO_INTERVAL
-    if ci.low == ci.high and ci.mean != 0:  # discrete metrics (accuracies) can repeat a difference on a few seeds: a
-        return NO_SPREAD                    # zero-width t interval is no evidence (identical runs: mean 0, no call)
+    # discrete metrics (accuracies over a fixed test set) can repeat a difference on a few seeds: a zero-width t
+    # interval (up to float rounding) is no evidence; identical runs (mean exactly 0) are no difference
+    if ci.mean != 0 and ci.high - ci.low <= 1e-9 * abs(ci.mean):
+        return NO_SPREAD
     if ci.low > 0 or ci.high < 0:
         sign = 1 if ci.low > 0 else -1
         if direction == 0:

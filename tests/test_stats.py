@@ -38,6 +38,10 @@ def test_paired_verdicts_use_per_seed_differences():
     assert table.loc[("sgo", "EV"), "difference"] == pytest.approx(0.031 / 3)
     assert table.loc[("same", "EV"), "verdict"] == NO_SPREAD  # a zero-width interval is no evidence of a difference
     assert table.loc[("twin", "EV"), "verdict"] == "no detectable difference"
+    # measured: two seeds of a probing accuracy, the same difference up to float rounding
+    real = tidy([("base", 0, "acc", 0.62569444444444444), ("base", 1, "acc", 0.63732638888888893),
+                 ("run", 0, "acc", 0.63229166666666670), ("run", 1, "acc", 0.64392361111111107)])
+    assert paired_vs_baseline(real, {"e/acc": ("top-1", 1)}, baseline="base")["verdict"].item() == NO_SPREAD
     assert table.loc[("sgo", "absorption"), "verdict"] == "no detectable difference"
     assert table.loc[("gram", "EV"), "verdict"] == "worse"
     assert ("gram", "absorption") not in table.index or table.loc[("gram", "absorption"), "seeds"] == 0
