@@ -259,7 +259,7 @@ def _quality_paragraph(results: pd.DataFrame, paired: pd.DataFrame) -> str:
         if part.empty:
             continue
         counts = part["verdict"].value_counts()
-        untested = counts.get(NO_INTERVAL, 0) + counts.get(NO_SPREAD, 0)
+        untested = int(part["verdict"].isin(UNTESTED).sum())
         better, worse = part[part["verdict"] == "better"], part[part["verdict"] == "worse"]
         text = (f"**{metric}**: of {len(part)} SGO configurations with λ > 0, {counts.get('better', 0)} better "
                 f"than TopK, {counts.get('worse', 0)} worse, {counts.get('no detectable difference', 0)} no "
