@@ -14,16 +14,19 @@
   and the exit code is 1 if anything failed.
 
 ``params/<study>/_runner.yaml`` (optional) sets ``jobs``, ``eval_profile``, ``evals`` and ``notebooks``; command-line
-flags override it. After the runs, study-level notebooks (``study_notebooks``) are executed with ``study_dir``.
+flags override it. After the runs, study-level notebooks (``study_notebooks``) are executed with ``study_dir`` —
+holding only the runs whose last notebook finished (:func:`finished_runs_view`) — then the answers and the index.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -31,7 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import yaml
@@ -219,6 +222,8 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
             run, notebooks = item
             start = time.time()
             status, error = "done", ""
+            for nb in notebooks:  # being redone, this one and the later ones: not finished until they finish again
+                stamp_path(run, nb).unlink(missing_ok=True)
             for nb in notebooks:
                 ok, error = execute_notebook(run, nb, notebook_parameters(nb, settings), threads)
                 if not ok:
@@ -244,21 +249,56 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
                  settings.jobs)
     from saelib.study import REPORTS_DIR
 
-    for nb in map(Path, settings.study_notebooks):
-        if todo or reports_only or not (REPORTS_DIR / study / f"{nb.stem}.html").exists():
-            log.info("report: %s", run_study_notebook(nb, runs[0].cfg.run_dir.parent, study))
-    if todo or reports_only or not (REPORTS_DIR / study / "index.html").exists():
-        from saelib.answers import write_answers
-        from saelib.reports import build_index
+    last = Path(settings.notebooks[-1])
+    unfinished = [run for run in runs if not stamp_path(run, last).exists()]  # finished once, current or not
+    with finished_runs_view(study_dir, runs, unfinished) as results_dir:
+        for nb in map(Path, settings.study_notebooks):
+            if todo or reports_only or not (REPORTS_DIR / study / f"{nb.stem}.html").exists():
+                try:
+                    log.info("report: %s", run_study_notebook(nb, results_dir, study, executed_dir=study_dir))
+                except Exception as err:  # noqa: BLE001 — e.g. no finished run yet: the answers and index still follow
+                    (REPORTS_DIR / study / f"{nb.stem}.html").unlink(missing_ok=True)  # never a report of older results
+                    reason = f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}"
+                    log.warning("report %s: none (%s; executed notebook: %s)", nb.stem, reason[:300],
+                                study_dir / nb.name)
+        if todo or reports_only or not (REPORTS_DIR / study / "index.html").exists():
+            from saelib.answers import write_answers
+            from saelib.reports import build_index
 
-        try:
-            log.info("answers: %s", write_answers(study, runs[0].cfg.run_dir.parent, REPORTS_DIR))
-        except Exception as err:  # noqa: BLE001 — no results yet, no TopK baseline, ...: the index is still built
-            (REPORTS_DIR / study / "answers.md").unlink(missing_ok=True)  # never show answers from older results
-            log.warning("answers: none (%s: %s)", type(err).__name__, err)
+            try:
+                log.info("answers: %s", write_answers(study, results_dir, REPORTS_DIR))
+            except Exception as err:  # noqa: BLE001 — no results yet, no TopK baseline, ...: the index is still built
+                (REPORTS_DIR / study / "answers.md").unlink(missing_ok=True)  # never show answers from older results
+                log.warning("answers: none (%s: %s)", type(err).__name__, err)
 
-        log.info("index: %s", build_index(study, runs[0].cfg.run_dir.parent, REPORTS_DIR))
+            log.info("index: %s", build_index(study, results_dir, REPORTS_DIR))
     return summary
+
+
+@contextlib.contextmanager
+def finished_runs_view(study_dir: Path, runs: list[Run], unfinished: list[Run]) -> Iterator[Path]:
+    """``study_dir`` itself, or — when some runs are unfinished (running, failed, never run to the end) but already
+    hold files (train writes its metrics, evaluate each eval's results as it ends) — a temporary folder of the same
+    name linking only the other runs, so the reports never count half-evaluated runs. Removed on exit."""
+    started = {run.name for run in unfinished if run.cfg.run_dir.exists()}
+    if not started:
+        yield study_dir
+        return
+    parent = study_dir.parent / ".finished-runs"
+    view = parent / study_dir.name
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    try:
+        for run in runs:
+            if run.name not in started and run.cfg.run_dir.exists():
+                (view / run.name).symlink_to(run.cfg.run_dir.resolve(), target_is_directory=True)
+        log.info("study %s: the reports leave out %d unfinished run(s) that already hold files: %s",
+                 study_dir.name, len(started), ", ".join(sorted(started)))
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 def study_timings(runs: list[Run], settings: RunnerSettings) -> pd.DataFrame:
@@ -273,15 +313,13 @@ def study_timings(runs: list[Run], settings: RunnerSettings) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "notebook", "seconds", "finished", "threads"])
 
 
-def run_study_notebook(notebook: Path, study_dir: Path, study: str) -> Path:
-    """A study-level notebook (compare, competition) over ``study_dir`` → ``reports/<study>/<notebook>.html``."""
-    import papermill
+def run_study_notebook(notebook: Path, study_dir: Path, study: str, executed_dir: Path | None = None) -> Path:
+    """A study-level notebook (compare, competition) over ``study_dir`` → ``reports/<study>/<notebook>.html``; the
+    executed notebook is kept in ``executed_dir`` (default ``study_dir``)."""
+    from saelib.study import REPORTS_DIR, execute, render_report
 
-    from saelib.study import REPORTS_DIR, render_report
-
-    executed = study_dir / notebook.name
-    papermill.execute_notebook(str(notebook), str(executed), parameters={"study_dir": str(study_dir)},
-                               cwd=str(Path.cwd()), progress_bar=False)
+    executed = Path(executed_dir or study_dir) / notebook.name
+    execute(notebook, executed, {"study_dir": str(study_dir)})
     return render_report(executed, REPORTS_DIR / study / f"{notebook.stem}.html")
 
 

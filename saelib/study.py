@@ -23,20 +23,61 @@ def run_notebook(notebook: str | Path, params_file: str | Path, reports_dir: Pat
     """Run ``notebook`` with ``params_file`` (and any further papermill ``parameters``); return the HTML report
     path: ``reports/<study>/<run>.html`` for train.ipynb, ``<run>.<notebook>.html`` for the others. Raises if the
     notebook fails (its executed copy, with the error, stays in the run folder)."""
-    import papermill
-
     notebook, params_file = Path(notebook), Path(params_file)
     cfg = build_config(params_file=params_file)  # validate before writing anything
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     executed = cfg.run_dir / notebook.name
     start = time.time()
     try:
-        papermill.execute_notebook(str(notebook), str(executed), parameters={"params_file": str(params_file), **(parameters or {})},
-                                   cwd=str(Path.cwd()), progress_bar=True)
+        execute(notebook, executed, {"params_file": str(params_file), **(parameters or {})}, progress_bar=True)
     finally:
         log.info("%s finished in %.0f s", executed, time.time() - start)
     stem = "" if notebook.stem == "train" else f".{notebook.stem}"
     return render_report(executed, reports_dir / cfg.study / f"{cfg.run_name}{stem}.html")
+
+
+def execute(notebook: str | Path, executed: str | Path, parameters: dict, progress_bar: bool = False) -> None:
+    """papermill ``notebook`` → ``executed`` with ``parameters``, in the current directory, on a kernel reached over
+    Unix sockets (:func:`ipc_kernel_manager`), so that notebooks started side by side by the runner cannot collide."""
+    import os
+
+    import papermill
+
+    extra = {} if os.name == "nt" else {"kernel_manager_class": ipc_kernel_manager()}  # no Unix sockets on Windows
+    papermill.execute_notebook(str(notebook), str(executed), parameters=parameters, cwd=str(Path.cwd()),
+                               progress_bar=progress_bar, **extra)
+
+
+def ipc_kernel_manager() -> type:
+    """jupyter_client's AsyncKernelManager on the ``ipc`` transport with its sockets in a private temporary directory.
+
+    Over TCP the manager picks free ports by binding and releasing them, then the kernel binds them a few seconds
+    later; a second kernel (or any client socket) started in that window can take one, and the kernel dies with
+    "Kernel died before replying to kernel_info" (1 in 120 papermill runs at 6 at a time here). Unix socket paths
+    are private to the kernel, so there is nothing to race for."""
+    import shutil
+    import tempfile
+
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self) -> str:
+            return "ipc"
+
+        @default("ip")
+        def _ip_default(self) -> str:  # absolute and short: a Unix socket path holds at most 107 bytes
+            short = None if len(tempfile.gettempdir()) < 64 else "/tmp"
+            return str(Path(tempfile.mkdtemp(prefix="saelib-kernel-", dir=short)) / "ipc")
+
+        def cleanup_ipc_files(self) -> None:
+            super().cleanup_ipc_files()
+            folder = Path(self.ip).parent
+            if folder.name.startswith("saelib-kernel-"):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    return IPCKernelManager
 
 
 def render_report(executed: Path, html_path: Path) -> Path:

@@ -147,3 +147,73 @@ def test_reports_only_runs_nothing_and_renders_the_index_from_the_finished_runs(
     assert not (study.parent.parent / "runs" / "mini" / "topk_s2").exists()  # not run
     assert index.exists() and "2 of 3 runs finished and current, 1 pending" in caplog.text
     assert main([str(study), "--reports-only", "--notebooks", "notebooks/evaluate.ipynb"]) == 0
+
+
+def test_notebooks_run_on_unix_sockets_and_leave_no_socket_folder(tmp_path):
+    """Side-by-side notebooks must not race for TCP ports (CI lost a tiny-study run to "Kernel died before replying
+    to kernel_info"): saelib.study.execute starts kernels on the ipc transport and removes their socket folder."""
+    from saelib.study import execute
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("x = 0", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import json\nfrom ipykernel import get_connection_info\n"
+                                          "info = json.loads(get_connection_info())\n"
+                                          "print(json.dumps({'x': x, 'transport': info['transport'], 'ip': info['ip']}))")]
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    execute(tmp_path / "in.ipynb", tmp_path / "out.ipynb", {"x": 7})
+    printed = json.loads(nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0]["text"])
+    assert printed["x"] == 7 and printed["transport"] == "ipc"
+    assert Path(printed["ip"]).is_absolute() and not Path(printed["ip"]).parent.exists()
+
+
+def test_study_reports_leave_out_unfinished_runs(study, caplog):
+    """A run that failed or was killed part-way holds some results; the study notebooks must not count it."""
+    caplog.set_level(logging.INFO)
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('study_dir = ""', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import json\nfrom pathlib import Path\n"
+                                          "print(json.dumps(sorted(p.name for p in Path(study_dir).iterdir())))")]
+    nbformat.write(nb, study.parent.parent / "notebooks" / "compare.ipynb")
+    (study / "bad.yaml").write_text("seed: 13\n")
+    runs = study.parent.parent / "runs" / "mini"
+    (runs / "topk_s1").mkdir(parents=True)
+    (runs / "topk_s1" / "kill-me").write_text("")
+    with_compare = settings(study_notebooks=["notebooks/compare.ipynb"])
+
+    def seen() -> list[str]:
+        executed = nbformat.read(runs / "compare.ipynb", as_version=4)  # kept in the study folder
+        return [name for name in json.loads(executed.cells[-1].outputs[0]["text"]) if not name.endswith(".ipynb")]
+
+    summary = run_study(study, with_compare).set_index("run")
+    assert summary.loc["topk_s1", "status"] == summary.loc["bad", "status"] == "failed in evaluate"
+    assert (runs / "topk_s1" / "steps.jsonl").exists()  # partial results on disk ...
+    assert seen() == ["topk_s0", "topk_s2"]  # ... but not in the study's reports
+    assert "leave out 2 unfinished run(s) that already hold files: bad, topk_s1" in caplog.text
+    assert not (runs.parent / ".finished-runs").exists()
+    assert (study.parent.parent / "reports" / "mini" / "compare.html").exists()
+    run_study(study, with_compare, reports_only=True)
+    assert seen() == ["topk_s0", "topk_s2"]
+    run_study(study, with_compare)  # topk_s1 resumes and finishes; bad fails again
+    assert seen() == ["topk_s0", "topk_s1", "topk_s2"]
+    (runs / "topk_s0" / ".runner" / "evaluate.json").write_text("{}")  # stale (config changed): finished once
+    caplog.clear()
+    run_study(study, with_compare, reports_only=True)
+    assert seen() == ["topk_s0", "topk_s1", "topk_s2"] and "2 of 4 runs finished and current, 2 pending" in caplog.text
+
+
+def test_a_failing_study_notebook_is_reported_and_leaves_no_old_report(study, caplog):
+    caplog.set_level(logging.INFO)
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('study_dir = ""', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("raise ValueError('no eval results')")]
+    nbformat.write(nb, study.parent.parent / "notebooks" / "compare.ipynb")
+    old = study.parent.parent / "reports" / "mini" / "compare.html"
+    old.parent.mkdir(parents=True)
+    old.write_text("older results")
+    summary = run_study(study, settings(study_notebooks=["notebooks/compare.ipynb"]))
+    assert list(summary["status"]) == ["done"] * 3 and not old.exists()
+    assert "report compare: none (ValueError: no eval results" in caplog.text
+    assert (study.parent.parent / "reports" / "mini" / "index.html").exists()
