@@ -284,10 +284,11 @@ def finished_runs_view(study_dir: Path, runs: list[Run], unfinished: list[Run]) 
     if not started:
         yield study_dir
         return
-    parent = study_dir.parent / ".finished-runs"
+    import tempfile
+
+    parent = Path(tempfile.mkdtemp(prefix=".finished-runs-", dir=study_dir.parent))  # one per call: calls may overlap
     view = parent / study_dir.name
-    shutil.rmtree(view, ignore_errors=True)
-    view.mkdir(parents=True)
+    view.mkdir()
     try:
         for run in runs:
             if run.name not in started and run.cfg.run_dir.exists():
@@ -296,9 +297,7 @@ def finished_runs_view(study_dir: Path, runs: list[Run], unfinished: list[Run]) 
                  study_dir.name, len(started), ", ".join(sorted(started)))
         yield view
     finally:
-        shutil.rmtree(view, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            parent.rmdir()
+        shutil.rmtree(parent, ignore_errors=True)  # the links only, never the runs they point to
 
 
 def study_timings(runs: list[Run], settings: RunnerSettings) -> pd.DataFrame:
