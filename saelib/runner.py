@@ -247,21 +247,27 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
         log.info("study %s: %d current notebook runs on record, %.2f h of notebook time (≈ %.2f h wall at %d jobs)", study,
                  len(timings), timings["seconds"].sum() / 3600, timings["seconds"].sum() / 3600 / settings.jobs,
                  settings.jobs)
-    from saelib.study import REPORTS_DIR
+    render_study_reports(study, study_dir, runs, settings, force=bool(todo) or reports_only)
+    return summary
+
+
+def render_study_reports(study: str, study_dir: Path, runs: list[Run], settings: RunnerSettings, force: bool) -> None:
+    """The study notebooks' HTML reports, the answers and the index, from the finished runs only; ``force``: even
+    when they exist (something ran, or a look part-way was asked for)."""
+    from saelib.study import REPORTS_DIR, failure_reason
 
     last = Path(settings.notebooks[-1])
     unfinished = [run for run in runs if not stamp_path(run, last).exists()]  # finished once, current or not
     with finished_runs_view(study_dir, runs, unfinished) as results_dir:
         for nb in map(Path, settings.study_notebooks):
-            if todo or reports_only or not (REPORTS_DIR / study / f"{nb.stem}.html").exists():
+            if force or not (REPORTS_DIR / study / f"{nb.stem}.html").exists():
                 try:
                     log.info("report: %s", run_study_notebook(nb, results_dir, study, executed_dir=study_dir))
                 except Exception as err:  # noqa: BLE001 — e.g. no finished run yet: the answers and index still follow
                     (REPORTS_DIR / study / f"{nb.stem}.html").unlink(missing_ok=True)  # never a report of older results
-                    reason = f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}"
-                    log.warning("report %s: none (%s; executed notebook: %s)", nb.stem, reason[:300],
+                    log.warning("report %s: none (%s; executed notebook: %s)", nb.stem, failure_reason(err)[:300],
                                 study_dir / nb.name)
-        if todo or reports_only or not (REPORTS_DIR / study / "index.html").exists():
+        if force or not (REPORTS_DIR / study / "index.html").exists():
             from saelib.answers import write_answers
             from saelib.reports import build_index
 
@@ -272,7 +278,6 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
                 log.warning("answers: none (%s: %s)", type(err).__name__, err)
 
             log.info("index: %s", build_index(study, results_dir, REPORTS_DIR))
-    return summary
 
 
 @contextlib.contextmanager

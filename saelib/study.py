@@ -80,6 +80,11 @@ def ipc_kernel_manager() -> type:
     return IPCKernelManager
 
 
+def failure_reason(err: Exception) -> str:
+    """``Name: message`` of a failure; for papermill's PapermillExecutionError, the notebook's own exception."""
+    return f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}"
+
+
 def render_report(executed: Path, html_path: Path) -> Path:
     """nbconvert an executed notebook to HTML without its input cells."""
     from nbconvert import HTMLExporter
@@ -117,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s: %s", params_file, err)
             failed += 1
         except Exception as err:  # papermill's PapermillExecutionError and friends: keep going
-            reason = f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}"
-            log.error("%s failed: %s", params_file, reason[:500])
+            log.error("%s failed: %s", params_file, failure_reason(err)[:500])
             failed += 1
     return 1 if failed else 0
 

@@ -32,15 +32,20 @@ for step in range(len(done) + 1, 4):  # resumes after the last step written, lik
 '''
 
 
+def stub_notebook(path, parameters: str, *cells: str) -> None:
+    """A python3 notebook: a ``parameters`` cell, then ``cells``."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
+                *map(nbformat.v4.new_code_cell, cells)]
+    nbformat.write(nb, path)
+
+
 @pytest.fixture
 def study(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell('params_file = ""\neval_profile = "smoke"', metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell(STUB)]
     (tmp_path / "notebooks").mkdir()
-    nbformat.write(nb, tmp_path / "notebooks" / "evaluate.ipynb")
+    stub_notebook(tmp_path / "notebooks" / "evaluate.ipynb", 'params_file = ""\neval_profile = "smoke"', STUB)
     params = tmp_path / "params" / "mini"
     params.mkdir(parents=True)
     (params / "_study.yaml").write_text(f"runs_dir: {tmp_path / 'runs'}\nmodel_name: tiny-random\nhook_layer: 0\n")
@@ -154,13 +159,9 @@ def test_notebooks_run_on_unix_sockets_and_leave_no_socket_folder(tmp_path):
     to kernel_info"): saelib.study.execute starts kernels on the ipc transport and removes their socket folder."""
     from saelib.study import execute
 
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell("x = 0", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("import json\nfrom ipykernel import get_connection_info\n"
-                                          "info = json.loads(get_connection_info())\n"
-                                          "print(json.dumps({'x': x, 'transport': info['transport'], 'ip': info['ip']}))")]
-    nbformat.write(nb, tmp_path / "in.ipynb")
+    stub_notebook(tmp_path / "in.ipynb", "x = 0", "import json\nfrom ipykernel import get_connection_info\n"
+                  "info = json.loads(get_connection_info())\n"
+                  "print(json.dumps({'x': x, 'transport': info['transport'], 'ip': info['ip']}))")
     execute(tmp_path / "in.ipynb", tmp_path / "out.ipynb", {"x": 7})
     printed = json.loads(nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0]["text"])
     assert printed["x"] == 7 and printed["transport"] == "ipc"
@@ -170,12 +171,9 @@ def test_notebooks_run_on_unix_sockets_and_leave_no_socket_folder(tmp_path):
 def test_study_reports_leave_out_unfinished_runs(study, caplog):
     """A run that failed or was killed part-way holds some results; the study notebooks must not count it."""
     caplog.set_level(logging.INFO)
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell('study_dir = ""', metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("import json\nfrom pathlib import Path\n"
-                                          "print(json.dumps(sorted(p.name for p in Path(study_dir).iterdir())))")]
-    nbformat.write(nb, study.parent.parent / "notebooks" / "compare.ipynb")
+    stub_notebook(study.parent.parent / "notebooks" / "compare.ipynb", 'study_dir = ""',
+                  "import json\nfrom pathlib import Path\n"
+                  "print(json.dumps(sorted(p.name for p in Path(study_dir).iterdir())))")
     (study / "bad.yaml").write_text("seed: 13\n")
     runs = study.parent.parent / "runs" / "mini"
     (runs / "topk_s1").mkdir(parents=True)
@@ -205,11 +203,8 @@ def test_study_reports_leave_out_unfinished_runs(study, caplog):
 
 def test_a_failing_study_notebook_is_reported_and_leaves_no_old_report(study, caplog):
     caplog.set_level(logging.INFO)
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell('study_dir = ""', metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("raise ValueError('no eval results')")]
-    nbformat.write(nb, study.parent.parent / "notebooks" / "compare.ipynb")
+    stub_notebook(study.parent.parent / "notebooks" / "compare.ipynb", 'study_dir = ""',
+                  "raise ValueError('no eval results')")
     old = study.parent.parent / "reports" / "mini" / "compare.html"
     old.parent.mkdir(parents=True)
     old.write_text("older results")
