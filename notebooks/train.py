@@ -56,6 +56,8 @@ log_every = 10
 seed = 0
 device = "cpu"
 dtype = "float32"
+sae_precision = "auto"  # SAE encoder matmul: auto = bf16 where the CPU/GPU has it natively, else float32
+lm_precision = "auto"  # language model weights for activations and evals (same rule)
 
 # %%
 import logging

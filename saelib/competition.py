@@ -29,14 +29,19 @@ def fired_pairs(acts_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     Returns ``(fired_F_count, pair_keys)``: per-latent firing counts (d_sae,) and the int64 keys i·d_sae + j
     (i < j) of every co-firing event (with repeats), computed from the top-``k`` entries of each row only.
     """
-    B, F = acts_BF.shape
-    k = min(k, F)
+    k = min(k, acts_BF.shape[1])
     vals_BK, idx_BK = acts_BF.detach().topk(k, dim=-1, sorted=False)
-    fired_BK = vals_BK > 0
+    return fired_pairs_topk(idx_BK, vals_BK > 0, acts_BF.shape[1])
+
+
+def fired_pairs_topk(idx_BK: torch.Tensor, fired_BK: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fired_pairs`` from a TopK selection already made: latent ids ``idx_BK`` and whether each fired."""
+    F = d_sae
+    k = idx_BK.shape[1]
     all_fired = bool(fired_BK.all())  # the usual TopK case: no masking needed
     fired_idx = idx_BK.reshape(-1) if all_fired else idx_BK[fired_BK]
     counts_F = torch.bincount(fired_idx, minlength=F).to(torch.float32)
-    lo, hi = torch.triu_indices(k, k, offset=1, device=acts_BF.device)
+    lo, hi = torch.triu_indices(k, k, offset=1, device=idx_BK.device)
     a_BP, b_BP = idx_BK[:, lo], idx_BK[:, hi]
     keys_BP = torch.minimum(a_BP, b_BP).long() * F + torch.maximum(a_BP, b_BP).long()
     if all_fired:
@@ -85,10 +90,17 @@ class CompetitionStats:
     @torch.no_grad()
     def update(self, acts_BF: torch.Tensor, k: int) -> None:
         """Add one batch of SAE activations (B, d_sae); fold the window into the averages when it is full."""
-        counts_F, keys = fired_pairs(acts_BF, k)
+        self._add(*fired_pairs(acts_BF, k), acts_BF.shape[0])
+
+    @torch.no_grad()
+    def update_fired(self, idx_BK: torch.Tensor, fired_BK: torch.Tensor) -> None:
+        """``update`` from a TopK selection already made (the sparse step's): no dense activations needed."""
+        self._add(*fired_pairs_topk(idx_BK, fired_BK, self.d_sae), idx_BK.shape[0])
+
+    def _add(self, counts_F: torch.Tensor, keys: torch.Tensor, n_tokens: int) -> None:
         self._pending_counts_F += counts_F
         self._pending_keys.append(keys)
-        self._pending_tokens += acts_BF.shape[0]
+        self._pending_tokens += n_tokens
         self.n_updates += 1
         if len(self._pending_keys) >= self.window:
             self.flush()

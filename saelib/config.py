@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from saelib.models import MODELS
+from saelib.sparse_step import resolve_precision
 
 #: Architectures that train through sae_lens's TrainingSAE registry. ``sgo_topk`` and the orthogonal
 #: variants are registered by ``saelib.saes``; the rest are sae_lens's own.
@@ -37,6 +38,7 @@ ARCH_PARAMS = {
     "competition_sample_pairs": ("sgo_topk",),
     "competition_window": ("sgo_topk",),
     "orth_chunk_size": ("ortsae_topk",),
+    "sae_precision": ("topk", *ORTHOGONAL),
 }
 
 
@@ -119,6 +121,12 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    sae_precision: str = "auto"
+    """Encoder matmul of the sparse TopK step (TopK family): ``auto`` (bf16 where native), ``float32`` or
+    ``bfloat16``. Weights and Adam stay fp32."""
+    lm_precision: str = "auto"
+    """The language model's weights for activations and evals: ``auto`` (bf16 where native), ``float32`` or
+    ``bfloat16``. Activations are cached as fp32 either way; the cache is keyed by this choice."""
 
     def __post_init__(self) -> None:
         self._validate()
@@ -150,6 +158,11 @@ class RunConfig:
         _check(self.dead_feature_window > 0 and self.log_every > 0 and self.n_checkpoints >= 0,
                "dead_feature_window", "positive dead_feature_window and log_every, non-negative n_checkpoints")
         _check(self.lr_warm_up_steps >= 0, "lr_warm_up_steps", f">= 0, got {self.lr_warm_up_steps}")
+        for name in ("sae_precision", "lm_precision"):
+            try:
+                resolve_precision(getattr(self, name), self.device, name)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         self._validate_arch_params()
 
     def _validate_arch_params(self) -> None:
@@ -191,12 +204,21 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.study / self.run_name
 
+    def resolved_precisions(self) -> dict[str, str]:
+        """What ``auto`` means on this machine: ``{"sae_precision_used": ..., "lm_precision_used": ...}``.
+        The SAE side is fp32 for architectures outside the sparse TopK step."""
+        sae = resolve_precision(self.sae_precision, self.device) if self.architecture in ARCH_PARAMS["sae_precision"] \
+            else "float32"
+        return {"sae_precision_used": sae, "lm_precision_used": resolve_precision(self.lm_precision, self.device)}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def training_key(self) -> dict[str, Any]:
-        """The fields that determine the trained weights (run folder names and places excluded)."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("study", "run_name", "runs_dir")}
+        """The fields that determine the trained weights (run folder names and places excluded), with the
+        precisions actually used: a run resumed on a machine that resolves ``auto`` otherwise starts fresh."""
+        key = {k: v for k, v in self.to_dict().items() if k not in ("study", "run_name", "runs_dir")}
+        return {**key, **self.resolved_precisions()}
 
 
 def _check(ok: bool, name: str, expected: str) -> None:

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sae_lens import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig, register_sae_training_class
-from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
+from sae_lens import register_sae_training_class
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from saelib.competition import CompetitionStats
+from saelib.sparse_step import SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig
 
 ORTH_LOSS = "orth_loss"
 
@@ -113,8 +114,9 @@ def _check(ok: bool, name: str, expected: str) -> None:
 
 
 @dataclass
-class OrthTopKTrainingSAEConfig(TopKTrainingSAEConfig):
-    """Shared by the orthogonal TopK variants. Saved for inference as a plain sae_lens TopK SAE."""
+class OrthTopKTrainingSAEConfig(SparseTopKTrainingSAEConfig):
+    """Shared by the orthogonal TopK variants (on saelib's sparse TopK step). Saved for inference as a plain
+    sae_lens TopK SAE."""
 
     orth_pen: float = 0.0
     """λ ≥ 0, weight of the orthogonality penalty (0 reproduces TopK exactly)."""
@@ -123,9 +125,6 @@ class OrthTopKTrainingSAEConfig(TopKTrainingSAEConfig):
         super().__post_init__()
         _check(math.isfinite(self.orth_pen) and self.orth_pen >= 0, "orth_pen",
                f"a finite number >= 0, got {self.orth_pen}")
-
-    def get_inference_config_class(self) -> type[SAEConfig]:
-        return TopKSAEConfig
 
 
 @dataclass
@@ -187,8 +186,8 @@ class GramTopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
 
 
 # ---------------------------------------------------------------------------------------------- SAEs
-class _OrthTopKTrainingSAE(TopKTrainingSAE):
-    """A TopK training SAE plus ``orth_loss = λ · penalty(W_dec)``; subclasses define the penalty."""
+class _OrthTopKTrainingSAE(SparseTopKTrainingSAE):
+    """saelib's sparse TopK training SAE plus ``orth_loss = λ · penalty(W_dec)``; subclasses define the penalty."""
 
     cfg: OrthTopKTrainingSAEConfig
 
@@ -242,7 +241,11 @@ class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
                                             cfg.competition_window, device=cfg.device)
 
     def orth_penalty(self, step_input, feature_acts):
-        self.competition.update(feature_acts, self.cfg.k)
+        fired = self.fired()
+        if fired is not None:
+            self.competition.update_fired(*fired)
+        else:
+            self.competition.update(feature_acts, self.cfg.k)
         if step_input.n_training_steps < self.cfg.competition_warmup_steps:
             self.orth_metrics = {"n_competing_pairs": 0, "competing_mean_cos2": float("nan")}
             return None

@@ -20,10 +20,11 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE
+from sae_lens.training.optim import get_lr_scheduler
 
 from saelib import io
 from saelib.activations import ActivationCache, iter_training_batches
-from saelib.config import ORTHOGONAL, RunConfig
+from saelib.config import ARCH_PARAMS, ORTHOGONAL, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,14 @@ def sae_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
                       competition_window=cfg.competition_window)
     if cfg.architecture == "ortsae_topk":
         kwargs["orth_chunk_size"] = cfg.orth_chunk_size
+    if cfg.architecture in ARCH_PARAMS["sae_precision"]:
+        kwargs["sae_precision"] = cfg.sae_precision
     return kwargs
+
+
+#: Architectures trained by saelib's sparse TopK step under another registered training name (all are saved as
+#: sae_lens ``topk``); the orthogonal ones are built on that step already.
+SPARSE_STEP = {"topk": "saelib_topk"}
 
 
 def matryoshka_widths(d_sae: int) -> list[int]:
@@ -62,7 +70,7 @@ def build_training_sae(cfg: RunConfig, d_in: int) -> TrainingSAE:
     """A freshly initialised training SAE of ``cfg.architecture`` from sae_lens's registry, seeded by ``cfg.seed``."""
     import saelib.saes  # noqa: F401  (registers saelib's architectures with sae_lens)
 
-    sae_cls, sae_cfg_cls = get_sae_training_class(cfg.architecture)
+    sae_cls, sae_cfg_cls = get_sae_training_class(SPARSE_STEP.get(cfg.architecture, cfg.architecture))
     metadata = SAEMetadata(
         model_name=cfg.model_name, hook_name=cfg.hook_name, context_size=cfg.context_size, prepend_bos=True,
         dataset_path=cfg.dataset, exclude_special_tokens=True,
@@ -76,12 +84,27 @@ def build_training_sae(cfg: RunConfig, d_in: int) -> TrainingSAE:
 
 
 class HistoryTrainer(SAETrainer):
-    """sae_lens's trainer, plus a history row every ``log_every`` steps and a stop on a non-finite loss."""
+    """sae_lens's trainer, plus a history row every ``log_every`` steps, a stop on a non-finite loss and a fused
+    Adam (same update as sae_lens's, one kernel per step instead of a loop over parameters: 6 ms instead of 60 ms
+    at 16k latents on 2 CPU cores)."""
 
     def __init__(self, *args, log_every: int, history_path: Path, **kwargs):
         super().__init__(*args, **kwargs)
         self.log_every = log_every
         self.history_path = history_path
+        self._use_fused_adam()
+
+    def _use_fused_adam(self) -> None:
+        params = list(self.sae.parameters())
+        if not all(p.dtype in (torch.float32, torch.float64) for p in params):
+            return
+        self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
+                                          fused=True)
+        self.lr_scheduler = get_lr_scheduler(
+            self.cfg.lr_scheduler_name, lr=self.cfg.lr, optimizer=self.optimizer,
+            warm_up_steps=self.cfg.lr_warm_up_steps, decay_steps=self.cfg.lr_decay_steps,
+            training_steps=self.cfg.total_training_steps, lr_end=self.cfg.lr_end, num_cycles=self.cfg.n_restart_cycles,
+        )
 
     def save_checkpoint(self, checkpoint_name: str, base_path=None, wandb_aliases=None) -> None:
         """sae_lens's checkpoint plus the SAE's competition statistics, written first: the trainer state
@@ -129,7 +152,10 @@ def train_sae(cfg: RunConfig, cache: ActivationCache, run_dir: Path | None = Non
     The returned SAE works on raw activations: the centring mean and the normalisation scale are folded in.
     """
     run_dir = Path(run_dir or cfg.run_dir)
-    reset = io.prepare_run_dir(run_dir, cfg.to_dict(), cfg.training_key())
+    used = cfg.resolved_precisions()
+    reset = io.prepare_run_dir(run_dir, {**cfg.to_dict(), **used}, cfg.training_key())
+    log.info("%s: SAE step in %s, LM in %s (auto resolves to bf16 where this machine has it natively)", run_dir,
+             used["sae_precision_used"], used["lm_precision_used"])
     if not reset and (run_dir / io.SAE_DIR / SAE_CFG_FILENAME).exists():
         log.info("%s is already trained with this configuration; loading it", run_dir)
         return SAE.load_from_disk(run_dir / io.SAE_DIR, device=cfg.device)

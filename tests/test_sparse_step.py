@@ -1,0 +1,103 @@
+"""The sparse TopK step against sae_lens's own dense TopK step, on small sizes."""
+
+import pytest
+import torch
+from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.saes.sae import TrainStepInput
+
+from saelib.sparse_step import (SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig, bf16_native, resolve_precision,
+                                sparse_feature_acts)
+
+D, F_, K, B = 24, 96, 6, 64
+
+
+def pair(precision="float32", seed=0, **kw):
+    """A stock sae_lens TopK training SAE and a sparse one with identical weights."""
+    common = dict(d_in=D, d_sae=F_, k=K, **kw)
+    torch.manual_seed(seed)
+    stock = TopKTrainingSAE(TopKTrainingSAEConfig(**common))
+    sparse = SparseTopKTrainingSAE(SparseTopKTrainingSAEConfig(sae_precision=precision, **common))
+    sparse.load_state_dict(stock.state_dict())
+    with torch.no_grad():  # non-trivial biases and decoder norms, so every gradient path is exercised
+        for sae in (stock, sparse):
+            torch.manual_seed(seed + 1)
+            sae.b_dec.copy_(torch.randn(D) * 0.1)
+            sae.b_enc.copy_(torch.randn(F_) * 0.1)
+            sae.W_dec.mul_(torch.rand(F_, 1) + 0.5)
+    return stock, sparse
+
+
+def step_input(seed=2, dead=None):
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
+    return TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0,
+                          is_logging_step=False)
+
+
+def loss_and_grads(sae, inp):
+    sae.zero_grad()
+    out = sae.training_forward_pass(inp)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("kw", [{}, {"rescale_acts_by_decoder_norm": False}, {"apply_b_dec_to_input": False}])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_fp32_sparse_step_matches_sae_lens_dense_step(kw, with_dead):
+    stock, sparse = pair(**kw)
+    dead = (torch.arange(F_) % 3 == 0) if with_dead else None  # 32 dead latents: k_aux = min(D/2, 32) = 12
+    ref, ref_grads = loss_and_grads(stock, step_input(dead=dead))
+    out, grads = loss_and_grads(sparse, step_input(dead=dead))
+    assert set(out.losses) == set(ref.losses)
+    for name in ref.losses:
+        torch.testing.assert_close(out.losses[name], ref.losses[name], rtol=1e-5, atol=1e-6)
+    if with_dead:
+        assert ref.losses["auxiliary_reconstruction_loss"] > 0
+    torch.testing.assert_close(out.sae_out, ref.sae_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.feature_acts.to_dense(), ref.feature_acts, rtol=1e-5, atol=1e-5)
+    assert set(grads) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+def test_one_adam_update_matches():
+    stock, sparse = pair()
+    for sae in (stock, sparse):
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        loss_and_grads(sae, step_input())
+        opt.step()
+    for name, p in stock.named_parameters():
+        torch.testing.assert_close(dict(sparse.named_parameters())[name], p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not bf16_native("cpu"), reason="this CPU has no native bf16")
+def test_bf16_step_loss_is_within_a_percent_of_fp32():
+    _, fp32 = pair("float32")
+    _, bf16 = pair("bfloat16")
+    assert bf16.precision == "bfloat16"
+    a = fp32.training_forward_pass(step_input()).losses["mse_loss"].detach()
+    b = bf16.training_forward_pass(step_input()).losses["mse_loss"].detach()
+    # bf16 keeps 8 mantissa bits: pre-activations within ~0.4 %, and the TopK choice may differ at near ties
+    assert abs(float(b) / float(a) - 1) < 0.01
+
+
+def test_trainer_statistics_accept_the_sparse_feature_acts():
+    idx = torch.tensor([[0, 3], [1, 3]])
+    acts = torch.tensor([[1.0, 0.0], [2.0, 0.5]])  # a TopK value of 0 did not fire
+    fa = sparse_feature_acts(idx, acts, 5)
+    firing = fa.bool().float()
+    assert firing.sum(0).to_dense().tolist() == [1, 1, 0, 1, 0]
+    assert firing.sum(-1).to_dense().tolist() == [1, 2]
+
+
+def test_precision_is_resolved_and_validated(monkeypatch):
+    import saelib.sparse_step as s
+
+    monkeypatch.setattr(s, "bf16_native", lambda device="cpu": False)
+    assert resolve_precision("auto", "cpu") == "float32"
+    with pytest.raises(ValueError, match="^sae_precision: 'bfloat16' was asked for, but cpu has no native bf16"):
+        SparseTopKTrainingSAEConfig(d_in=D, d_sae=F_, k=K, sae_precision="bfloat16")
+    with pytest.raises(ValueError, match=r"^sae_precision: expected one of \['auto', 'float32', 'bfloat16'\]"):
+        resolve_precision("float16", "cpu")
+    monkeypatch.setattr(s, "bf16_native", lambda device="cpu": True)
+    assert resolve_precision("auto", "cpu") == "bfloat16"
+    assert resolve_precision("float32", "cpu") == "float32"
