@@ -62,6 +62,7 @@ lm_precision = "auto"  # language model weights for activations and evals (same 
 # %%
 import logging
 
+import torch
 from IPython.display import display
 
 from saelib import io, plots
@@ -80,11 +81,12 @@ print(f"run {cfg.run_dir}: {cfg.architecture} d_sae={cfg.d_sae} k={cfg.k} on {cf
 # ## Activations (cached once per study) and training
 
 # %%
-model = load_model(cfg.model_name, device=cfg.device)
-
-# %%
-train_cache = cache_for_config(cfg, model, "train")
-eval_cache = cache_for_config(cfg, model, "eval")
+lm = load_model(cfg.model_name, device=cfg.device, precision=cfg.lm_precision)  # bf16 where native: ≈ 3× faster
+train_cache = cache_for_config(cfg, lm, "train")
+eval_cache = cache_for_config(cfg, lm, "eval")
+# the evals below still run the LM in float32
+model = lm if lm.cfg.dtype == torch.float32 else load_model(cfg.model_name, device=cfg.device)
+del lm
 
 # %%
 sae = train_sae(cfg, train_cache)

@@ -40,9 +40,15 @@ class CacheKey:
     n_rows: int
     context_size: int
     dtype: str = "float32"
+    """How rows are stored on disk (always float32 today; ``ActivationCache`` refuses anything else)."""
+    lm_dtype: str = "float32"
+    """The LM weights' dtype that produced the rows; a bf16 pass and an fp32 pass never share a cache."""
 
     def digest(self) -> str:
-        blob = json.dumps({**self.__dict__, "cache_version": CACHE_VERSION}, sort_keys=True)
+        fields = dict(self.__dict__)
+        if fields["lm_dtype"] == "float32":
+            del fields["lm_dtype"]  # caches made before the field existed were float32 passes: keep their names
+        blob = json.dumps({**fields, "cache_version": CACHE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -55,6 +61,10 @@ class ActivationCache:
         if not self.meta.get("complete"):
             raise RuntimeError(f"activation cache {self.folder} is incomplete; build it with build_activation_cache")
         self.acts = np.load(self.folder / ACTS_FILE, mmap_mode="r")
+        if self.acts.dtype != np.float32 or self.meta.get("dtype", "float32") != "float32":
+            raise ValueError(f"activation cache {self.folder}: rows are stored as {self.acts.dtype} "
+                             f"(meta says {self.meta.get('dtype')!r}); this reader takes float32 rows only")
+        self.lm_dtype = self.meta.get("lm_dtype", "float32")
         self.mean_D = torch.tensor(self.meta["mean"], dtype=torch.float32)
 
     @property
@@ -202,6 +212,9 @@ def special_token_ids(model) -> set[int]:
 def cache_for_config(cfg, model, split: str = "train") -> ActivationCache:
     """The activation cache of ``cfg`` for one corpus split, built on first use and shared by every run of a study.
 
+    Its key holds the dtype of ``model``'s weights (load it with ``cfg.lm_precision``), so fp32 and bf16 LM
+    passes are cached apart; rows are stored as float32 either way.
+
     ``train`` holds ``cfg.cache_tokens`` rows, ``eval`` holds ``cfg.eval_tokens`` held-out rows.
     """
     from saelib.corpus import CORPUS_VERSION
@@ -210,7 +223,7 @@ def cache_for_config(cfg, model, split: str = "train") -> ActivationCache:
     n_rows = cfg.cache_tokens if split == "train" else cfg.eval_tokens
     tokens_NS = split_tokens(cfg, model, split)
     key = CacheKey(cfg.model_name, cfg.hook_name, f"{cfg.dataset}/{CORPUS_VERSION}/{split}", n_rows,
-                   cfg.context_size, cfg.dtype)
+                   cfg.context_size, "float32", str(model.cfg.dtype).removeprefix("torch."))
     return build_activation_cache(model, tokens_NS, key, cache_root() / "activations", special_token_ids(model))
 
 

@@ -57,16 +57,26 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu"):
-    """Load a model by short name as an unprocessed ``HookedTransformer`` in float32."""
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", precision: str = "float32"):
+    """Load a model by short name as an unprocessed ``HookedTransformer`` with weights in ``precision``
+    (``float32``, ``bfloat16`` or ``auto``: bf16 where ``device`` has it natively). Never float16: this model
+    family's residual stream reaches ≈ 83,000 on BOS."""
+    from saelib.sparse_step import resolve_precision
+
     spec = get_spec(name)
+    dtype = torch.bfloat16 if resolve_precision(precision, device, "lm_precision") == "bfloat16" else torch.float32
     if name == "tiny-random":
-        return tiny_random_model(device=device)
-    if name == "tiny-random-text":
-        return tiny_random_model(device=device, tokenizer=embedded_tokenizer())
-    if name == "gemma-3-270m":
-        return _load_embedded_gemma3(device)
-    return _load_from_hub(spec, device)
+        model = tiny_random_model(device=device)
+    elif name == "tiny-random-text":
+        model = tiny_random_model(device=device, tokenizer=embedded_tokenizer())
+    elif name == "gemma-3-270m":
+        return _load_embedded_gemma3(device, dtype)
+    else:
+        return _load_from_hub(spec, device, dtype)
+    if dtype != torch.float32:
+        model.cfg.dtype = dtype
+        model.to(dtype)
+    return model
 
 
 def tiny_random_model(seed: int = 0, device: str = "cpu", d_vocab: int = 512, n_ctx: int = 128,
@@ -132,7 +142,7 @@ def _drop_quantization_marker(hf) -> None:
     hf.is_quantized = False
 
 
-def _load_embedded_gemma3(device: str):
+def _load_embedded_gemma3(device: str, dtype: torch.dtype = torch.float32):
     from transformer_lens import HookedTransformer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,13 +150,13 @@ def _load_embedded_gemma3(device: str):
     tok = AutoTokenizer.from_pretrained(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model = HookedTransformer.from_pretrained_no_processing(
-        "google/gemma-3-270m", hf_model=hf, tokenizer=tok, device=device, dtype=torch.float32
+        "google/gemma-3-270m", hf_model=hf, tokenizer=tok, device=device, dtype=dtype
     )
     model.eval()
     return model
 
 
-def _load_from_hub(spec: ModelSpec, device: str):
+def _load_from_hub(spec: ModelSpec, device: str, dtype: torch.dtype = torch.float32):
     """The ordinary hub path. Offline it fails at once with a message naming the offline default."""
     from transformer_lens import HookedTransformer
 
@@ -155,7 +165,7 @@ def _load_from_hub(spec: ModelSpec, device: str):
             f"model {spec.name!r} needs the Hugging Face hub, which is not reachable from this machine; "
             f"use the offline default model_name={DEFAULT_MODEL!r}"
         )
-    model = HookedTransformer.from_pretrained_no_processing(spec.tl_name, device=device, dtype=torch.float32)
+    model = HookedTransformer.from_pretrained_no_processing(spec.tl_name, device=device, dtype=dtype)
     model.eval()
     return model
 

@@ -130,3 +130,39 @@ def test_cache_build_takes_an_exclusive_lock(tiny_model, tmp_path, monkeypatch):
     second = build_activation_cache(tiny_model, synthetic_tokens(), key, tmp_path / "acts", {1}, lm_batch_size=8)
     assert held == [True]  # filled once, under the lock
     assert torch.equal(first.rows(), second.rows())
+
+
+def test_bf16_and_fp32_lm_passes_never_share_a_cache_and_old_names_stay():
+    fp32 = CacheKey("m", "blocks.0.hook_resid_post", "c", 100, 32)
+    assert fp32.digest() == CacheKey("m", "blocks.0.hook_resid_post", "c", 100, 32, "float32", "float32").digest()
+    assert CacheKey("m", "blocks.0.hook_resid_post", "c", 100, 32, "float32", "bfloat16").digest() != fp32.digest()
+
+
+def test_a_cache_of_non_float32_rows_is_refused(tiny_model, tmp_path):
+    import numpy as np
+
+    from saelib.activations import ACTS_FILE, ActivationCache
+
+    key = CacheKey("tiny-random", "blocks.0.hook_resid_post", "synthetic", 300, 32)
+    cache = build_activation_cache(tiny_model, synthetic_tokens(), key, tmp_path / "acts", {1}, lm_batch_size=8)
+    np.save(cache.folder / ACTS_FILE, np.asarray(cache.acts).astype(np.float16))
+    with pytest.raises(ValueError, match="rows are stored as float16.*float32 rows only"):
+        ActivationCache(cache.folder)
+
+
+def test_a_bf16_lm_pass_is_cached_apart_and_close_to_fp32(tmp_path, monkeypatch):
+    import saelib.sparse_step as s
+    from saelib.activations import cache_for_config
+    from saelib.config import build_config
+    from saelib.models import load_model
+
+    monkeypatch.setattr(s, "bf16_native", lambda device="cpu": True)  # bf16 runs (emulated if need be) on any CPU
+    cfg = build_config({"model_name": "tiny-random", "hook_layer": 0, "cache_tokens": 600, "batch_size": 100,
+                        "training_tokens": 600, "eval_tokens": 100, "context_size": 32})
+    monkeypatch.setattr("saelib.activations.split_tokens", lambda cfg, model, split: synthetic_tokens())
+    monkeypatch.setattr("saelib.activations.special_token_ids", lambda model: {1})
+    fp32 = cache_for_config(cfg, load_model("tiny-random", precision="float32"))
+    bf16 = cache_for_config(cfg, load_model("tiny-random", precision="bfloat16"))
+    assert fp32.folder != bf16.folder and bf16.lm_dtype == "bfloat16" and fp32.lm_dtype == "float32"
+    a, b = fp32.rows(), bf16.rows()
+    assert b.dtype == torch.float32 and 0 < float((a - b).norm() / a.norm()) < 0.02
