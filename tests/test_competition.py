@@ -124,3 +124,19 @@ def test_competing_set_only_changes_when_a_window_is_folded():
     first = stats.competing(0.0)
     stats.update(random_topk_acts(seed=2), k=5)
     assert stats.competing(0.0) is first
+
+
+def test_merge_of_sorted_tables_equals_a_unique_over_both():
+    from saelib.competition import _counts, _merge_sorted
+
+    g = torch.Generator().manual_seed(0)
+    a, _ = _counts(torch.randint(0, 500, (300,), generator=g))
+    b, _ = _counts(torch.randint(0, 500, (300,), generator=g).to(torch.int32))
+    ra, rb = torch.rand(len(a), generator=g), torch.rand(len(b), generator=g)
+    keys, rates = _merge_sorted(a, ra, b, rb)
+    uniq, inverse = torch.unique(torch.cat([a, b]), return_inverse=True)
+    assert torch.equal(keys, uniq)
+    torch.testing.assert_close(rates, torch.zeros(len(uniq)).index_add_(0, inverse, torch.cat([ra, rb])))
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert torch.equal(_merge_sorted(empty, torch.zeros(0), b, rb)[0], b)
+    assert torch.equal(_counts(torch.tensor([5, 3, 5, 5], dtype=torch.int32))[1], torch.tensor([1, 3]))

@@ -1,0 +1,216 @@
+"""Speed of one SAE training step (forward + backward + Adam) and of the LM pass, side by side in one run.
+
+    .venv/bin/python benchmarks/bench_speed.py            # d_sae 4,096 and 16,384; batch 4,096, d_in 640, k 32
+    .venv/bin/python benchmarks/bench_speed.py --quick    # d_sae 16,384 only, fewer rounds: ≈ 3 minutes
+
+Contenders, each in fp32 and (where this machine has native bf16) bf16, measured in interleaved rounds so that
+machine noise hits all alike; a row's time is the median over rounds of the mean step time within a round:
+
+* ``stock``: sae_lens's ``TopKTrainingSAE`` stepped by sae_lens's ``SAETrainer`` (its bf16 is the trainer's own
+  ``autocast=True``);
+* ``sparsify``: EleutherAI's ``SparseCoder`` (PyPI ``eai-sparsify``, ``pip install -e '.[bench]'``) stepped as its
+  trainer does (FVU + AuxK, parallel-gradient removal, torch Adam, decoder renormalised); its bf16 is CPU autocast,
+  which its own trainer enables on CUDA only. Skipped, and said so, where it is not installed;
+* ``saelib``: saelib's sparse step (``saelib_topk``) stepped by saelib's ``HistoryTrainer`` (sae_lens's trainer
+  with a fused Adam), as ``saelib.train`` runs it;
+* ``sgo`` / ``ortsae`` / ``gram``: the orthogonal SAEs on saelib's step at its best precision (λ 0.02; SGO at
+  τ 0.02 with its statistics already filled, and whole 10-batch windows timed so the fold is included; Gram only at
+  4,096: it is quadratic in d_sae).
+
+Batches are synthetic activations with a low-rank structure (latents specialise and co-fire unevenly, as on real
+data), generated before timing. The LM rows run the embedded Gemma 3 270M up to block 8 (batch 16 × 128) with fp32
+and bf16 weights. The last line printed is one JSON object with the headline ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sgo import synthetic_batches  # noqa: E402
+
+D_IN, BATCH, K = 640, 4096, 32
+
+
+# ---------------------------------------------------------------------------------------------- contenders
+def sae_lens_stepper(arch: str, d_sae: int, precision: str, steps: int, **extra):
+    """A function running one training step through sae_lens's trainer (saelib's for saelib architectures)."""
+    from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.registry import get_sae_training_class
+
+    import saelib.saes  # noqa: F401
+    from saelib.train import HistoryTrainer
+
+    trainer_cfg = SAETrainerConfig(total_training_samples=BATCH * steps, train_batch_size_samples=BATCH, lr=4e-4,
+                                   lr_end=4e-4, device="cpu", dead_feature_window=10_000, n_checkpoints=0,
+                                   checkpoint_path=None, save_final_checkpoint=False,
+                                   autocast=(arch == "stock" and precision == "bfloat16"))
+    torch.manual_seed(0)
+    if arch == "stock":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=d_sae, k=K))
+        trainer = SAETrainer(trainer_cfg, sae, data_provider=iter(()))
+    else:
+        cls, cfg_cls = get_sae_training_class(arch)
+        sae = cls(cfg_cls(d_in=D_IN, d_sae=d_sae, k=K, sae_precision=precision, **extra))
+        history = Path(tempfile.mkdtemp()) / "history.jsonl"
+        trainer = HistoryTrainer(trainer_cfg, sae, data_provider=iter(()), log_every=10**9, history_path=history)
+
+    def step(batch):
+        trainer.step(batch)
+        trainer.n_training_steps += 1
+
+    return step
+
+
+def sparsify_stepper(d_sae: int, precision: str):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(0)
+    coder = SparseCoder(D_IN, SparseCoderConfig(num_latents=d_sae, k=K), device="cpu")
+    opt = torch.optim.Adam(coder.parameters(), lr=4e-4)  # as sparsify's trainer builds it
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+    def step(batch):
+        with autocast:
+            out = coder(batch, dead_mask=None)
+        (out.fvu + out.auxk_loss / 32).backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        coder.set_decoder_norm_to_unit_norm()
+
+    return step
+
+
+def sparsify_available() -> bool:
+    try:
+        import sparsify  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def time_interleaved(steppers: dict, steps: dict, batches: list, rounds: int, warmup: dict) -> dict[str, float]:
+    """Median over ``rounds`` of the mean seconds per step; each round runs every contender in turn."""
+    for name, step in steppers.items():
+        for i in range(warmup[name]):
+            step(batches[i % len(batches)])
+    per_round: dict[str, list[float]] = {name: [] for name in steppers}
+    for r in range(rounds):
+        for name, step in steppers.items():
+            start = time.perf_counter()
+            for i in range(steps[name]):
+                step(batches[(r + i) % len(batches)])
+            per_round[name].append((time.perf_counter() - start) / steps[name])
+    return {name: statistics.median(ts) for name, ts in per_round.items()}
+
+
+def lm_pass(rounds: int) -> dict[str, float]:
+    from saelib.models import load_model
+    from saelib.sparse_step import bf16_native
+
+    hook, layer = "blocks.8.hook_resid_post", 8
+    tokens = torch.randint(3, 50_000, (16, 128), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 2
+    models = {"float32": load_model("gemma-3-270m", precision="float32")}
+    if bf16_native("cpu"):
+        models["bfloat16"] = load_model("gemma-3-270m", precision="bfloat16")
+    out, acts = {}, {}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            for name, model in models.items():
+                start = time.perf_counter()
+                _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layer + 1)
+                if r > 0:  # the first round warms up
+                    times[name].append(time.perf_counter() - start)
+                acts[name] = cache[hook][:, 1:].float()
+    for name in models:
+        out[f"lm_{name}_tokens_per_s"] = tokens.numel() / statistics.median(times[name])
+    if "bfloat16" in acts:
+        a, b = acts["float32"], acts["bfloat16"]
+        out["lm_bf16_residual_rel_error"] = float((a - b).norm() / a.norm())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    from saelib.sparse_step import bf16_native
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="d_sae 16,384 only and fewer rounds (≈ 3 minutes)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per size (default 2 quick, 4)")
+    args = parser.parse_args()
+    rounds = args.rounds or (2 if args.quick else 4)
+    sizes = [16_384] if args.quick else [4_096, 16_384]
+    native = bf16_native("cpu")
+    precisions = ["float32", "bfloat16"] if native else ["float32"]
+    best = precisions[-1]
+    have_sparsify = sparsify_available()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {native}; "
+          f"batch {BATCH}, d_in {D_IN}, k {K}; {rounds} interleaved rounds"
+          + ("" if have_sparsify else "; sparsify not installed (pip install -e '.[bench]'): its rows skipped"))
+    results: dict[str, float] = {}
+    rows = []
+    for d_sae in sizes:
+        steppers, steps, warmup = {}, {}, {}
+        for p in precisions:
+            steppers[f"stock/{p}"], steps[f"stock/{p}"], warmup[f"stock/{p}"] = \
+                sae_lens_stepper("stock", d_sae, p, 10**6), 2 if args.quick else 3, 1
+            if have_sparsify:
+                steppers[f"sparsify/{p}"], steps[f"sparsify/{p}"], warmup[f"sparsify/{p}"] = \
+                    sparsify_stepper(d_sae, p), 5, 2
+            steppers[f"saelib/{p}"], steps[f"saelib/{p}"], warmup[f"saelib/{p}"] = \
+                sae_lens_stepper("saelib_topk", d_sae, p, 10**6), 10, 2
+        sgo = dict(orth_pen=0.02, competition_threshold=0.02, competition_warmup_steps=0, competition_window=10)
+        steppers["sgo"], steps["sgo"], warmup["sgo"] = sae_lens_stepper("sgo_topk", d_sae, best, 10**6, **sgo), 10, 10
+        steppers["ortsae"], steps["ortsae"], warmup["ortsae"] = \
+            sae_lens_stepper("ortsae_topk", d_sae, best, 10**6, orth_pen=0.02), 10, 2
+        if d_sae <= 4_096:
+            steppers["gram"], steps["gram"], warmup["gram"] = \
+                sae_lens_stepper("gram_topk", d_sae, best, 10**6, orth_pen=0.02), 5, 1
+        batches = [b for b, _ in zip(synthetic_batches(D_IN, BATCH, seed=d_sae), range(6))]
+        t = time_interleaved(steppers, steps, batches, rounds, warmup)
+        stock32 = t["stock/float32"]
+        for name, sec in t.items():
+            ref = t[f"saelib/{best}"] if name in ("sgo", "ortsae", "gram") else stock32
+            note = (f"overhead {sec / ref - 1:+.1%} vs saelib/{best}" if name in ("sgo", "ortsae", "gram")
+                    else f"{stock32 / sec:.2f}× stock fp32")
+            rows.append((d_sae, name, sec, BATCH / sec, note))
+        tag = "16k" if d_sae == 16_384 else "4k"
+        results[f"sae_step_speedup_{tag}"] = stock32 / t[f"saelib/{best}"]
+        results[f"sae_step_speedup_{tag}_fp32"] = stock32 / t["saelib/float32"]
+        if have_sparsify:
+            sp_best = min(t[f"sparsify/{p}"] for p in precisions)
+            results[f"vs_sparsify_{tag}"] = sp_best / t[f"saelib/{best}"]
+            results[f"vs_sparsify_{tag}_fp32"] = t["sparsify/float32"] / t["saelib/float32"]
+        results[f"sgo_overhead_{tag}"] = t["sgo"] / t[f"saelib/{best}"] - 1
+        results[f"ortsae_overhead_{tag}"] = t["ortsae"] / t[f"saelib/{best}"] - 1
+        del steppers
+    print(f"\n{'d_sae':>6}  {'step':<16} {'s/step':>8} {'tokens/s':>9}  note")
+    for d_sae, name, sec, tps, note in rows:
+        print(f"{d_sae:>6}  {name:<16} {sec:8.3f} {tps:9.0f}  {note}")
+    lm = lm_pass(rounds=2 if args.quick else 3)
+    print(f"\nLM pass, Gemma 3 270M to block 8, batch 16×128: fp32 {lm['lm_float32_tokens_per_s']:.0f} tokens/s"
+          + (f", bf16 {lm['lm_bfloat16_tokens_per_s']:.0f} tokens/s "
+             f"(residual rel. error {lm['lm_bf16_residual_rel_error']:.2%})" if native else " (no native bf16)"))
+    results["lm_pass_speedup"] = lm.get("lm_bfloat16_tokens_per_s", lm["lm_float32_tokens_per_s"]) \
+        / lm["lm_float32_tokens_per_s"]
+    results.update(lm)
+    results["bf16_native"] = native
+    results["sparsify_measured"] = have_sparsify
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
