@@ -59,12 +59,6 @@ def weighted_pair_cos2(W_dec_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Ten
     """Weighted mean of squared decoder cosine similarity over pairs: Σ w·cos²(d_i, d_j) / Σ w (0 if no pair)."""
     if len(i_P) == 0:
         return W_dec_FD.new_zeros(())
-    if len(i_P) <= _PairCos2.CHUNK:
-        # few pairs (the sampled penalty): normalise only the gathered rows; a full-decoder normalisation and its
-        # backward cost more than the pairs themselves at d_sae 16,384
-        a_PD, b_PD = W_dec_FD[i_P], W_dec_FD[j_P]
-        cos_P = (a_PD * b_PD).sum(-1) / (a_PD.norm(dim=-1).clamp_min(1e-8) * b_PD.norm(dim=-1).clamp_min(1e-8))
-        return (w_P * cos_P.square()).sum() / w_P.sum()
     W_hat_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     return _PairCos2.apply(W_hat_FD, i_P, j_P, w_P) / w_P.sum()
 
