@@ -72,7 +72,7 @@ def _counts(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _merge_sorted(keys_a, rates_a, keys_b, rates_b) -> tuple[torch.Tensor, torch.Tensor]:
     """Union of two sorted unique key arrays, rates of equal keys summed, without sorting again: on CPU by
-    binary search of b in a; elsewhere ``torch.unique`` on the device."""
+    binary search of the shorter in the longer; elsewhere ``torch.unique`` on the device."""
     if keys_a.device.type != "cpu":
         keys, rates = torch.cat([keys_a, keys_b]), torch.cat([rates_a, rates_b])
         uniq, inverse = torch.unique(keys, return_inverse=True)

@@ -1,7 +1,13 @@
-"""Plotly figures shared by the notebooks. Functions take DataFrames and return figures; nothing is shown or saved.
+"""Plotly figures shared by the notebooks (functions take DataFrames and return figures), and the one local copy of
+plotly.js that the HTML reports load (``offline_plotlyjs``).
 """
 
 from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -46,6 +52,28 @@ def use_report_renderer() -> None:
     import plotly.io as pio
 
     pio.renderers.default = "plotly_mimetype+notebook_connected"
+
+
+PLOTLY_JS = "plotly.min.js"
+_CDN_PLOTLY_TAG = re.compile(r'<script[^>]*\bsrc="https://cdn\.plot\.ly/plotly-[^"]*"[^>]*>')
+
+
+def offline_plotlyjs(page: str, html_path: Path) -> str:
+    """``page`` with its plotly.js script tags pointing at one local copy shared by the reports of every study
+    (``<html_path>/../../plotly.min.js``, i.e. ``reports/plotly.min.js``; copied from the installed plotly once),
+    so figures draw with no network. The CDN tag's integrity and crossorigin attributes go too: a ``file://``
+    page cannot load a script marked crossorigin."""
+    import plotly
+
+    shared = Path(html_path).parent.parent / PLOTLY_JS
+    source = Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
+    if not shared.exists() or shared.stat().st_size != source.stat().st_size:
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        tmp = shared.with_name(PLOTLY_JS + ".tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(shared)
+    rel = os.path.relpath(shared, Path(html_path).parent)
+    return _CDN_PLOTLY_TAG.sub(f'<script charset="utf-8" src="{rel}">', page)
 
 
 def metrics_table(metrics: dict[str, float]) -> pd.DataFrame:

@@ -52,7 +52,7 @@ def build_index(study: str, study_dir: Path, reports_dir: Path = REPORTS_DIR) ->
             "</title></head><body style='font-family: sans-serif'>" + "\n".join(parts) + "</body></html>")
     index = folder / "index.html"
     tmp = index.with_name("index.html.tmp")
-    tmp.write_text(page)
+    tmp.write_text(plots.offline_plotlyjs(page, index))
     tmp.replace(index)
     return index
 

@@ -91,6 +91,8 @@ def render_report(executed: Path, html_path: Path) -> Path:
 
     import nbformat
 
+    from saelib import plots
+
     nb = nbformat.read(str(executed), as_version=4)
     for cell in nb.cells:  # progress bars and library warnings stay in the executed notebook, not the report
         if cell.cell_type == "code":
@@ -98,7 +100,7 @@ def render_report(executed: Path, html_path: Path) -> Path:
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
     html_path.parent.mkdir(parents=True, exist_ok=True)
-    html_path.write_text(body)
+    html_path.write_text(plots.offline_plotlyjs(body, html_path))
     return html_path
 
 
