@@ -6,7 +6,7 @@ NOTEBOOKS := notebooks/train.ipynb notebooks/evaluate.ipynb notebooks/compare.ip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model run run-one study smoke test test-fast sync clean-runs
+.PHONY: setup model run run-one study smoke test test-fast sync lab
 
 ## setup: local .venv with the pinned stack (idempotent: re-runs only when pyproject.toml changes)
 setup: $(STAMP)
@@ -39,15 +39,15 @@ STUDY ?= default
 study: model
 	$(PY) -m saelib.runner params/$(STUDY)
 
-## smoke: the notebook at its own smoke defaults
+## smoke: the train notebook at the smoke profile (params/smoke/_study.yaml), into runs/smoke/topk
 smoke: model
 	$(PY) -m saelib.study notebooks/train.ipynb params/smoke/topk.yaml
 
 ## test: unit tests, integration tests on the real model, nbval over every notebook
 test: model
 	$(PY) -m pytest -q tests
-	# in dependency order: evaluate reads the smoke run that train writes; compare/competition read tests/fixtures/study
-	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
+	# at the smoke profile, in dependency order: evaluate reads the smoke run that train writes; compare/competition read tests/fixtures/study
+	SAELIB_PROFILE=smoke $(PY) -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not real_model" tests
@@ -55,3 +55,9 @@ test-fast: setup
 ## sync: make every notebooks/*.ipynb agree with its jupytext .py source
 sync: setup
 	.venv/bin/jupytext --sync notebooks/*.py
+
+## lab: JupyterLab on the notebooks (notebooks/*.py open as notebooks through jupytext; plotly figures render)
+LAB_PORT ?= 8888
+LAB_ARGS ?=
+lab: setup
+	.venv/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)

@@ -20,35 +20,35 @@
 # eval whose result is already there for the same SAE and settings is reused. Offline, sparse probing uses eight
 # stand-in tasks built from shipped text and unlearning runs as an **offline proxy** (SAEBench's own unlearning eval
 # needs the hub, gemma-2-2b-it and the gated WMDP corpus; the notebook shows why it is skipped).
-# Defaults are a smoke run on `runs/smoke/topk` (train it first: `notebooks/train.ipynb` at its defaults).
+# At its defaults it evaluates the run `notebooks/train.ipynb` makes at its defaults, with the same profile
+# (`profile`, or `SAELIB_PROFILE=smoke` for the smoke run and the evals' smoke settings); train that first.
 
 # %% tags=["parameters"]
 params_file = ""  # params/<study>/<run>.yaml: evaluates that run's folder (overrides run_dir)
-run_dir = "runs/smoke/topk"
+run_dir = ""  # "" = the folder the train notebook writes at its defaults under this profile
+profile = ""  # "" = $SAELIB_PROFILE or "default"; "smoke" = the smoke run, evaluated at the smoke settings
 evals = ["core", "absorption", "sparse_probing", "unlearning_proxy", "unlearning", "competition"]
-eval_profile = "smoke"  # "smoke" (fast, for CI) or "default" (the measured profile)
+eval_profile = ""  # "smoke" (fast, for CI) or "default" (the measured profile); "" = follows profile
 force = False  # re-run evals even when a current result exists
 
 # %%
+from saelib.config import evaluation_target
+
+run_dir, eval_profile = evaluation_target(globals(), params_file, run_dir, profile, eval_profile)
+
+# %%
 import logging
-from pathlib import Path
 
 import pandas as pd
 from IPython.display import display
 
 from saelib import plots
-from saelib.config import build_config
 from saelib.evals import evaluate_run, headline_metrics, run_results
 from saelib.evals.common import load_run_sae
 from saelib.models import load_model
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 plots.use_report_renderer()
-if params_file:
-    run_dir = build_config(params_file=params_file).run_dir
-run_dir = Path(run_dir)
-if eval_profile not in ("smoke", "default"):
-    raise ValueError(f"eval_profile: expected 'smoke' or 'default', got {eval_profile!r}")
 sae_cfg = load_run_sae(run_dir).cfg
 print(f"{run_dir}: {sae_cfg.architecture()} d_sae={sae_cfg.d_sae} on {sae_cfg.metadata.model_name} "
       f"{sae_cfg.metadata.hook_name}; evals {evals} at the {eval_profile} profile")

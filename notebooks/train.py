@@ -17,26 +17,30 @@
 # # Train one SAE
 # Activations of the chosen hook are cached once (shared by every run of a study), an SAE of the chosen
 # architecture is trained with sae_lens's trainer, and SAEBench's core eval judges it on held-out text.
-# Defaults are a smoke run (≈ 1–2 minutes on 2 CPU cores); `params/default/*.yaml` hold the real profiles.
+# At its defaults this trains the single-run default profile: a healthy TopK SAE (d_sae 4,096, k 32, 1.23M tokens)
+# on 2 CPU cores, into `runs/single/<name>` (the name says the architecture, its parameters and the seed, e.g.
+# `sgo_t0.05_l0.02_s0`). `profile = "smoke"` (or `SAELIB_PROFILE=smoke`) is a one-minute pipeline check;
+# `params_file` runs one run of a study (`params/<study>/<run>.yaml`). Values given with papermill's `-p` always win.
 
 # %% tags=["parameters"]
 params_file = ""  # params/<study>/<run>.yaml: overrides; names the run <study>/<run>
+profile = ""  # "" = $SAELIB_PROFILE or "default"; "smoke" = a one-minute pipeline check (runs/smoke/)
 competition_analysis = True  # held-out competition at this run's τ (a study leaves it to the competition eval)
-study = "smoke"
-run_name = "topk"
+study = "single"
+run_name = ""  # "" = derived from the configuration, e.g. topk_s0, sgo_t0.05_l0.02_s0
 runs_dir = "runs"
 model_name = "gemma-3-270m"
 hook_layer = 8
 dataset = "saelib-offline"
 context_size = 128
-cache_tokens = 16_384
-eval_tokens = 4_096
-eval_ce_tokens = 1_024
+cache_tokens = 614_400
+eval_tokens = 32_768
+eval_ce_tokens = 4_096
 centre_activations = True
 normalize_activations = "expected_average_only_in"
 architecture = "topk"
-d_sae = 1_024
-k = 16
+d_sae = 4_096
+k = 32
 l1_coefficient = 0.0
 orth_pen = 0.0  # λ; setting it (or competition_threshold) alone selects architecture sgo_topk
 competition_threshold = 0.05  # τ
@@ -46,18 +50,24 @@ competition_max_pairs = 1_000_000
 competition_sample_pairs = 16_384
 competition_window = 10
 orth_chunk_size = 1024
-training_tokens = 32_768
-batch_size = 512
+training_tokens = 1_228_800
+batch_size = 1_024
 lr = 1e-3
 lr_warm_up_steps = 0
 dead_feature_window = 200
-n_checkpoints = 2
+n_checkpoints = 4
 log_every = 10
 seed = 0
 device = "cpu"
 dtype = "float32"
 sae_precision = "auto"  # SAE encoder matmul: auto = bf16 where the CPU/GPU has it natively, else float32
 lm_precision = "auto"  # language model weights for activations and evals (same rule)
+
+# %%
+from saelib.config import config_from_notebook
+
+cfg = config_from_notebook(globals(), params_file, profile)  # checks every value before anything is written
+print(f"run {cfg.run_dir}: {cfg.architecture} d_sae={cfg.d_sae} k={cfg.k} on {cfg.model_name} {cfg.hook_name}")
 
 # %%
 import logging
@@ -67,15 +77,12 @@ from IPython.display import display
 
 from saelib import io, plots
 from saelib.activations import cache_for_config
-from saelib.config import config_from_notebook
 from saelib.evals import competition_for_run, core_for_run
 from saelib.models import load_model
 from saelib.train import train_sae
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 plots.use_report_renderer()
-cfg = config_from_notebook(globals(), params_file)
-print(f"run {cfg.run_dir}: {cfg.architecture} d_sae={cfg.d_sae} k={cfg.k} on {cfg.model_name} {cfg.hook_name}")
 
 # %% [markdown]
 # ## Activations (cached once per study) and training

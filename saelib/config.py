@@ -6,9 +6,13 @@ expected. This module does not load models or touch the disk beyond reading a pa
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
 import json
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,19 +46,32 @@ ARCH_PARAMS = {
 }
 
 
+#: Values of ``device`` and ``dtype`` that torch and sae_lens take.
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+#: Named profiles a notebook run can start from (``profile`` parameter or ``$SAELIB_PROFILE``): ``default`` is
+#: ``RunConfig``'s own defaults; ``smoke`` (a one-minute pipeline check for tests and CI) is ``params/smoke/_study.yaml``.
+PROFILES = ("default", "smoke")
+PROFILE_ENV = "SAELIB_PROFILE"
+
+
 class ConfigError(ValueError):
     """A run configuration value is invalid; the message names the field."""
 
 
 @dataclass
 class RunConfig:
-    """Everything that determines one SAE run. Defaults are the notebook's smoke run."""
+    """Everything that determines one SAE run. Defaults are the single-run default profile: a healthy TopK SAE on the
+    embedded model (d_sae 4,096, k 32, 1.23M tokens = 2 epochs of a 614,400-token cache). ``params/smoke/_study.yaml``
+    holds the smoke profile the tests select."""
 
     # --- where the run lives
-    study: str = "smoke"
-    """Study folder name under ``runs/``; runs of one study share an activation cache."""
-    run_name: str = "topk"
-    """Run folder name (``runs/<study>/<run_name>/``); by convention the params file's stem."""
+    study: str = "single"
+    """Study folder name under ``runs/`` (a params file gives its folder's name; the smoke profile ``smoke``)."""
+    run_name: str = ""
+    """Run folder name (``runs/<study>/<run_name>/``): a params file's stem, else derived from the configuration
+    (``sgo_t0.05_l0.02_s0``; see :meth:`RunConfig.label`)."""
     runs_dir: str = "runs"
     """Root of all run folders."""
 
@@ -67,11 +84,11 @@ class RunConfig:
     """``saelib-offline`` (text shipped in installed packages) or a hub dataset id for users with the hub."""
     context_size: int = 128
     """Tokens per sequence, BOS included."""
-    cache_tokens: int = 16_384
+    cache_tokens: int = 614_400
     """Activations cached for training (special-token positions excluded)."""
-    eval_tokens: int = 4_096
+    eval_tokens: int = 32_768
     """Held-out tokens for reconstruction metrics (explained variance, MSE, L0, dead latents)."""
-    eval_ce_tokens: int = 1_024
+    eval_ce_tokens: int = 4_096
     """Held-out tokens for the full-model metrics (CE-loss recovered, KL); these need all logits, so keep small."""
     centre_activations: bool = True
     """Subtract the training mean before the SAE sees activations; folded into ``b_dec`` after training."""
@@ -81,9 +98,9 @@ class RunConfig:
     # --- SAE
     architecture: str = "topk"
     """One of ``ARCHITECTURES``."""
-    d_sae: int = 1_024
+    d_sae: int = 4_096
     """Number of latents."""
-    k: int = 16
+    k: int = 32
     """Active latents per token (TopK family)."""
     l1_coefficient: float = 0.0
     """L1 weight of the ``standard`` ReLU SAE (ignored by others; must be > 0 for ``standard``)."""
@@ -105,16 +122,16 @@ class RunConfig:
     """Latents per random chunk of the OrtSAE-style penalty (``ortsae_topk``)."""
 
     # --- training
-    training_tokens: int = 32_768
+    training_tokens: int = 1_228_800
     """Training samples seen; above ``cache_tokens`` the cache is re-served in new shuffled epochs."""
-    batch_size: int = 512
+    batch_size: int = 1_024
     """Activations per optimiser step."""
     lr: float = 1e-3
     """Adam learning rate (constant after warm-up)."""
     lr_warm_up_steps: int = 0
     dead_feature_window: int = 200
     """Steps without firing after which a latent counts as dead (drives TopK's aux-k loss)."""
-    n_checkpoints: int = 2
+    n_checkpoints: int = 4
     """Intermediate checkpoints saved during training (resume points)."""
     log_every: int = 10
     """Steps between rows of the training history (loss, L0, explained variance)."""
@@ -155,8 +172,17 @@ class RunConfig:
                f"positive eval_tokens and eval_ce_tokens, got {self.eval_tokens}, {self.eval_ce_tokens}")
         _check(self.normalize_activations in NORMALIZATIONS, "normalize_activations",
                f"one of {list(NORMALIZATIONS)}, got {self.normalize_activations!r}")
-        _check(self.dead_feature_window > 0 and self.log_every > 0 and self.n_checkpoints >= 0,
-               "dead_feature_window", "positive dead_feature_window and log_every, non-negative n_checkpoints")
+        for name in ("dead_feature_window", "log_every"):
+            _check(getattr(self, name) > 0, name, f"a positive integer, got {getattr(self, name)}")
+        _check(self.n_checkpoints >= 0, "n_checkpoints", f"an integer >= 0, got {self.n_checkpoints}")
+        _check(_DEVICE.fullmatch(self.device) is not None, "device",
+               f"'cpu', 'cuda', 'cuda:<index>' or 'mps', got {self.device!r}")
+        _check(self.dtype in DTYPES, "dtype", f"one of {list(DTYPES)}, got {self.dtype!r}")
+        if not self.run_name:
+            self.run_name = self.label()
+        for name in ("study", "run_name"):  # one folder name each: nothing may land outside runs_dir
+            _check(_FOLDER_NAME.fullmatch(getattr(self, name)) is not None, name,
+                   f"a folder name of letters, digits and _ . + - (not starting with '.'), got {getattr(self, name)!r}")
         _check(self.lr_warm_up_steps >= 0, "lr_warm_up_steps", f">= 0, got {self.lr_warm_up_steps}")
         for name in ("sae_precision", "lm_precision"):
             try:
@@ -196,6 +222,18 @@ class RunConfig:
                 )
 
     # ---- derived names ----------------------------------------------------------------------------
+    def label(self) -> str:
+        """The run's name when none is given: the architecture, its own parameters and the seed, e.g.
+        ``topk_s0``, ``sgo_t0.05_l0.02_s0``, ``ortsae_l1_s0``, ``standard_l1_3_s0`` (the params files' convention)."""
+        name = {
+            "sgo_topk": f"sgo_t{self.competition_threshold:g}_l{self.orth_pen:g}",
+            "ortsae_topk": f"ortsae_l{self.orth_pen:g}",
+            "gram_topk": f"gram_l{self.orth_pen:g}",
+            "standard": f"standard_l1_{self.l1_coefficient:g}",
+            "matryoshka_batchtopk": "matryoshka",
+        }.get(self.architecture, self.architecture)
+        return f"{name}_s{self.seed}"
+
     @property
     def hook_name(self) -> str:
         return f"blocks.{self.hook_layer}.hook_resid_post"
@@ -249,21 +287,28 @@ def load_params_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(params: dict[str, Any] | None = None, params_file: str | Path | None = None) -> RunConfig:
-    """Config from (in increasing priority) defaults, a params file and explicit parameters.
+def build_config(params: dict[str, Any] | None = None, params_file: str | Path | None = None,
+                 profile: str = "") -> RunConfig:
+    """Config from (in increasing priority) defaults, a profile or a params file, and explicit parameters.
 
     A params file also names the run: ``params/<study>/<run>.yaml`` gives ``study`` and ``run_name`` unless set;
-    ``params/<study>/_study.yaml``, if present, is applied before it (the study's shared profile).
-    Unknown keys raise ``ConfigError``; nothing is written for a rejected config.
+    ``params/<study>/_study.yaml``, if present, is applied before it (the study's shared profile). Without a params
+    file, ``profile`` (or ``$SAELIB_PROFILE``) picks one of ``PROFILES`` as the base. Unknown keys raise
+    ``ConfigError``; nothing is written for a rejected config.
     """
     merged: dict[str, Any] = {}
     if params_file:
+        if profile:
+            raise ConfigError(f"profile: a params_file brings its study's own profile; give one or the other, "
+                              f"got profile {profile!r} with {str(params_file)!r}")
         path = Path(params_file)
         merged.update({"study": path.parent.name, "run_name": path.stem})
         study_defaults = path.parent / STUDY_DEFAULTS_FILE
         if study_defaults.is_file() and study_defaults != path:
             merged.update(load_params_file(study_defaults))
         merged.update(load_params_file(path))
+    else:
+        merged.update(profile_values(profile))
     params = dict(params or {})
     unknown = sorted(set(params) - set(field_names()))
     if unknown:
@@ -271,6 +316,25 @@ def build_config(params: dict[str, Any] | None = None, params_file: str | Path |
     merged.update(params)
     _infer_architecture(merged)
     return RunConfig(**_coerce_types(merged))
+
+
+def active_profile(profile: str = "") -> str:
+    """``profile`` if given, else ``$SAELIB_PROFILE``, else ``default``; checked against ``PROFILES``."""
+    name = profile or os.environ.get(PROFILE_ENV, "") or "default"
+    if name not in PROFILES:
+        source = "profile" if profile else PROFILE_ENV
+        raise ConfigError(f"{source}: expected one of {list(PROFILES)}, got {name!r}")
+    return name
+
+
+def profile_values(profile: str = "") -> dict[str, Any]:
+    """The overrides of a named profile (empty for ``default``), with ``study`` set to its name."""
+    from saelib.io import repo_path
+
+    name = active_profile(profile)
+    if name == "default":
+        return {}
+    return {"study": name, **load_params_file(repo_path(f"params/{name}/{STUDY_DEFAULTS_FILE}"))}
 
 
 def _infer_architecture(values: dict[str, Any]) -> None:
@@ -303,21 +367,95 @@ def _coerce_types(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def config_from_notebook(namespace: dict[str, Any], params_file: str | Path | None = None,
+                         profile: str = "") -> RunConfig:
+    """Config for a notebook whose ``parameters`` cell mirrors ``RunConfig``'s defaults.
+
+    Priority, lowest first: the profile (or the params file), then values edited in the parameters cell (those that
+    differ from the defaults), then every value papermill injected (``-p``), even one equal to a default. A run
+    folder that already holds a finished SAE of another configuration is refused before anything is written.
+    """
+    injected = injected_parameters(namespace)
+    defaults = RunConfig.__dataclass_fields__
+    edited = {name: namespace[name] for name in field_names()
+              if name in namespace and namespace[name] != defaults[name].default}
+    params = {**edited, **{name: value for name, value in injected.items() if name in defaults}}
+    cfg = build_config(params, params_file=params_file or None, profile=profile)
+    conflict = finished_run_conflict(cfg)
+    if conflict:
+        raise ConfigError(conflict)
+    return cfg
+
+
+EVAL_PROFILES = ("smoke", "default")
+
+
+def evaluation_target(namespace: dict[str, Any], params_file: str = "", run_dir: str = "", profile: str = "",
+                      eval_profile: str = "") -> tuple[Path, str]:
+    """The evaluate notebook's run folder and eval profile: a params file's run, else ``run_dir``, else the folder
+    the train notebook writes at its defaults under ``profile``; ``eval_profile`` "" follows the profile. Unknown
+    papermill parameters and bad values raise ``ConfigError``."""
+    injected_parameters(namespace)
+    if params_file:
+        folder = build_config(params_file=params_file, profile=profile).run_dir
+    else:
+        folder = Path(run_dir) if run_dir else build_config(profile=profile).run_dir
+    eval_profile = eval_profile or ("smoke" if active_profile(profile) == "smoke" else "default")
+    _check(eval_profile in EVAL_PROFILES, "eval_profile", f"one of {list(EVAL_PROFILES)}, got {eval_profile!r}")
+    return folder, eval_profile
+
+
+#: The first line papermill writes into the cell it injects after the ``parameters`` cell.
+PAPERMILL_HEADER = "# Parameters\n"
+
+
+def injected_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The values papermill injected (``-p``/``-y``/``-f``), read from the kernel's input history ``In``: its cell
+    starts with ``# Parameters`` and follows the ``parameters`` cell. A name that the parameters cell does not
+    declare raises ``ConfigError`` naming it and the close matches. Empty outside papermill."""
+    history = list(namespace.get("In", []))
+    found = [i for i, source in enumerate(history) if source.startswith(PAPERMILL_HEADER)]
+    if not found:
+        return {}
+    names = _assigned_names(history[found[-1]])
+    declared = _assigned_names(history[found[-1] - 1])
+    for name in names:
+        if name not in declared:
+            close = difflib.get_close_matches(name, sorted(declared), n=3)
+            raise ConfigError(f"{name}: not a parameter of this notebook"
+                              + (f"; did you mean {' or '.join(close)}?" if close else f"; known: {sorted(declared)}"))
+    return {name: namespace[name] for name in names}
+
+
+def _assigned_names(source: str) -> list[str]:
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    return [target.id for node in tree.body if isinstance(node, ast.Assign)
+            for target in node.targets if isinstance(target, ast.Name)]
+
+
+def finished_run_conflict(cfg: RunConfig) -> str | None:
+    """Why ``cfg`` may not use its run folder, or None: the folder holds a finished SAE trained with another
+    configuration (it is never replaced; an unfinished one is restarted)."""
+    from saelib import io
+
+    old_path = cfg.run_dir / io.RUN_CFG_FILE
+    if not (cfg.run_dir / io.SAE_DIR).is_dir() or not old_path.is_file():
+        return None
+    old = json.loads(old_path.read_text())
+    differ = {k: (old.get(k), v) for k, v in cfg.training_key().items() if old.get(k) != v}
+    if not differ:
+        return None
+    shown = ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in list(differ.items())[:6])
+    return (f"run_name: {cfg.run_dir} holds a finished SAE of another configuration ({shown}); give another "
+            f"run_name (or study), or delete that folder")
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
-__all__ = ["RunConfig", "ConfigError", "build_config", "load_params_file", "save_config", "ARCHITECTURES",
-           "OFFLINE_DATASET"]
-
-
-def config_from_notebook(namespace: dict[str, Any], params_file: str | Path | None = None) -> RunConfig:
-    """Config for a notebook whose ``parameters`` cell mirrors ``RunConfig``'s defaults.
-
-    A params file gives the base; notebook variables override it only where they differ from the defaults
-    (papermill ``-p`` values do; untouched defaults don't). Equal defaults are checked by the tests.
-    """
-    defaults = RunConfig.__dataclass_fields__
-    changed = {name: namespace[name] for name in field_names()
-               if name in namespace and namespace[name] != defaults[name].default}
-    return build_config(changed, params_file=params_file or None)
+__all__ = ["RunConfig", "ConfigError", "build_config", "config_from_notebook", "load_params_file", "save_config",
+           "ARCHITECTURES", "OFFLINE_DATASET", "PROFILES"]

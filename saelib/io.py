@@ -27,8 +27,9 @@ RUN_ARTIFACTS = (SAE_DIR, CHECKPOINTS_DIR, HISTORY_FILE, METRICS_FILE, "evals")
 
 
 def prepare_run_dir(run_dir: Path, cfg_dict: dict, training_key: dict) -> bool:
-    """Create ``run_dir`` and write its cfg.json. If the folder holds a run with a different training
-    configuration, its artifacts are removed (a resume would mix two runs). Returns True if it was reset."""
+    """Create ``run_dir`` and write its cfg.json. A folder holding a finished SAE of a different training
+    configuration is refused (``FileExistsError``: it is never replaced); an unfinished one's artifacts are removed
+    (a resume would mix two runs). Returns True if it was reset."""
     import shutil
 
     run_dir = Path(run_dir)
@@ -37,7 +38,11 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict, training_key: dict) -> bool:
     reset = False
     if cfg_path.exists():
         old = read_json(cfg_path)
-        if {k: old.get(k) for k in training_key} != training_key:
+        differ = sorted(k for k, v in training_key.items() if old.get(k) != v)
+        if differ and (run_dir / SAE_DIR).is_dir():
+            raise FileExistsError(f"run_dir: {run_dir} holds a finished SAE of another configuration (differs in "
+                                  f"{', '.join(differ)}); use another run folder or delete it")
+        if differ:
             for name in RUN_ARTIFACTS:
                 target = run_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)

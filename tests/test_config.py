@@ -28,6 +28,13 @@ BAD_VALUES = [
     ({"d_sae": "many"}, "d_sae"),
     ({"d_sae": 10.5}, "d_sae"),
     ({"normalize_activations": "whiten-it"}, "normalize_activations"),
+    ({"device": "tpu"}, "device"),
+    ({"dtype": "float8"}, "dtype"),
+    ({"run_name": "../../etc"}, "run_name"),
+    ({"study": "a/b"}, "study"),
+    ({"run_name": ".hidden"}, "run_name"),
+    ({"n_checkpoints": -1}, "n_checkpoints"),
+    ({"log_every": 0}, "log_every"),
 ]
 
 
@@ -63,6 +70,54 @@ def test_params_file_names_the_run_and_explicit_params_win(tmp_path):
     path.write_text("d_sae: 2048\nk: 8\n")
     cfg = build_config({"k": 4}, params_file=path)
     assert (cfg.study, cfg.run_name, cfg.d_sae, cfg.k) == ("mystudy", "wide", 2048, 4)
+
+
+@pytest.mark.parametrize("params, name", [
+    ({}, "topk_s0"),
+    ({"seed": 3}, "topk_s3"),
+    ({"orth_pen": 0.02}, "sgo_t0.05_l0.02_s0"),
+    ({"orth_pen": 0.0, "competition_threshold": 0.02}, "sgo_t0.02_l0_s0"),
+    ({"architecture": "gram_topk", "orth_pen": 10.0}, "gram_l10_s0"),
+    ({"architecture": "standard", "l1_coefficient": 3.0}, "standard_l1_3_s0"),
+    ({"architecture": "matryoshka_batchtopk"}, "matryoshka_s0"),
+    ({"run_name": "mine"}, "mine"),
+])
+def test_unnamed_run_is_named_for_its_configuration(params, name):
+    assert build_config(params).run_name == name
+
+
+def test_papermill_injected_values_win_even_when_equal_to_the_defaults(tmp_path):
+    path = tmp_path / "s" / "r.yaml"
+    path.parent.mkdir()
+    path.write_text("d_sae: 2048\nk: 8\n")
+    namespace = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    cell = "\n".join(f"{name} = {value!r}" for name, value in namespace.items())
+    namespace["In"] = ["", cell, "# Parameters\nd_sae = 4096\n"]  # the kernel's history under papermill
+    cfg = config_from_notebook(namespace, str(path))
+    assert (cfg.d_sae, cfg.k) == (4096, 8)
+    namespace["In"][-1] = "# Parameters\nd_sea = 4096\n"
+    namespace["d_sea"] = 4096
+    with pytest.raises(ConfigError, match=r"^d_sea: not a parameter of this notebook; did you mean d_sae\?$"):
+        config_from_notebook(namespace, str(path))
+
+
+def test_a_finished_run_of_another_configuration_is_refused(tmp_path):
+    from saelib import io
+
+    cfg = build_config({"runs_dir": str(tmp_path), "orth_pen": 0.02})
+    record = lambda c: {**c.to_dict(), **c.resolved_precisions()}  # noqa: E731 (what train_sae writes)
+    io.prepare_run_dir(cfg.run_dir, record(cfg), cfg.training_key())
+    other = build_config({"runs_dir": str(tmp_path), "orth_pen": 0.01, "run_name": cfg.run_name})
+    assert config_from_notebook({"runs_dir": str(tmp_path), "orth_pen": 0.01, "run_name": cfg.run_name}) == other
+    io.prepare_run_dir(other.run_dir, record(other), other.training_key())  # unfinished: restarted
+    (cfg.run_dir / io.SAE_DIR).mkdir()  # now it holds a finished SAE (of λ 0.01)
+    namespace = {"runs_dir": str(tmp_path), "orth_pen": 0.02, "run_name": cfg.run_name}
+    with pytest.raises(ConfigError, match=r"^run_name: .* holds a finished SAE of another configuration "
+                                          r"\(orth_pen 0.01 → 0.02\)"):
+        config_from_notebook(namespace)
+    with pytest.raises(FileExistsError, match="orth_pen"):
+        io.prepare_run_dir(cfg.run_dir, record(cfg), cfg.training_key())
+    assert io.read_json(cfg.run_dir / io.RUN_CFG_FILE)["orth_pen"] == 0.01
 
 
 def test_notebook_defaults_only_override_where_changed(tmp_path):
