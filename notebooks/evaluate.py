@@ -25,7 +25,7 @@
 
 # %% tags=["parameters"]
 params_file = ""  # params/<study>/<run>.yaml: evaluates that run's folder (overrides run_dir)
-run_dir = ""  # "" = the folder the train notebook writes at its defaults under this profile
+run_dir = ""  # "" = the folder the train notebook writes with the same -p values (any RunConfig field) and profile
 profile = ""  # "" = $SAELIB_PROFILE or "default"; "smoke" = the smoke run, evaluated at the smoke settings
 evals = ["core", "absorption", "sparse_probing", "unlearning_proxy", "unlearning", "competition"]
 eval_profile = ""  # "smoke" (fast, for CI) or "default" (the measured profile); "" = follows profile

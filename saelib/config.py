@@ -393,13 +393,13 @@ EVAL_PROFILES = ("smoke", "default")
 def evaluation_target(namespace: dict[str, Any], params_file: str = "", run_dir: str = "", profile: str = "",
                       eval_profile: str = "") -> tuple[Path, str]:
     """The evaluate notebook's run folder and eval profile: a params file's run, else ``run_dir``, else the folder
-    the train notebook writes at its defaults under ``profile``; ``eval_profile`` "" follows the profile. Unknown
-    papermill parameters and bad values raise ``ConfigError``."""
-    injected_parameters(namespace)
+    the train notebook writes under ``profile`` with the same ``-p`` values (any ``RunConfig`` field is accepted);
+    ``eval_profile`` "" follows the profile. Unknown papermill parameters and bad values raise ``ConfigError``."""
+    given = {k: v for k, v in injected_parameters(namespace, also=field_names()).items() if k in field_names()}
     if params_file:
-        folder = build_config(params_file=params_file, profile=profile).run_dir
+        folder = build_config(given, params_file=params_file, profile=profile).run_dir
     else:
-        folder = Path(run_dir) if run_dir else build_config(profile=profile).run_dir
+        folder = Path(run_dir) if run_dir else build_config(given, profile=profile).run_dir
     eval_profile = eval_profile or ("smoke" if active_profile(profile) == "smoke" else "default")
     _check(eval_profile in EVAL_PROFILES, "eval_profile", f"one of {list(EVAL_PROFILES)}, got {eval_profile!r}")
     return folder, eval_profile
@@ -409,16 +409,16 @@ def evaluation_target(namespace: dict[str, Any], params_file: str = "", run_dir:
 PAPERMILL_HEADER = "# Parameters\n"
 
 
-def injected_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
+def injected_parameters(namespace: dict[str, Any], also: list[str] = ()) -> dict[str, Any]:
     """The values papermill injected (``-p``/``-y``/``-f``), read from the kernel's input history ``In``: its cell
     starts with ``# Parameters`` and follows the ``parameters`` cell. A name that the parameters cell does not
-    declare raises ``ConfigError`` naming it and the close matches. Empty outside papermill."""
+    declare (nor ``also`` lists) raises ``ConfigError`` naming it and the close matches. Empty outside papermill."""
     history = list(namespace.get("In", []))
     found = [i for i, source in enumerate(history) if source.startswith(PAPERMILL_HEADER)]
     if not found:
         return {}
     names = _assigned_names(history[found[-1]])
-    declared = _assigned_names(history[found[-1] - 1])
+    declared = {*_assigned_names(history[found[-1] - 1]), *also}
     for name in names:
         if name not in declared:
             close = difflib.get_close_matches(name, sorted(declared), n=3)

@@ -19,21 +19,35 @@ def no_profile_env(monkeypatch):
     monkeypatch.delenv(PROFILE_ENV, raising=False)
 
 
-def _config_notebook(tmp_path: Path) -> Path:
-    """train.ipynb up to its config cell, then a cell printing the config: papermill's real injection, no training."""
-    nb = nbformat.read(TRAIN, as_version=4)
-    last = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "config_from_notebook(" in c.source)
-    show = "import json\nprint(json.dumps({**cfg.to_dict(), 'run_dir': str(cfg.run_dir)}))"
-    nb.cells = nb.cells[: last + 1] + [nbformat.v4.new_code_cell(show)]
-    path = tmp_path / "config.ipynb"
+def _head(tmp_path: Path, notebook: Path, marker: str, show: str) -> Path:
+    """``notebook`` up to its cell that calls ``marker``, then a cell printing ``show`` as JSON: papermill's real
+    injection into the real cells, without training."""
+    nb = nbformat.read(notebook, as_version=4)
+    last = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and marker in c.source)
+    nb.cells = nb.cells[: last + 1] + [nbformat.v4.new_code_cell(f"import json\nprint(json.dumps({show}))")]
+    path = tmp_path / f"head_{notebook.name}"
     nbformat.write(nb, path)
     return path
 
 
 def run_config(tmp_path: Path, **parameters) -> dict:
     out = tmp_path / "out.ipynb"
-    execute(_config_notebook(tmp_path), out, {"runs_dir": str(tmp_path / "runs"), **parameters})
+    head = _head(tmp_path, TRAIN, "config_from_notebook(", "{**cfg.to_dict(), 'run_dir': str(cfg.run_dir)}")
+    execute(head, out, {"runs_dir": str(tmp_path / "runs"), **parameters})
     return json.loads(nbformat.read(out, as_version=4).cells[-1].outputs[0]["text"])
+
+
+def test_evaluate_finds_the_run_the_same_p_values_trained(tmp_path, monkeypatch):
+    out = tmp_path / "out.ipynb"
+    head = _head(tmp_path, TRAIN.with_name("evaluate.ipynb"), "evaluation_target(", "[str(run_dir), eval_profile]")
+    read = lambda: json.loads(nbformat.read(out, as_version=4).cells[-1].outputs[0]["text"])  # noqa: E731
+    execute(head, out, {"orth_pen": 0.02})
+    assert read() == ["runs/single/sgo_t0.05_l0.02_s0", "default"]
+    monkeypatch.setenv(PROFILE_ENV, "smoke")
+    execute(head, out, {})
+    assert read() == ["runs/smoke/topk_s0", "smoke"]
+    with pytest.raises(PapermillExecutionError, match="orth_pn: not a parameter of this notebook"):
+        execute(head, out, {"orth_pn": 0.02})
 
 
 def test_p_value_equal_to_the_cell_default_still_beats_the_params_file(tmp_path):
