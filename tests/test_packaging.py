@@ -34,3 +34,10 @@ def test_installed_versions_match_the_pins():
         pass
     else:
         raise AssertionError("torchvision is installed; it breaks transformers next to the CPU torch wheel")
+
+
+def test_license_is_mit_in_the_file_the_metadata_and_the_readme():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert "MIT (`LICENSE`)" in (ROOT / "README.md").read_text()
