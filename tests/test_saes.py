@@ -88,11 +88,12 @@ def test_sgo_gradient_reaches_only_the_competing_pair_and_lowers_its_cos2():
 
 def test_sgo_with_lambda_zero_is_topk_bit_for_bit(tmp_path, tiny_cache):
     topk = train_sae(tiny_cfg(tmp_path / "topk"), tiny_cache)
-    sgo = train_sae(tiny_cfg(tmp_path / "sgo", architecture="sgo_topk", orth_pen=0.0,
-                             competition_threshold=0.02, competition_warmup_steps=2), tiny_cache)
+    sgo_cfg = tiny_cfg(tmp_path / "sgo", architecture="sgo_topk", orth_pen=0.0, competition_threshold=0.02,
+                       competition_warmup_steps=2)
+    sgo = train_sae(sgo_cfg, tiny_cache)
     for name, value in topk.state_dict().items():
         assert torch.equal(sgo.state_dict()[name], value), name
-    history = io.read_history(tiny_cfg(tmp_path / "sgo").run_dir)
+    history = io.read_history(sgo_cfg.run_dir)
     assert history["metrics/n_competing_pairs"].iloc[-1] > 0  # the statistics ran, the penalty was zero
 
 
@@ -129,7 +130,8 @@ def test_orthogonal_saes_save_as_topk_and_resume_exactly(tmp_path, tiny_cache, m
     ({"architecture": "sgo_topk", "orth_pen": float("inf")}, "orth_pen"),
     ({"architecture": "topk", "orth_pen": 0.02}, "orth_pen"),
     ({"architecture": "gram_topk", "competition_threshold": 0.02}, "competition_threshold"),
-    ({"architecture": "sgo_topk", "competition_warmup_steps": 64}, "competition_warmup_steps"),
+    ({"architecture": "sgo_topk", "competition_warmup_steps": 64, "training_tokens": 65_536, "batch_size": 1024},
+     "competition_warmup_steps"),
     ({"architecture": "ortsae_topk", "orth_chunk_size": 1}, "orth_chunk_size"),
 ])
 def test_penalty_parameters_are_validated(params, field):

@@ -99,9 +99,16 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, tiny_model):
     assert not (cfg.run_dir / io.SAE_DIR).exists()
 
 
-def test_reusing_a_run_folder_with_another_config_starts_fresh(tmp_path, tiny_cache):
-    train_sae(tiny_cfg(tmp_path), tiny_cache)
-    cfg = tiny_cfg(tmp_path, d_sae=64, k=4)
+def test_a_finished_run_is_never_replaced_and_an_unfinished_one_starts_fresh(tmp_path, tiny_cache):
+    import shutil
+
+    first = tiny_cfg(tmp_path)
+    train_sae(first, tiny_cache)
+    cfg = tiny_cfg(tmp_path, d_sae=64, k=4, run_name=first.run_name)
+    with pytest.raises(FileExistsError, match="finished SAE of another configuration .*d_sae, k"):
+        train_sae(cfg, tiny_cache)
+    assert io.read_json(cfg.run_dir / io.RUN_CFG_FILE)["d_sae"] == first.d_sae
+    shutil.rmtree(cfg.run_dir / io.SAE_DIR)  # as if killed before the end: its checkpoints are another config's
     sae = train_sae(cfg, tiny_cache)
     assert sae.cfg.d_sae == 64
     assert io.read_json(cfg.run_dir / io.RUN_CFG_FILE)["d_sae"] == 64
