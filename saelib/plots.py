@@ -1,12 +1,11 @@
-"""Plotly figures shared by the notebooks (functions take DataFrames and return figures), and the one local copy of
-plotly.js that the HTML reports load (``offline_plotlyjs``).
+"""Plotly figures shared by the notebooks (functions take DataFrames and return figures), and the files the HTML
+reports share instead of inlining them: one local copy of plotly.js and one notebook stylesheet (``offline_report``).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -56,24 +55,57 @@ def use_report_renderer() -> None:
 
 PLOTLY_JS = "plotly.min.js"
 _CDN_PLOTLY_TAG = re.compile(r'<script[^>]*\bsrc="https://cdn\.plot\.ly/plotly-[^"]*"[^>]*>')
+_STYLE = re.compile(r"<style(?P<attrs>[^>]*)>(?P<css>.*?)</style>\s*", re.S)
+
+
+def _shared_file(name: str, content: bytes, html_path: Path) -> str:
+    """Write ``content`` once to ``reports/<name>`` (``<html_path>/../../<name>``, shared by every study's reports);
+    its path relative to ``html_path``'s folder."""
+    shared = Path(html_path).parent.parent / name
+    if not shared.exists() or shared.stat().st_size != len(content):
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        tmp = shared.with_name(name + ".tmp")
+        tmp.write_bytes(content)
+        tmp.replace(shared)
+    return os.path.relpath(shared, Path(html_path).parent)
 
 
 def offline_plotlyjs(page: str, html_path: Path) -> str:
     """``page`` with its plotly.js script tags pointing at one local copy shared by the reports of every study
-    (``<html_path>/../../plotly.min.js``, i.e. ``reports/plotly.min.js``; copied from the installed plotly once),
-    so figures draw with no network. The CDN tag's integrity and crossorigin attributes go too: a ``file://``
-    page cannot load a script marked crossorigin."""
+    (``reports/plotly.min.js``, copied from the installed plotly), so figures draw with no network. The CDN tag's
+    integrity and crossorigin attributes go too: a ``file://`` page cannot load a script marked crossorigin."""
     import plotly
 
-    shared = Path(html_path).parent.parent / PLOTLY_JS
     source = Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
-    if not shared.exists() or shared.stat().st_size != source.stat().st_size:
-        shared.parent.mkdir(parents=True, exist_ok=True)
-        tmp = shared.with_name(PLOTLY_JS + ".tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(shared)
-    rel = os.path.relpath(shared, Path(html_path).parent)
+    rel = _shared_file(PLOTLY_JS, source.read_bytes(), html_path)
     return _CDN_PLOTLY_TAG.sub(f'<script charset="utf-8" src="{rel}">', page)
+
+
+def shared_css(page: str, html_path: Path) -> str:
+    """``page`` with the ``<style>`` blocks of its ``<head>`` (nbconvert's ≈ 260 KB of JupyterLab CSS, the same in
+    every report) moved into one stylesheet shared by the reports, ``reports/notebook-<sha256 prefix>.css``, linked
+    relatively where the first block was. The name follows the content, so a page keeps the CSS it was made with.
+    Scoped blocks in the body (pandas tables) stay; a page without head styles comes back unchanged."""
+    import hashlib
+
+    head, sep, body = page.partition("</head>")
+    blocks = [m for m in _STYLE.finditer(head) if "scoped" not in m.group("attrs")]
+    if not sep or not blocks:
+        return page
+    css = "\n".join(m.group("css").strip("\n") for m in blocks).encode()
+    rel = _shared_file(f"notebook-{hashlib.sha256(css).hexdigest()[:12]}.css", css, html_path)
+    out, last = [], 0
+    for i, m in enumerate(blocks):
+        out.append(head[last:m.start()])
+        if i == 0:
+            out.append(f'<link href="{rel}" rel="stylesheet" type="text/css"/>\n')
+        last = m.end()
+    return "".join(out) + head[last:] + sep + body
+
+
+def offline_report(page: str, html_path: Path) -> str:
+    """A report page as committed: plotly.js and the notebook CSS from the shared copies in ``reports/``."""
+    return shared_css(offline_plotlyjs(page, html_path), html_path)
 
 
 def metrics_table(metrics: dict[str, float]) -> pd.DataFrame:

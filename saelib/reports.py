@@ -52,12 +52,50 @@ def build_index(study: str, study_dir: Path, reports_dir: Path = REPORTS_DIR) ->
             "</title></head><body style='font-family: sans-serif'>" + "\n".join(parts) + "</body></html>")
     index = folder / "index.html"
     tmp = index.with_name("index.html.tmp")
-    tmp.write_text(plots.offline_plotlyjs(page, index))
+    tmp.write_text(plots.offline_report(page, index))
     tmp.replace(index)
     return index
 
 
+def repoint(reports_dir: Path = REPORTS_DIR) -> list[Path]:
+    """Rewrite every committed ``<reports_dir>/<study>/*.html`` as :func:`saelib.plots.offline_report` would write it
+    now (shared plotly.js and notebook CSS); the pages it changed. Running it twice changes nothing."""
+    from saelib import plots
+
+    if not Path(reports_dir).is_dir():
+        raise FileNotFoundError(f"reports_dir: expected a folder of study reports such as reports, got {str(reports_dir)!r}")
+    changed = []
+    for page in sorted(Path(reports_dir).glob("*/*.html")):
+        text = page.read_text(encoding="utf-8")
+        new = plots.offline_report(text, page)
+        if new != text:
+            tmp = page.with_name(page.name + ".tmp")
+            tmp.write_text(new, encoding="utf-8")
+            tmp.replace(page)
+            changed.append(page)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m saelib.reports <study> [runs_dir]``: build the study's index page;
+    ``python -m saelib.reports --repoint [reports_dir]``: re-point committed pages at the shared files."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--repoint", action="store_true", help="re-point every reports/<study>/*.html; the "
+                        "positional argument is then the reports folder (default reports)")
+    parser.add_argument("target", nargs="?", help="study (or, with --repoint, the reports folder)")
+    parser.add_argument("runs_dir", nargs="?", default="runs")
+    args = parser.parse_args(argv)
+    if args.repoint:
+        changed = repoint(Path(args.target or REPORTS_DIR))
+        print(f"{len(changed)} page(s) re-pointed")
+    elif args.target is None:
+        parser.error("study: name the study whose index to build, e.g. default")
+    else:
+        print(build_index(args.target, Path(args.runs_dir) / args.target))
+    return 0
+
+
 if __name__ == "__main__":
-    study = sys.argv[1]
-    runs_dir = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("runs")
-    print(build_index(study, runs_dir / study))
+    sys.exit(main())

@@ -20,8 +20,8 @@ def test_index_links_reports_and_shows_headline_table(tmp_path):
     assert "No eval results yet" in empty.read_text()
 
 
-def drawn_plots(page: Path) -> int:
-    """Plotly figures drawn in ``page`` by headless Chromium with no network (FACTS: `--dump-dom`)."""
+def rendered_dom(page: Path) -> str:
+    """``page``'s DOM after headless Chromium ran its scripts with no network (FACTS: `--dump-dom`)."""
     import shutil
     import subprocess
     import tempfile
@@ -32,12 +32,29 @@ def drawn_plots(page: Path) -> int:
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
     with tempfile.TemporaryDirectory() as profile:
-        dom = subprocess.run(
+        return subprocess.run(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
              "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()],
             capture_output=True, text=True, timeout=120).stdout
-    return dom.count('class="main-svg"')
+
+
+def drawn_plots(page: Path) -> int:
+    """Plotly figures drawn in ``page`` (plotly draws a few ``main-svg`` layers per figure)."""
+    return rendered_dom(page).count('class="main-svg"')
+
+
+def styled(page: Path) -> bool:
+    """Whether JupyterLab's theme CSS reached ``page`` in Chromium: a copy beside it reports the computed value of
+    the theme variable ``--jp-layout-color0`` (empty when no stylesheet applied)."""
+    probe = page.with_name(page.stem + ".probe.html")
+    probe.write_text(page.read_text().replace("</body>", "<script>document.body.setAttribute('data-probe', "
+                     "getComputedStyle(document.body).getPropertyValue('--jp-layout-color0').trim() || 'none')"
+                     "</script></body>"))
+    try:
+        return 'data-probe="white"' in rendered_dom(probe)
+    finally:
+        probe.unlink()
 
 
 def test_index_page_loads_plotly_from_the_one_local_copy_and_draws_offline(tmp_path):
@@ -72,3 +89,52 @@ def test_notebook_reports_draw_their_figures_offline(tmp_path):
     html = render_report(executed, tmp_path / "reports" / "study" / "run.html")
     assert "cdn.plot.ly" not in html.read_text()
     assert drawn_plots(html) >= 1  # plotly draws a few main-svg layers per figure
+
+
+def _notebook_with_a_figure(path: Path) -> Path:
+    import nbformat
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    fig = go.Figure(go.Scatter(x=[1, 2, 3], y=[3, 1, 2]))
+    bundle = pio.renderers["notebook_connected"].to_mimebundle(fig.to_dict())
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("fig", outputs=[
+        nbformat.v4.new_output("display_data", data=bundle)])])
+    nbformat.write(nb, str(path))
+    return path
+
+
+def test_reports_share_one_stylesheet_instead_of_inlining_it(tmp_path):
+    from saelib.study import render_report
+
+    executed = _notebook_with_a_figure(tmp_path / "run.ipynb")
+    reports = tmp_path / "reports"
+    first = render_report(executed, reports / "a" / "run.html")
+    render_report(executed, reports / "b" / "run.html")
+    head = first.read_text().split("</head>")[0]
+    assert "<style" not in head
+    sheets = sorted(p.name for p in reports.glob("*.css"))
+    assert len(sheets) == 1 and f'<link href="../{sheets[0]}" rel="stylesheet" type="text/css"/>' in head
+    assert "jp-Notebook" in (reports / sheets[0]).read_text()  # JupyterLab's CSS, once for both studies
+    assert first.stat().st_size < 50_000  # was ≈ 270 KB of inlined CSS per page
+    assert styled(first) and drawn_plots(first) >= 1
+
+
+def test_repoint_moves_committed_pages_onto_the_shared_files(tmp_path):
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from saelib.reports import repoint
+    from saelib.study import render_report
+
+    executed = _notebook_with_a_figure(tmp_path / "run.ipynb")
+    reports = tmp_path / "reports"
+    old = reports / "st" / "old.html"  # as nbconvert writes it: CSS inlined, plotly.js from the CDN
+    old.parent.mkdir(parents=True)
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    old.write_text(exporter.from_notebook_node(nbformat.read(str(executed), 4))[0])
+    assert "<style" in old.read_text().split("</head>")[0] and "cdn.plot.ly" in old.read_text()
+    assert repoint(reports) == [old]
+    assert old.read_text() == render_report(executed, reports / "st" / "new.html").read_text()
+    assert repoint(reports) == []  # nothing left to move
+    assert styled(old) and drawn_plots(old) >= 1
