@@ -46,11 +46,14 @@ def training_curves(history: pd.DataFrame, title: str = "training") -> go.Figure
 
 
 def use_report_renderer() -> None:
-    """Figures carry plotly's own mimetype (JupyterLab renders it offline) plus HTML that loads plotly.js from
-    its CDN, so HTML reports stay ≈ 0.5 MB instead of embedding the 4.6 MB library in every report."""
+    """Figures carry plotly's own mimetype (JupyterLab renders it offline) plus HTML that loads plotly.js (from the
+    CDN in the notebook; :func:`offline_report` points reports at the local copy), so reports do not embed the
+    4.6 MB library each. Tables show every row and column: a report has no "…" to click open."""
     import plotly.io as pio
 
     pio.renderers.default = "plotly_mimetype+notebook_connected"
+    pd.set_option("display.max_rows", None)
+    pd.set_option("display.max_columns", None)
 
 
 PLOTLY_JS = "plotly.min.js"
@@ -182,46 +185,74 @@ def pareto(wide_runs: pd.DataFrame, x: str, y: str, title: str) -> go.Figure:
     return fig
 
 
+def _grid(n: int) -> tuple[int, int]:
+    """(rows, columns) for ``n`` panels in a report page's width: at most 4 side by side, 4 as 2 × 2."""
+    cols = 2 if n == 4 else min(n, 4)
+    return -(-n // cols), cols
+
+
 def metric_vs_parameter(summary: pd.DataFrame, parameter: str, title: str) -> go.Figure:
-    """Mean ± 95 % CI of each metric against ``parameter`` (tau or lambda); ``summary`` has columns parameter,
-    metric, mean, low, high, and optionally ``series`` (one line per series value)."""
+    """Mean ± 95 % CI of each metric against ``parameter`` (tau or lambda), one panel per metric; ``summary`` has
+    columns parameter, metric, mean, low, high, and optionally ``series`` (one line per series value, in one colour
+    in every panel). The x axis ticks at the measured values."""
+    from plotly.colors import qualitative
+
     metrics = list(dict.fromkeys(summary["metric"]))
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
+    rows, cols = _grid(len(metrics))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=metrics, horizontal_spacing=0.08,
+                        vertical_spacing=0.3 / rows)
     series = summary["series"] if "series" in summary else pd.Series("", index=summary.index)
+    palette = {name: qualitative.Plotly[i % len(qualitative.Plotly)] for i, name in enumerate(dict.fromkeys(series))}
     values = summary[parameter].astype(float)
     positive = values[values > 0]
     # 0 next to values decades apart (λ = 0, 0.01 … 10): evenly spaced categories; all positive: log axis
     categorical = (values <= 0).any() and len(positive) > 0 and positive.max() / positive.min() > 100
     axis_type = "category" if categorical else "log" if (values > 0).all() else "linear"
-    order = [f"{v:g}" for v in sorted(values.unique())]
-    for col, metric in enumerate(metrics, start=1):
-        for name in dict.fromkeys(series):
+    measured = sorted(values.unique())
+    order = [f"{v:g}" for v in measured]
+    ticks = {"categoryorder": "array", "categoryarray": order} if categorical else {
+        "tickmode": "array", "tickvals": measured, "ticktext": order}
+    for i, metric in enumerate(metrics):
+        row, col = i // cols + 1, i % cols + 1
+        for name, colour in palette.items():
             part = summary[(summary["metric"] == metric) & (series == name)].sort_values(parameter)
             x = part[parameter].map(lambda v: f"{v:g}") if categorical else part[parameter]
             fig.add_trace(go.Scatter(
                 x=x, y=part["mean"], mode="lines+markers", name=str(name), legendgroup=str(name),
-                showlegend=col == 1 and bool(name),
+                showlegend=i == 0 and bool(name), line={"color": colour}, marker={"color": colour},
                 error_y={"type": "data", "symmetric": False, "array": (part["high"] - part["mean"]).fillna(0),
-                         "arrayminus": (part["mean"] - part["low"]).fillna(0)}), row=1, col=col)
-        fig.update_xaxes(title_text=parameter, type=axis_type, row=1, col=col,
-                         **({"categoryorder": "array", "categoryarray": order} if categorical else {}))
-    fig.update_layout(title=title, template="plotly_white", height=380, width=max(600, 330 * len(metrics)))
+                         "arrayminus": (part["mean"] - part["low"]).fillna(0), "color": colour}), row=row, col=col)
+        fig.update_xaxes(type=axis_type, row=row, col=col, **ticks)
+    fig.update_xaxes(title_text=parameter, row=rows)  # the bottom row names the shared parameter
+    fig.update_layout(title=title, template="plotly_white", height=120 + 300 * rows)
     return fig
 
 
+VERDICT_COLOURS = {"better": "#2ca02c", "worse": "#d62728", "higher": "#1f77b4", "lower": "#1f77b4"}
+"""Verdict → colour in figures and tables; anything else (no detectable difference, no interval) is grey."""
+
+
 def paired_differences(paired: pd.DataFrame, title: str) -> go.Figure:
-    """Paired difference (run − baseline) with its 95 % CI per configuration, one panel per metric."""
+    """Paired difference (configuration − baseline) with its 95 % CI, one panel per metric; configurations are named
+    once per row of panels, points coloured by verdict (green better, red worse, blue changed, grey neither)."""
     metrics = list(dict.fromkeys(paired["metric"]))
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
-    for col, metric in enumerate(metrics, start=1):
+    configs = sorted(paired["config"].unique())
+    rows, cols = _grid(len(metrics))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=metrics, shared_yaxes=True, horizontal_spacing=0.03,
+                        vertical_spacing=0.25 / rows)
+    for i, metric in enumerate(metrics):
         part = paired[paired["metric"] == metric]
         fig.add_trace(go.Scatter(
             x=part["difference"], y=part["config"], mode="markers", showlegend=False, text=part["verdict"],
+            marker={"color": [VERDICT_COLOURS.get(v, "#7f7f7f") for v in part["verdict"]], "size": 8},
+            hovertemplate="%{y}: %{x:+.4g} (%{text})<extra></extra>",
             error_x={"type": "data", "symmetric": False, "array": (part["high"] - part["difference"]).fillna(0),
-                     "arrayminus": (part["difference"] - part["low"]).fillna(0)}), row=1, col=col)
-        fig.add_vline(x=0, line_dash="dot", row=1, col=col)
-    fig.update_layout(title=title, template="plotly_white", height=max(350, 28 * paired["config"].nunique()),
-                      width=max(600, 330 * len(metrics)))
+                     "arrayminus": (part["difference"] - part["low"]).fillna(0), "color": "#7f7f7f"}),
+            row=i // cols + 1, col=i % cols + 1)
+        fig.add_vline(x=0, line_dash="dot", row=i // cols + 1, col=i % cols + 1)
+    fig.update_yaxes(categoryorder="array", categoryarray=configs[::-1], automargin=True)
+    fig.update_xaxes(tickfont={"size": 10}, nticks=5)
+    fig.update_layout(title=title, template="plotly_white", height=120 + rows * max(220, 22 * len(configs)))
     return fig
 
 
