@@ -88,11 +88,13 @@ def shared_css(page: str, html_path: Path) -> str:
     """``page`` with the ``<style>`` blocks of its ``<head>`` (nbconvert's ≈ 260 KB of JupyterLab CSS, the same in
     every report) moved into one stylesheet shared by the reports, ``reports/notebook-<sha256 prefix>.css``, linked
     relatively where the first block was. The name follows the content, so a page keeps the CSS it was made with.
-    Scoped blocks in the body (pandas tables) stay; a page without head styles comes back unchanged."""
+    Scoped blocks (pandas tables) and blocks marked ``data-inline`` (a page's own few rules) stay; a page without
+    head styles comes back unchanged."""
     import hashlib
 
     head, sep, body = page.partition("</head>")
-    blocks = [m for m in _STYLE.finditer(head) if "scoped" not in m.group("attrs")]
+    kept = {"scoped", "data-inline"}
+    blocks = [m for m in _STYLE.finditer(head) if not kept & {a.split("=")[0] for a in m.group("attrs").split()}]
     if not sep or not blocks:
         return page
     css = "\n".join(m.group("css").strip("\n") for m in blocks).encode()
@@ -254,6 +256,50 @@ def paired_differences(paired: pd.DataFrame, title: str) -> go.Figure:
     fig.update_xaxes(tickfont={"size": 10}, nticks=5)
     fig.update_layout(title=title, template="plotly_white", height=120 + rows * max(220, 22 * len(configs)))
     return fig
+
+
+def headline_png(paired: pd.DataFrame, metrics: list[str], order: list[str], path: Path) -> Path | None:
+    """``paired`` (as from ``stats.paired_vs_baseline``) as a matplotlib PNG for the README: difference from TopK
+    with its 95 % interval, one panel per metric in ``metrics``, configurations in ``order`` named once per row,
+    ≤ 3 panels a row, 10 inches wide (fits a page); green better, red worse, blue changed, hollow one seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in metrics if n in set(paired["metric"])]
+    if not names:
+        return None
+    configs = [c for c in order if c in set(paired["config"])]
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(10, rows * (0.22 * len(configs) + 1.0) + 0.5), sharey=True,
+                             squeeze=False)
+    y = list(range(len(configs)))
+    for ax, name in zip(axes.flat, names):
+        part = paired[paired["metric"] == name].set_index("config").reindex(configs)
+        for yi, row in zip(y, part.itertuples()):
+            colour = VERDICT_COLOURS.get(row.verdict, "#7f7f7f") if isinstance(row.verdict, str) else "#7f7f7f"
+            if row.low == row.low:  # not NaN
+                ax.plot([row.low, row.high], [yi, yi], color=colour, lw=1.2)
+            ax.plot([row.difference], [yi], "o", color=colour, ms=3.5, mfc=colour if row.seeds >= 2 else "none")
+        ax.axvline(0, color="0.2", lw=0.8, ls=":")
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(4))
+        ax.set_yticks(y, configs)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    axes[0, 0].invert_yaxis()
+    fig.suptitle("difference from TopK, paired by seed (95 % CI; green better, red worse, blue changed, hollow one "
+                 "seed)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def unlearning_headline(result: dict) -> dict[str, float]:

@@ -20,6 +20,20 @@ def test_index_links_reports_and_shows_headline_table(tmp_path):
     assert "No eval results yet" in empty.read_text()
 
 
+def test_index_shows_the_answers_as_tables_that_fit_the_page(tmp_path):
+    from saelib.answers import QUESTIONS, write_answers
+
+    reports = tmp_path / "reports"
+    write_answers("fx", FIXTURE, reports, readme=None)
+    page = build_index("fx", FIXTURE, reports)
+    answers = page.read_text().split("<h2>Answers</h2>")[1].split("<h2>")[0]
+    for question in QUESTIONS.values():
+        assert f"<h3>{question}</h3>" in answers
+    assert answers.count("<table>") == len(QUESTIONS)  # one verdict table per question, every one rendered
+    assert '>sgo_t0.02_l0.02</td>' in answers and '<img src="headline.png"' in answers
+    assert fits_width(page)
+
+
 def rendered_dom(page: Path) -> str:
     """``page``'s DOM after headless Chromium ran its scripts with no network (FACTS: `--dump-dom`)."""
     import shutil
@@ -35,7 +49,7 @@ def rendered_dom(page: Path) -> str:
         return subprocess.run(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-             "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()],
+             "--virtual-time-budget=10000", "--window-size=1280,2000", "--dump-dom", page.resolve().as_uri()],
             capture_output=True, text=True, timeout=120).stdout
 
 
@@ -44,17 +58,29 @@ def drawn_plots(page: Path) -> int:
     return rendered_dom(page).count('class="main-svg"')
 
 
-def styled(page: Path) -> bool:
-    """Whether JupyterLab's theme CSS reached ``page`` in Chromium: a copy beside it reports the computed value of
-    the theme variable ``--jp-layout-color0`` (empty when no stylesheet applied)."""
-    probe = page.with_name(page.stem + ".probe.html")
-    probe.write_text(page.read_text().replace("</body>", "<script>document.body.setAttribute('data-probe', "
-                     "getComputedStyle(document.body).getPropertyValue('--jp-layout-color0').trim() || 'none')"
-                     "</script></body>"))
+def probe(page: Path, expression: str) -> str:
+    """The value of a JavaScript ``expression`` evaluated in ``page`` after it loaded in Chromium (1280 px wide), read
+    from a copy beside it (same relative links) that writes it into the DOM."""
+    import re
+
+    copy = page.with_name(page.stem + ".probe.html")
+    copy.write_text(page.read_text().replace("</body>", "<script>window.addEventListener('load', () => "
+                    f"document.body.setAttribute('data-probe', String({expression})))</script></body>"))
     try:
-        return 'data-probe="white"' in rendered_dom(probe)
+        found = re.search(r'data-probe="([^"]*)"', rendered_dom(copy))
+        return found.group(1) if found else ""
     finally:
-        probe.unlink()
+        copy.unlink()
+
+
+def styled(page: Path) -> bool:
+    """Whether JupyterLab's theme CSS reached ``page`` (its variable ``--jp-layout-color0`` is set)."""
+    return probe(page, "getComputedStyle(document.body).getPropertyValue('--jp-layout-color0').trim()") == "white"
+
+
+def fits_width(page: Path) -> bool:
+    """Whether ``page`` lays out within a 1280 px window: no sideways scrolling."""
+    return probe(page, "document.documentElement.scrollWidth <= window.innerWidth") == "true"
 
 
 def test_index_page_loads_plotly_from_the_one_local_copy_and_draws_offline(tmp_path):
