@@ -302,6 +302,17 @@ def headline_png(paired: pd.DataFrame, metrics: list[str], order: list[str], pat
     return path
 
 
+def log_log_lines(series: dict[str, tuple], title: str, x_title: str, y_title: str,
+                  mode: str = "lines+markers") -> go.Figure:
+    """One trace per ``series`` entry (name → (x, y)) on log–log axes labelled at whole decades only (plotly's
+    default labels every 2 and 5 in between: "2 5 0.01 2 5")."""
+    fig = go.Figure([go.Scatter(x=list(x), y=list(y), mode=mode, name=name) for name, (x, y) in series.items()])
+    fig.update_xaxes(type="log", dtick=1, title_text=x_title)
+    fig.update_yaxes(type="log", dtick=1, title_text=y_title)
+    fig.update_layout(title=title, template="plotly_white")
+    return fig
+
+
 def unlearning_headline(result: dict) -> dict[str, float]:
     """The proxy's headline: score, its best setting and the loss rises behind it (nats)."""
     raw = result["eval_result_unstructured"]

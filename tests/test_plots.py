@@ -72,3 +72,8 @@ def test_report_tables_show_every_row():
         for option, value in saved.items():
             pd.set_option(option, value)
         pio.renderers.default = renderer
+
+
+def test_log_log_axes_are_labelled_at_whole_decades_only():
+    fig = plots.log_log_lines({"a": ([0.001, 0.01, 0.1, 1], [5, 50, 500, 5000])}, "t", "x", "y")
+    assert (fig.layout.xaxis.type, fig.layout.xaxis.dtick, fig.layout.yaxis.dtick) == ("log", 1, 1)

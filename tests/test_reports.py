@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from saelib.reports import build_index
 
 FIXTURE = Path(__file__).parent / "fixtures" / "study"
@@ -164,3 +166,14 @@ def test_repoint_moves_committed_pages_onto_the_shared_files(tmp_path):
     assert old.read_text() == render_report(executed, reports / "st" / "new.html").read_text()
     assert repoint(reports) == []  # nothing left to move
     assert styled(old) and drawn_plots(old) >= 1
+
+
+@pytest.mark.parametrize("notebook", ["compare", "competition"])
+def test_study_reports_fit_the_page_show_whole_tables_and_draw(tmp_path, notebook):
+    from saelib.study import execute, render_report
+
+    executed = tmp_path / f"{notebook}.ipynb"
+    execute(Path("notebooks") / f"{notebook}.ipynb", executed, {"study_dir": str(FIXTURE)})
+    page = render_report(executed, tmp_path / "reports" / "fx" / f"{notebook}.html")
+    assert "<td>...</td>" not in page.read_text() and "<th>...</th>" not in page.read_text()  # no pandas "…"
+    assert fits_width(page) and drawn_plots(page) >= 3
