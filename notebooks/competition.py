@@ -86,7 +86,7 @@ for config, run in shown.items():
     graph_rows.append({"config": config, "run": run, "tau": res["eval_config"]["reference_tau"], **graph})
     deg = res["eval_result_unstructured"]["degree_histogram"]
     degrees[config] = (deg["degree"], deg["latents"])
-display(pd.DataFrame(graph_rows))
+display(pd.DataFrame(graph_rows).set_index("config").T)  # one column per configuration: fits the page
 plots.log_log_lines(degrees, "degree distribution of the competition graph", "competitors of a latent", "latents",
                     mode="markers").show()
 for config, run in shown.items():

@@ -81,8 +81,10 @@ def styled(page: Path) -> bool:
 
 
 def fits_width(page: Path) -> bool:
-    """Whether ``page`` lays out within a 1280 px window: no sideways scrolling."""
-    return probe(page, "document.documentElement.scrollWidth <= window.innerWidth") == "true"
+    """Whether ``page`` lays out within a 1280 px window: neither the page nor any output (a figure, a table)
+    scrolls sideways."""
+    return probe(page, "document.documentElement.scrollWidth <= window.innerWidth && [...document.querySelectorAll("
+                 "'.jp-OutputArea-output, .wide')].every(e => e.scrollWidth <= e.clientWidth + 1)") == "true"
 
 
 def test_index_page_loads_plotly_from_the_one_local_copy_and_draws_offline(tmp_path):
