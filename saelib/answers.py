@@ -1,17 +1,12 @@
-"""The study's answers to the mission's questions: one verdict table per question, a sentence or two, a figure.
-
-``write_answers(study, study_dir)`` writes ``reports/<study>/answers.md`` (the tables as markdown),
-``answers_<question>.csv`` beside it (the same tables as numbers) and ``headline.png`` (paired differences from TopK),
-and replaces the README's text between ``<!-- answers:<study>:begin -->`` and ``<!-- answers:<study>:end -->``.
-Rows are configurations, identified by each run's ``cfg.json`` (architecture, τ, λ, seed; never parsed from run
-names); cells are paired differences from TopK with their 95 % interval over seeds and the verdict of
-:func:`saelib.stats.paired_vs_baseline`. Nothing is recomputed from activations.
-"""
+"""The study's answers: per mission question a verdict table (rows configurations, told apart by each run's cfg.json;
+columns metrics; cells the paired difference from TopK [95 % interval] and its ``saelib.stats`` verdict) and a sentence
+or two, in ``reports/<study>/answers.md``, ``answers_<question>.csv`` and the README's ``<!-- answers:<study>:… -->``
+block, with ``headline.png``. Nothing is recomputed from activations."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +33,10 @@ BEGIN, END = "<!-- answers:{study}:begin -->", "<!-- answers:{study}:end -->"
 
 @dataclass
 class Answers:
+    """The markdown, the headline figure, and per question its table as numbers (long form, written as CSV)."""
     markdown: str
     figure: Path | None
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
-    """question → its table as numbers (long form: one row per configuration and metric), written as CSV."""
+    tables: dict[str, pd.DataFrame]
 
 
 def _num(x: float, sign: str = "") -> str:
@@ -101,8 +96,7 @@ def weights_check(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
     from safetensors.torch import load_file
 
     def tensors(run: str) -> dict | None:
-        files = sorted((Path(study_dir) / run / io.SAE_DIR).glob("*.safetensors"))
-        return load_file(files[0]) if files else None
+        return next((load_file(f) for f in sorted((Path(study_dir) / run / io.SAE_DIR).glob("*.safetensors"))), None)
 
     base = runs[runs["config"] == BASELINE].set_index("seed")["run"]
     rows = []
@@ -149,17 +143,15 @@ def competition_patterns(study_dir: Path, results: pd.DataFrame) -> pd.DataFrame
              t + "competing_mean_cos2": "competing cos²", t + "noncompeting_mean_cos2": "non-competing cos²",
              "competition/graph.n_latents_competing": "latents in graph",
              "competition/graph.mean_degree": "mean degree", "competition/graph.largest_cluster": "largest cluster"}
-    per_run = wide(results, names).set_index("run")
-    if not set(names.values()) <= set(per_run.columns):
-        return pd.DataFrame(columns=["config", "metric", "seeds", "mean", "low", "high", "difference", "verdict"])
+    per_run = wide(results, names).set_index("run").reindex(columns=["config", *names.values()])
     derived = {"competing − non-competing cos²": per_run["competing cos²"] - per_run["non-competing cos²"]}
     absorbing = absorbing_pairs(study_dir).query("tau == @tau").set_index("run")
     derived["absorbing flagged − base rate (points)"] = 100 * (absorbing["flagged"] - absorbing["base_rate"])
     per_run = per_run.join(pd.DataFrame(derived))
-    return pd.DataFrame([{"config": config, "metric": name, **_ci_row(part[name].dropna(), 0 if name in derived
-                                                                       else None)}
-                         for name in [*names.values(), *derived] for config, part in per_run.groupby("config")
-                         if part[name].notna().any()])
+    rows = [{"config": config, "metric": name, **_ci_row(part[name].dropna(), 0 if name in derived else None)}
+            for name in [*names.values(), *derived] for config, part in per_run.groupby("config")
+            if part[name].notna().any()]
+    return pd.DataFrame(rows, columns=["config", "metric", "seeds", "mean", "low", "high", "difference", "verdict"])
 
 
 def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("reports")) -> Answers:
@@ -268,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(write_answers(args.study, Path(args.runs_dir) / args.study))
+        return 0
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}")
         return 2
-    return 0
 
 
 if __name__ == "__main__":
