@@ -126,7 +126,7 @@ def _weights_sentences(weights: pd.DataFrame) -> str:
 def _counts(long: pd.DataFrame) -> str:
     tested = long[long["seeds"] >= 2]
     if tested.empty:
-        return "One shared seed: no interval, so no difference is called."
+        return "With one shared seed there is no interval, so no difference is called."
     n = tested["verdict"].value_counts()
     return (f"{n.get('better', 0)} better, {n.get('worse', 0)} worse, {n.get('no detectable difference', 0)} "
             f"no detectable difference of {len(tested)} comparisons (≈ {0.05 * len(tested):.1f} expected by chance).")
@@ -171,12 +171,13 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     sweep = pd.concat([quality, penalty])[lambda d: d["config"].isin(sgo.loc[sgo["lambda"] == sweep_lambda, "config"])]
     patterns = competition_patterns(study_dir, results)
     gap = patterns[(patterns["config"] == BASELINE) & (patterns["metric"] == "competing − non-competing cos²")]
-    overlap = {"higher": "more than", "lower": "less than"}.get(next(iter(gap["verdict"]), ""), "no detectably "
-                                                                "differently from")
+    overlap = {"higher": "more than", "lower": "less than", "no detectable difference": "no detectably differently "
+               "from"}.get(next(iter(gap["verdict"]), ""))
     text = {"penalty": _weights_sentences(weights), "quality": _counts(quality),
-            "competition": f"In TopK, competing pairs' decoders overlap {overlap} non-competing pairs'." if len(gap)
+            "competition": f"In TopK, competing pairs' decoders overlap {overlap} non-competing pairs'." if overlap
+            else "TopK's competing vs non-competing decoder overlap: see the table (no interval)." if len(gap)
             else "No competition results for TopK.",
-            "threshold": f"τ sweep at λ = {sweep_lambda:g}: {_counts(sweep)}" if sweep["config"].nunique() > 1 else
+            "threshold": f"τ sweep at λ = {sweep_lambda:g}. {_counts(sweep)}" if sweep["config"].nunique() > 1 else
             "No τ sweep (SGO at one λ over several τ) in this study."}
     tables = {"penalty": weights.merge(penalty, on="config", how="left"), "quality": quality,
               "competition": patterns, "threshold": sweep}
@@ -193,7 +194,11 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
              f"and verdict (n.d.: no detectable difference); competition levels: mean [95 % interval]. The same "
              f"numbers: `answers_<question>.csv`._"]
     parts += [f"### {q}\n\n{text[key]}\n\n{md[key]}".rstrip() for key, q in QUESTIONS.items()]
-    return Answers("\n\n".join(parts + ([FIGURE_LINK] if figure else [])) + "\n", figure, tables)
+    markdown = "\n\n".join(parts + ([FIGURE_LINK] if figure else [])) + "\n"
+    if runs["seed"].nunique() == 1:  # said once instead of in every cell
+        markdown = markdown.replace(" (1 seed)", "").replace("._\n", ". One seed: single measurements, no "
+                                                                       "intervals, no verdicts._\n", 1)
+    return Answers(markdown, figure, tables)
 
 
 def absorbing_pairs(study_dir: Path) -> pd.DataFrame:

@@ -181,3 +181,14 @@ def test_a_study_without_topk_or_results_is_a_clear_error(tmp_path):
     shutil.copytree(FIXTURE / "sgo_t0.02_l0.02_s0", tmp_path / "only" / "sgo_t0.02_l0.02_s0")
     with pytest.raises(ValueError, match="no `topk` runs"):
         answers.study_answers("only", tmp_path / "only")
+
+
+def test_a_one_seed_study_says_so_once_instead_of_in_every_cell(tmp_path):
+    for run in ("topk_s0", "sgo_t0.02_l0.02_s0"):
+        shutil.copytree(FIXTURE / run, tmp_path / "one" / run)
+    one = answers.study_answers("one", tmp_path / "one", reports_dir=None)
+    assert "(1 seed)" not in one.markdown and one.markdown.count("One seed: single measurements") == 1
+    assert (one.tables["quality"]["verdict"] == NO_INTERVAL).all()
+    row = _cell(one.tables["quality"], "sgo_t0.02_l0.02", "explained variance")
+    assert _md_cell(one.markdown, "sgo_t0.02_l0.02", "explained variance") == f"{row.difference:+.3g}"
+    assert "One seed" not in answers.study_answers("fx", FIXTURE, reports_dir=None).markdown
