@@ -16,7 +16,7 @@
 # %% [markdown]
 # # Compare every run of a study
 # All runs side by side: SAEBench metrics as mean ± 95 % CI over seeds, sparsity/fidelity Pareto plots, metrics
-# against λ and τ, and a seed-paired comparison of every run against TopK with a plain-words verdict. The numbers
+# against λ and τ, and a seed-paired comparison of every configuration against TopK with its verdict. The numbers
 # come from the runs' `evals/*.json` (see `notebooks/evaluate.ipynb`); nothing is recomputed here.
 # Defaults read a small pre-built study (`tests/fixtures/study`) so the notebook runs in seconds.
 
@@ -29,7 +29,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from saelib import io, plots
-from saelib.answers import study_answers
+from saelib.answers import config_order, study_answers, table_markdown
 from saelib.evals.results import HEADLINE, study_results, wide
 from saelib.stats import paired_vs_baseline, summarise
 
@@ -78,27 +78,22 @@ if not sgo.empty:
             plots.metric_vs_parameter(view, parameter, f"metrics vs {parameter} (mean ± 95 % CI)").show()
 
 # %% [markdown]
-# ## Every configuration against TopK, paired by seed
-# Difference = configuration − TopK on the same seed; 95 % t-interval over seeds. "better"/"worse" only when the
-# interval excludes zero; otherwise "no detectable difference".
+# ## Every configuration against the baseline, paired by seed
+# Difference = configuration − baseline on the same seed, with its 95 % t-interval over seeds. "better"/"worse"
+# only when the interval excludes zero; otherwise n.d., no detectable difference. The numbers behind the figure:
+# one row per configuration, one column per metric.
 
 # %%
 paired = paired_vs_baseline(results, {k: v for k, v in HEADLINE.items() if v[1] != 0}, baseline=baseline)
-display(paired.round(5))
-if not paired.empty:
+if paired.empty:
+    print(f"No configuration shares seeds with {baseline}.")
+else:
     plots.paired_differences(paired, f"paired difference vs {baseline} (95 % CI)").show()
-
-# %%
-lines = []
-for config, part in paired.groupby("config"):
-    verdicts = [f"{row.metric}: **{row.verdict}** ({row.difference:+.4f}, CI {row.low:+.4f} … {row.high:+.4f})"
-                for row in part.itertuples()]
-    lines.append(f"- `{config}` vs `{baseline}` — " + "; ".join(verdicts))
-display(Markdown("\n".join(lines) if lines else "No configuration shares seeds with the baseline."))
+    display(Markdown(table_markdown(paired, config_order(results.drop_duplicates("run")))))
 
 # %% [markdown]
 # ## The mission's questions, answered from these results
-# The same text `make run` writes to `reports/<study>/answers.md` and the README (`saelib.answers`): every verdict is
+# The tables `make run` writes to `reports/<study>/answers.md` and the README (`saelib.answers`): every verdict is
 # decided by the paired 95 % interval, none is written by hand. (Needs TopK runs: it is the baseline of every answer.)
 
 # %%

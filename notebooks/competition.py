@@ -28,7 +28,6 @@ contrast = ["topk", "sgo_t0.02_l0.02", "sgo_t0.02_l10", "ortsae"]  # side by sid
 
 # %%
 import pandas as pd
-import plotly.graph_objects as go
 from IPython.display import display
 
 from saelib import io, plots
@@ -71,31 +70,25 @@ display(table.pivot_table(index=["config", "tau"], columns="metric", values="mea
 # ## Distribution of competition scores (all co-firing pairs)
 
 # %%
-fig = go.Figure()
-for config, run in shown.items():
-    hist = runs[run]["competition"]["eval_result_unstructured"]["score_histogram"]
-    edges = hist["bin_edges"]
-    fig.add_trace(go.Scatter(x=edges[1:], y=hist["counts"], mode="lines+markers", name=f"{config} ({run})"))
-fig.update_layout(title="co-firing pairs per competition-score bin", xaxis_type="log", yaxis_type="log",
-                  xaxis_title="score s_ij (upper bin edge)", yaxis_title="pairs", template="plotly_white")
-fig.show()
+scores = {f"{config} ({run})": runs[run]["competition"]["eval_result_unstructured"]["score_histogram"]
+          for config, run in shown.items()}
+plots.log_log_lines({name: (h["bin_edges"][1:], h["counts"]) for name, h in scores.items()},
+                    "co-firing pairs per competition-score bin", "score s_ij (upper bin edge)", "pairs").show()
 
 # %% [markdown]
 # ## The co-activation graph at the reference τ
 
 # %%
-graph_rows = []
-fig = go.Figure()
+graph_rows, degrees = [], {}
 for config, run in shown.items():
     res = runs[run]["competition"]
-    graph_rows.append({"config": config, "run": run, "tau": res["eval_config"]["reference_tau"],
-                       **res["eval_result_metrics"]["graph"]})
+    graph = {k: v for k, v in res["eval_result_metrics"]["graph"].items() if not isinstance(v, (dict, list))}
+    graph_rows.append({"config": config, "run": run, "tau": res["eval_config"]["reference_tau"], **graph})
     deg = res["eval_result_unstructured"]["degree_histogram"]
-    fig.add_trace(go.Scatter(x=deg["degree"], y=deg["latents"], mode="markers", name=config))
-fig.update_layout(title="degree distribution of the competition graph", xaxis_type="log", yaxis_type="log",
-                  xaxis_title="competitors of a latent", yaxis_title="latents", template="plotly_white")
-display(pd.DataFrame(graph_rows))
-fig.show()
+    degrees[config] = (deg["degree"], deg["latents"])
+display(pd.DataFrame(graph_rows).set_index("config").T)  # one column per configuration: fits the page
+plots.log_log_lines(degrees, "degree distribution of the competition graph", "competitors of a latent", "latents",
+                    mode="markers").show()
 for config, run in shown.items():
     clusters = runs[run]["competition"]["eval_result_unstructured"]["largest_clusters"]
     display(pd.DataFrame(clusters).head(5).assign(config=config))

@@ -1,12 +1,11 @@
-"""Plotly figures shared by the notebooks (functions take DataFrames and return figures), and the one local copy of
-plotly.js that the HTML reports load (``offline_plotlyjs``).
+"""Plotly figures shared by the notebooks (functions take DataFrames and return figures), and the files the HTML
+reports share instead of inlining them: one local copy of plotly.js and one notebook stylesheet (``offline_report``).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -47,33 +46,71 @@ def training_curves(history: pd.DataFrame, title: str = "training") -> go.Figure
 
 
 def use_report_renderer() -> None:
-    """Figures carry plotly's own mimetype (JupyterLab renders it offline) plus HTML that loads plotly.js from
-    its CDN, so HTML reports stay ≈ 0.5 MB instead of embedding the 4.6 MB library in every report."""
+    """Figures carry plotly's own mimetype (JupyterLab renders it offline) plus HTML that loads plotly.js (from the
+    CDN in the notebook; :func:`offline_report` points reports at the local copy), so reports do not embed the
+    4.6 MB library each. Tables show every row and column: a report has no "…" to click open."""
     import plotly.io as pio
 
     pio.renderers.default = "plotly_mimetype+notebook_connected"
+    pd.set_option("display.max_rows", None)
+    pd.set_option("display.max_columns", None)
 
 
 PLOTLY_JS = "plotly.min.js"
 _CDN_PLOTLY_TAG = re.compile(r'<script[^>]*\bsrc="https://cdn\.plot\.ly/plotly-[^"]*"[^>]*>')
+_STYLE = re.compile(r"<style(?P<attrs>[^>]*)>(?P<css>.*?)</style>\s*", re.S)
+
+
+def _shared_file(name: str, content: bytes, html_path: Path) -> str:
+    """Write ``content`` once to ``reports/<name>`` (``<html_path>/../../<name>``, shared by every study's reports);
+    its path relative to ``html_path``'s folder."""
+    shared = Path(html_path).parent.parent / name
+    if not shared.exists() or shared.stat().st_size != len(content):
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        tmp = shared.with_name(name + ".tmp")
+        tmp.write_bytes(content)
+        tmp.replace(shared)
+    return os.path.relpath(shared, Path(html_path).parent)
 
 
 def offline_plotlyjs(page: str, html_path: Path) -> str:
     """``page`` with its plotly.js script tags pointing at one local copy shared by the reports of every study
-    (``<html_path>/../../plotly.min.js``, i.e. ``reports/plotly.min.js``; copied from the installed plotly once),
-    so figures draw with no network. The CDN tag's integrity and crossorigin attributes go too: a ``file://``
-    page cannot load a script marked crossorigin."""
+    (``reports/plotly.min.js``, copied from the installed plotly), so figures draw with no network. The CDN tag's
+    integrity and crossorigin attributes go too: a ``file://`` page cannot load a script marked crossorigin."""
     import plotly
 
-    shared = Path(html_path).parent.parent / PLOTLY_JS
     source = Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
-    if not shared.exists() or shared.stat().st_size != source.stat().st_size:
-        shared.parent.mkdir(parents=True, exist_ok=True)
-        tmp = shared.with_name(PLOTLY_JS + ".tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(shared)
-    rel = os.path.relpath(shared, Path(html_path).parent)
+    rel = _shared_file(PLOTLY_JS, source.read_bytes(), html_path)
     return _CDN_PLOTLY_TAG.sub(f'<script charset="utf-8" src="{rel}">', page)
+
+
+def shared_css(page: str, html_path: Path) -> str:
+    """``page`` with the ``<style>`` blocks of its ``<head>`` (nbconvert's ≈ 260 KB of JupyterLab CSS, the same in
+    every report) moved into one stylesheet shared by the reports, ``reports/notebook-<sha256 prefix>.css``, linked
+    relatively where the first block was. The name follows the content, so a page keeps the CSS it was made with.
+    Scoped blocks (pandas tables) and blocks marked ``data-inline`` (a page's own few rules) stay; a page without
+    head styles comes back unchanged."""
+    import hashlib
+
+    head, sep, body = page.partition("</head>")
+    kept = {"scoped", "data-inline"}
+    blocks = [m for m in _STYLE.finditer(head) if not kept & {a.split("=")[0] for a in m.group("attrs").split()}]
+    if not sep or not blocks:
+        return page
+    css = "\n".join(m.group("css").strip("\n") for m in blocks).encode()
+    rel = _shared_file(f"notebook-{hashlib.sha256(css).hexdigest()[:12]}.css", css, html_path)
+    out, last = [], 0
+    for i, m in enumerate(blocks):
+        out.append(head[last:m.start()])
+        if i == 0:
+            out.append(f'<link href="{rel}" rel="stylesheet" type="text/css"/>\n')
+        last = m.end()
+    return "".join(out) + head[last:] + sep + body
+
+
+def offline_report(page: str, html_path: Path) -> str:
+    """A report page as committed: plotly.js and the notebook CSS from the shared copies in ``reports/``."""
+    return shared_css(offline_plotlyjs(page, html_path), html_path)
 
 
 def metrics_table(metrics: dict[str, float]) -> pd.DataFrame:
@@ -150,46 +187,129 @@ def pareto(wide_runs: pd.DataFrame, x: str, y: str, title: str) -> go.Figure:
     return fig
 
 
+def _grid(n: int) -> tuple[int, int]:
+    """(rows, columns) for ``n`` panels in a report page's width: at most 4 side by side, 4 as 2 × 2."""
+    cols = 2 if n == 4 else min(n, 4)
+    return -(-n // cols), cols
+
+
 def metric_vs_parameter(summary: pd.DataFrame, parameter: str, title: str) -> go.Figure:
-    """Mean ± 95 % CI of each metric against ``parameter`` (tau or lambda); ``summary`` has columns parameter,
-    metric, mean, low, high, and optionally ``series`` (one line per series value)."""
+    """Mean ± 95 % CI of each metric against ``parameter`` (tau or lambda), one panel per metric; ``summary`` has
+    columns parameter, metric, mean, low, high, and optionally ``series`` (one line per series value, in one colour
+    in every panel). The x axis ticks at the measured values."""
+    from plotly.colors import qualitative
+
     metrics = list(dict.fromkeys(summary["metric"]))
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
+    rows, cols = _grid(len(metrics))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=metrics, horizontal_spacing=0.08,
+                        vertical_spacing=0.3 / rows)
     series = summary["series"] if "series" in summary else pd.Series("", index=summary.index)
+    palette = {name: qualitative.Plotly[i % len(qualitative.Plotly)] for i, name in enumerate(dict.fromkeys(series))}
     values = summary[parameter].astype(float)
     positive = values[values > 0]
     # 0 next to values decades apart (λ = 0, 0.01 … 10): evenly spaced categories; all positive: log axis
     categorical = (values <= 0).any() and len(positive) > 0 and positive.max() / positive.min() > 100
     axis_type = "category" if categorical else "log" if (values > 0).all() else "linear"
-    order = [f"{v:g}" for v in sorted(values.unique())]
-    for col, metric in enumerate(metrics, start=1):
-        for name in dict.fromkeys(series):
+    measured = sorted(values.unique())
+    order = [f"{v:g}" for v in measured]
+    ticks = {"categoryorder": "array", "categoryarray": order} if categorical else {
+        "tickmode": "array", "tickvals": measured, "ticktext": order}
+    for i, metric in enumerate(metrics):
+        row, col = i // cols + 1, i % cols + 1
+        for name, colour in palette.items():
             part = summary[(summary["metric"] == metric) & (series == name)].sort_values(parameter)
             x = part[parameter].map(lambda v: f"{v:g}") if categorical else part[parameter]
             fig.add_trace(go.Scatter(
                 x=x, y=part["mean"], mode="lines+markers", name=str(name), legendgroup=str(name),
-                showlegend=col == 1 and bool(name),
+                showlegend=i == 0 and bool(name), line={"color": colour}, marker={"color": colour},
                 error_y={"type": "data", "symmetric": False, "array": (part["high"] - part["mean"]).fillna(0),
-                         "arrayminus": (part["mean"] - part["low"]).fillna(0)}), row=1, col=col)
-        fig.update_xaxes(title_text=parameter, type=axis_type, row=1, col=col,
-                         **({"categoryorder": "array", "categoryarray": order} if categorical else {}))
-    fig.update_layout(title=title, template="plotly_white", height=380, width=max(600, 330 * len(metrics)))
+                         "arrayminus": (part["mean"] - part["low"]).fillna(0), "color": colour}), row=row, col=col)
+        fig.update_xaxes(type=axis_type, row=row, col=col, **ticks)
+    fig.update_xaxes(title_text=parameter, row=rows)  # the bottom row names the shared parameter
+    fig.update_layout(title=title, template="plotly_white", height=120 + 300 * rows)
     return fig
 
 
+VERDICT_COLOURS = {"better": "#2ca02c", "worse": "#d62728", "higher": "#1f77b4", "lower": "#1f77b4"}
+"""Verdict → colour in figures and tables; anything else (no detectable difference, no interval) is grey."""
+
+
 def paired_differences(paired: pd.DataFrame, title: str) -> go.Figure:
-    """Paired difference (run − baseline) with its 95 % CI per configuration, one panel per metric."""
+    """Paired difference (configuration − baseline) with its 95 % CI, one panel per metric; configurations are named
+    once per row of panels, points coloured by verdict (green better, red worse, blue changed, grey neither)."""
     metrics = list(dict.fromkeys(paired["metric"]))
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
-    for col, metric in enumerate(metrics, start=1):
+    configs = sorted(paired["config"].unique())
+    rows, cols = _grid(len(metrics))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=metrics, shared_yaxes=True, horizontal_spacing=0.03,
+                        vertical_spacing=0.25 / rows)
+    for i, metric in enumerate(metrics):
         part = paired[paired["metric"] == metric]
         fig.add_trace(go.Scatter(
             x=part["difference"], y=part["config"], mode="markers", showlegend=False, text=part["verdict"],
+            marker={"color": [VERDICT_COLOURS.get(v, "#7f7f7f") for v in part["verdict"]], "size": 8},
+            hovertemplate="%{y}: %{x:+.4g} (%{text})<extra></extra>",
             error_x={"type": "data", "symmetric": False, "array": (part["high"] - part["difference"]).fillna(0),
-                     "arrayminus": (part["difference"] - part["low"]).fillna(0)}), row=1, col=col)
-        fig.add_vline(x=0, line_dash="dot", row=1, col=col)
-    fig.update_layout(title=title, template="plotly_white", height=max(350, 28 * paired["config"].nunique()),
-                      width=max(600, 330 * len(metrics)))
+                     "arrayminus": (part["difference"] - part["low"]).fillna(0), "color": "#7f7f7f"}),
+            row=i // cols + 1, col=i % cols + 1)
+        fig.add_vline(x=0, line_dash="dot", row=i // cols + 1, col=i % cols + 1)
+    fig.update_yaxes(categoryorder="array", categoryarray=configs[::-1], automargin=True)
+    fig.update_xaxes(tickfont={"size": 10}, nticks=5)
+    fig.update_layout(title=title, template="plotly_white", height=120 + rows * max(220, 22 * len(configs)))
+    return fig
+
+
+def headline_png(paired: pd.DataFrame, metrics: list[str], order: list[str], path: Path) -> Path | None:
+    """``paired`` (as from ``stats.paired_vs_baseline``) as a matplotlib PNG for the README: difference from TopK
+    with its 95 % interval, one panel per metric in ``metrics``, configurations in ``order`` named once per row,
+    ≤ 3 panels a row, 10 inches wide (fits a page); green better, red worse, blue changed, hollow one seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in metrics if n in set(paired["metric"])]
+    if not names:
+        return None
+    configs = [c for c in order if c in set(paired["config"])]
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(10, rows * (0.22 * len(configs) + 1.0) + 0.5), sharey=True,
+                             squeeze=False)
+    y = list(range(len(configs)))
+    for ax, name in zip(axes.flat, names):
+        part = paired[paired["metric"] == name].set_index("config").reindex(configs)
+        for yi, row in zip(y, part.itertuples()):
+            colour = VERDICT_COLOURS.get(row.verdict, "#7f7f7f") if isinstance(row.verdict, str) else "#7f7f7f"
+            if row.low == row.low:  # not NaN
+                ax.plot([row.low, row.high], [yi, yi], color=colour, lw=1.2)
+            ax.plot([row.difference], [yi], "o", color=colour, ms=3.5, mfc=colour if row.seeds >= 2 else "none")
+        ax.axvline(0, color="0.2", lw=0.8, ls=":")
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(4))
+        ax.set_yticks(y, configs)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    axes[0, 0].invert_yaxis()
+    fig.suptitle("difference from TopK, paired by seed (95 % CI; green better, red worse, blue changed, hollow one "
+                 "seed)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def log_log_lines(series: dict[str, tuple], title: str, x_title: str, y_title: str,
+                  mode: str = "lines+markers") -> go.Figure:
+    """One trace per ``series`` entry (name → (x, y)) on log–log axes labelled at whole decades only (plotly's
+    default labels every 2 and 5 in between: "2 5 0.01 2 5")."""
+    fig = go.Figure([go.Scatter(x=list(x), y=list(y), mode=mode, name=name) for name, (x, y) in series.items()])
+    fig.update_xaxes(type="log", dtick=1, title_text=x_title)
+    fig.update_yaxes(type="log", dtick=1, title_text=y_title)
+    fig.update_layout(title=title, template="plotly_white")
     return fig
 
 

@@ -86,7 +86,8 @@ def failure_reason(err: Exception) -> str:
 
 
 def render_report(executed: Path, html_path: Path) -> Path:
-    """nbconvert an executed notebook to HTML without its input cells."""
+    """nbconvert an executed notebook to HTML without its input cells; plotly.js and the notebook CSS come from the
+    copies shared by the reports (:func:`saelib.plots.offline_report`)."""
     from nbconvert import HTMLExporter
 
     import nbformat
@@ -100,7 +101,7 @@ def render_report(executed: Path, html_path: Path) -> Path:
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
     html_path.parent.mkdir(parents=True, exist_ok=True)
-    html_path.write_text(plots.offline_plotlyjs(body, html_path))
+    html_path.write_text(plots.offline_report(body, html_path))
     return html_path
 
 

@@ -1,6 +1,8 @@
-"""The study's written answers: numbers taken from the results, verdicts chosen by the intervals, README block."""
+"""The study's answers: verdict tables whose cells come from the results and the paired intervals, CSVs beside
+them, the README block. Tables are checked, not sentences."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,98 +11,155 @@ import pytest
 
 from saelib import answers
 from saelib.evals.results import COLUMNS
-from saelib.stats import mean_ci, paired_vs_baseline
+from saelib.stats import NO_INTERVAL, mean_ci, paired_vs_baseline
 
 FIXTURE = Path(__file__).parent / "fixtures" / "study"
+ABSORPTION = "absorption/mean.mean_absorption_fraction_score"
 
 
 def _rows(config, arch, tau, lam, values_by_seed, key):
     ev, metric = key.split("/", 1)
-    return [{"run": f"{config}_s{s}", "config": config, "architecture": arch, "tau": tau, "lambda": lam, "seed": s,
-             "eval": ev, "metric": metric, "value": v} for s, v in values_by_seed.items()]
+    return [{"run": f"run{abs(hash((config, s))) % 10**6}", "config": config, "architecture": arch, "tau": tau,
+             "lambda": lam, "seed": s, "eval": ev, "metric": metric, "value": v} for s, v in values_by_seed.items()]
 
 
-def _synthetic(sgo_shift: float, zero_shift: float = 0.0) -> pd.DataFrame:
-    """TopK, an SGO run shifted by ``sgo_shift`` on absorption (lower is better) and the λ = 0 control."""
-    key = "absorption/mean.mean_absorption_fraction_score"
+def _synthetic(shift: float, zero_shift: float = 0.0) -> pd.DataFrame:
+    """TopK, a penalised SGO run shifted by ``shift`` on absorption (lower is better), and the λ = 0 control. The
+    run names say nothing: τ, λ and seed are columns (from cfg.json), as in study_results."""
     base = {0: 0.10, 1: 0.12, 2: 0.11}
-    rows = _rows("topk", "topk", np.nan, np.nan, base, key)
-    rows += _rows("sgo_t0.02_l10", "sgo_topk", 0.02, 10.0, {s: v + sgo_shift + 0.001 * s for s, v in base.items()}, key)
-    rows += _rows("sgo_t0.02_l0", "sgo_topk", 0.02, 0.0, {s: v + zero_shift for s, v in base.items()}, key)
+    rows = _rows("topk", "topk", np.nan, np.nan, base, ABSORPTION)
+    rows += _rows("a", "sgo_topk", 0.02, 10.0, {s: v + shift + 0.001 * s for s, v in base.items()}, ABSORPTION)
+    rows += _rows("b", "sgo_topk", 0.02, 0.0, {s: v + zero_shift for s, v in base.items()}, ABSORPTION)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def test_fixture_answers_quote_the_measured_numbers(tmp_path):
+def _md_cell(markdown, config, metric):
+    """The text of the cell (``config``, ``metric``) of the first markdown table with that column and row."""
+    for table in markdown.split("\n\n"):
+        lines = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in table.splitlines() if ln.startswith("|")]
+        if lines and metric in lines[0]:
+            row = next((r for r in lines[2:] if r[0] == config), None)
+            if row is not None:
+                return row[lines[0].index(metric)]
+    raise AssertionError(f"no cell ({config}, {metric})")
+
+
+def _cell(long, config, metric):
+    row = long[(long["config"] == config) & (long["metric"] == metric)]
+    assert len(row) == 1, (config, metric)
+    return row.iloc[0]
+
+
+def test_the_quality_table_holds_the_paired_differences_and_verdicts(tmp_path):
     out = answers.write_answers("fx", FIXTURE, tmp_path, readme=None)
+    csv = pd.read_csv(tmp_path / "fx" / "answers_quality.csv")
+    expected = paired_vs_baseline(answers.study_results(FIXTURE), answers.QUALITY)
+    pd.testing.assert_frame_equal(csv, expected, check_dtype=False)
+    # the markdown table: a row per configuration, a column per metric, the cell of the CSV row
+    row = _cell(csv, "sgo_t0.02_l0.02", "sparse probing top-1")
     text = out.read_text()
-    for question in ("Does the penalty reach the weights?", "beat TopK", "feature-competition patterns",
-                     "competition threshold τ"):
-        assert question in text
-    # TopK's held-out weighted cos² at τ = 0.02, straight from the two runs' JSON
-    values = [json.loads((FIXTURE / r / "evals" / "competition.json").read_text())["eval_result_metrics"]
-              ["tau_0.02"]["competing_weighted_cos2"] for r in ("topk_s0", "topk_s1")]
-    ci = mean_ci(values)
-    assert f"TopK at τ = 0.02: {ci.mean:.3g} [{ci.low:.3g}, {ci.high:.3g}]" in text
+    assert row.verdict == "no detectable difference"  # two seeds of a tiny run: the interval spans 0
+    assert _md_cell(text, "sgo_t0.02_l0.02", "sparse probing top-1") == (
+        f"n.d. {row.difference:+.3g} [{row.low:+.3g}, {row.high:+.3g}]")
+    for key in answers.QUESTIONS:
+        assert (tmp_path / "fx" / f"answers_{key}.csv").exists()
+    assert (tmp_path / "fx" / "headline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![paired differences from TopK](headline.png)" in text
-    png = tmp_path / "fx" / "headline.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert max(map(len, text.splitlines())) < 1000  # tables, not paragraphs of numbers (was 3,207 characters)
+
+
+@pytest.mark.parametrize("shift, expected", [(-0.05, "better"), (+0.05, "worse"), (0.0, "no detectable difference")])
+def test_verdicts_follow_the_intervals(shift, expected):
+    long = paired_vs_baseline(_synthetic(shift), {ABSORPTION: ("absorption", -1)})
+    assert _cell(long, "a", "absorption").verdict == expected
+    word = {"better": "**better**", "worse": "**worse**"}.get(expected, "n.d.")
+    assert _md_cell(answers.table_markdown(long, ["topk", "a", "b"]), "a", "absorption").startswith(word + " ")
+    assert _cell(long, "b", "absorption").difference == 0  # the λ = 0 control: no difference at all
+
+
+def test_one_seed_gets_no_verdict_and_says_so():
+    one = _synthetic(-0.05)[lambda d: d["seed"] == 0]
+    long = paired_vs_baseline(one, {ABSORPTION: ("absorption", -1)})
+    row = _cell(long, "a", "absorption")
+    assert row.verdict == NO_INTERVAL
+    assert answers.cell(row) == f"{row.difference:+.3g} (1 seed)"
+
+
+def test_the_penalty_is_judged_at_each_configurations_own_tau_from_cfg():
+    rows = []
+    for tau, topk, sgo in ((0.02, 0.030, 0.025), (0.2, 0.050, 0.051)):
+        key = f"competition/tau_{tau:g}.competing_weighted_cos2"
+        rows += _rows("topk", "topk", np.nan, np.nan, {s: topk + 0.001 * s for s in range(3)}, key)
+        for config, own in (("x", 0.02), ("y", 0.2)):  # names carry no τ: it comes from the tau column
+            value = sgo if tau == own else topk
+            rows += _rows(config, "sgo_topk", own, 10.0, {s: value + 0.001 * s + 1e-4 * (s == 1) for s in range(3)},
+                          key)
+    results = pd.DataFrame(rows, columns=COLUMNS)
+    table = answers.own_tau(results, results.drop_duplicates("run"))
+    assert _cell(table, "x", answers.OWN_TAU).verdict == "lower"
+    assert _cell(table, "y", answers.OWN_TAU).verdict == "higher"
+    assert _cell(table, "x", answers.OWN_TAU).difference == pytest.approx(0.025 - 0.030 + 1e-4 / 3)
+
+
+def test_the_lambda_zero_control_is_compared_tensor_for_tensor(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    from saelib import io
+
+    study = tmp_path / "st"
+    for run in ("topk_s0", "sgo_t0.02_l0.02_s0"):
+        shutil.copytree(FIXTURE / run, study / run)
+    control = study / "sgo_t0.02_l0.02_s0"  # make it the λ = 0 control, with TopK's results and weights
+    cfg = json.loads((control / "cfg.json").read_text())
+    (control / "cfg.json").write_text(json.dumps({**cfg, "orth_pen": 0.0}))
+    shutil.rmtree(control / "evals")
+    shutil.copytree(study / "topk_s0" / "evals", control / "evals")
+    shutil.copy(study / "topk_s0" / "metrics.json", control / "metrics.json")
+    weights = {"W_dec": torch.ones(4, 3), "b_enc": torch.zeros(4)}
+    for run, w in (("topk_s0", weights), ("sgo_t0.02_l0.02_s0", weights)):
+        (study / run / io.SAE_DIR).mkdir(parents=True)
+        save_file(w, str(study / run / io.SAE_DIR / "sae_weights.safetensors"))
+    runs = answers.study_results(study).drop_duplicates("run")
+    row = answers.weights_check(study, runs).iloc[0]
+    assert (row["SAEs compared"], row["SAEs equal to TopK"], row["largest Δ element (abs.)"]) == (1, 1, 0.0)
+    quality = answers.study_answers("st", study, reports_dir=None).tables["quality"]
+    assert (quality["difference"] == 0).all() and (quality["seeds"] == 1).all()  # its evals equal TopK's too
+    save_file({**weights, "W_dec": weights["W_dec"] + 0.5}, str(control / io.SAE_DIR / "sae_weights.safetensors"))
+    row = answers.weights_check(study, runs).iloc[0]
+    assert (row["SAEs equal to TopK"], row["largest Δ element (abs.)"]) == (0, 0.5)
+
+
+def test_competition_patterns_are_the_measured_levels_and_within_run_gaps():
+    table = answers.competition_patterns(FIXTURE, answers.study_results(FIXTURE))
+    values = [json.loads((FIXTURE / r / "evals" / "competition.json").read_text())["eval_result_metrics"]["tau_0.02"]
+              for r in ("topk_s0", "topk_s1")]
+    ci = mean_ci([v["n_competing_pairs"] for v in values])
+    row = _cell(table, "topk", "competing at τ 0.02")
+    assert (row["mean"], row["low"], row["high"], row["seeds"]) == pytest.approx((ci.mean, ci.low, ci.high, 2))
+    gap = mean_ci([v["competing_mean_cos2"] - v["noncompeting_mean_cos2"] for v in values])
+    row = _cell(table, "topk", "competing − non-competing cos²")
+    assert row["difference"] == pytest.approx(gap.mean) and row["verdict"] == "higher"
 
 
 def test_absorbing_pairs_match_a_direct_count():
     table = answers.absorbing_pairs(FIXTURE)
-    assert not table.empty
     result = json.loads((FIXTURE / "topk_s0" / "evals" / "competition.json").read_text())
-    pairs = pd.DataFrame(result["eval_result_unstructured"]["absorption_vs_competition"])
-    distinct = pairs.drop_duplicates(["main_latent", "absorbing_latent"])
+    distinct = pd.DataFrame(result["eval_result_unstructured"]["absorption_vs_competition"]).drop_duplicates(
+        ["main_latent", "absorbing_latent"])
     row = table[(table["run"] == "topk_s0") & (table["tau"] == 0.02)].iloc[0]
-    assert row["pairs"] == len(distinct)
     cofiring = distinct[distinct["score"] > 0]  # the base rate is over co-firing pairs, so is the flagged fraction
-    assert row["cofiring"] == len(cofiring)
+    assert (row["config"], row["pairs"], row["cofiring"]) == ("topk", len(distinct), len(cofiring))
     assert row["flagged"] == pytest.approx((cofiring["score"] > 0.02).mean())
     t = result["eval_result_metrics"]["tau_0.02"]
     assert row["base_rate"] == pytest.approx(t["n_competing_pairs"] / t["n_cofiring_pairs"])
 
 
-def test_verdicts_follow_the_intervals():
-    key = "absorption/mean.mean_absorption_fraction_score"
-    metrics = {key: ("absorption (mean fraction)", -1)}
-    better = answers._quality_paragraph(_synthetic(-0.05), paired_vs_baseline(_synthetic(-0.05), metrics))
-    assert "1 better than TopK, 0 worse" in better and "largest gain SGO (τ 0.02, λ 10)" in better
-    worse = answers._quality_paragraph(_synthetic(+0.05), paired_vs_baseline(_synthetic(+0.05), metrics))
-    assert "0 better than TopK, 1 worse" in worse
-    null = answers._quality_paragraph(_synthetic(0.0), paired_vs_baseline(_synthetic(0.0), metrics))
-    assert "1 no detectable difference" in null  # the λ = 0 control is identical; sgo differs by 0.001·seed only
-
-
-def test_the_lambda_zero_control_is_checked_exactly():
-    ok = _synthetic(-0.05)
-    assert "identical, as it must be" in answers._penalty_paragraph(ok)
-    broken = _synthetic(-0.05, zero_shift=1e-6)
-    assert "NOT identical" in answers._penalty_paragraph(broken)
-
-
-def test_one_seed_is_never_called_a_difference():
-    key = "absorption/mean.mean_absorption_fraction_score"
-    one = _synthetic(-0.05)
-    one = one[one["seed"] == 0]
-    paired = paired_vs_baseline(one, {key: ("absorption (mean fraction)", -1)})
-    text = answers._quality_paragraph(one, paired)
-    assert "0 better than TopK, 0 worse, 0 no detectable difference, 1 without an interval" in text
-    sweep = answers._threshold_paragraph(one, paired)
-    assert "(0 of 1 detectably different from TopK, 1 without an interval)" in sweep
-
-
-def test_the_penalty_is_judged_at_each_configurations_own_tau():
-    rows = []
-    for tau, topk, sgo in ((0.02, 0.030, 0.025), (0.2, 0.050, 0.051)):
-        key = f"competition/tau_{tau:g}.competing_weighted_cos2"
-        rows += _rows("topk", "topk", np.nan, np.nan, {s: topk + 0.001 * s for s in range(3)}, key)
-        for config, value in (("sgo_t0.02_l10", sgo if tau == 0.02 else topk),
-                              ("sgo_t0.2_l10", sgo if tau == 0.2 else topk)):
-            rows += _rows(config, "sgo_topk", 0.0, 10.0, {s: value + 0.001 * s + 1e-4 * (s == 1) for s in range(3)},
-                          key)
-    text = answers._penalty_paragraph(pd.DataFrame(rows, columns=COLUMNS))
-    assert "lower in 1 (SGO (τ 0.02, λ 10)" in text and "higher in 1 (SGO (τ 0.2, λ 10)" in text
+def test_the_threshold_table_is_the_tau_sweep_at_one_lambda():
+    md = answers.study_answers("fx", FIXTURE, reports_dir=None)
+    sweep = md.tables["threshold"]
+    assert sorted(sweep["config"].unique()) == ["sgo_t0.02_l0.02", "sgo_t0.05_l0.02"]  # both at λ 0.02 in cfg.json
+    assert answers.OWN_TAU in set(sweep["metric"]) and "explained variance" in set(sweep["metric"])
 
 
 def test_readme_block_is_replaced_between_the_markers_only(tmp_path):
@@ -113,38 +172,23 @@ def test_readme_block_is_replaced_between_the_markers_only(tmp_path):
     answers.write_answers("fx", FIXTURE, tmp_path / "reports", readme=readme)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "reports/fx/headline.png" in text
+    assert "| sgo_t0.02_l0.02 " in text
 
 
 def test_a_study_without_topk_or_results_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="study_dir"):
         answers.study_answers("empty", tmp_path)
-    only = tmp_path / "study"
-    for run in ("sgo_t0.02_l0.02_s0",):
-        (only / run).parent.mkdir(parents=True, exist_ok=True)
-        import shutil
-        shutil.copytree(FIXTURE / run, only / run)
+    shutil.copytree(FIXTURE / "sgo_t0.02_l0.02_s0", tmp_path / "only" / "sgo_t0.02_l0.02_s0")
     with pytest.raises(ValueError, match="no `topk` runs"):
-        answers.study_answers("only", only)
+        answers.study_answers("only", tmp_path / "only")
 
 
-def test_a_one_seed_study_says_so_once_instead_of_after_every_number(tmp_path):
-    import shutil
-
+def test_a_one_seed_study_says_so_once_instead_of_in_every_cell(tmp_path):
     for run in ("topk_s0", "sgo_t0.02_l0.02_s0"):
         shutil.copytree(FIXTURE / run, tmp_path / "one" / run)
-    text = answers.study_answers("one", tmp_path / "one", reports_dir=None).markdown
-    assert text.count("One seed: every number below is a single measurement") == 1
-    assert answers.ONE_SEED not in text and "(one seed" not in text
-    assert "without an interval (one shared seed)" in text  # the counts still say why nothing is called
-    two = answers.study_answers("fx", FIXTURE, reports_dir=None).markdown
-    assert "One seed: every number" not in two
-
-
-def test_a_study_part_way_says_how_many_seeds_each_configuration_has(tmp_path):
-    import shutil
-
-    for run in ("topk_s0", "topk_s1", "sgo_t0.02_l0.02_s0"):
-        shutil.copytree(FIXTURE / run, tmp_path / "part" / run)
-    text = answers.study_answers("part", tmp_path / "part", reports_dir=None).markdown
-    assert "a study part-way): 1 configuration with 2 seeds, 1 configuration with 1 seed." in text
-    assert "part-way" not in answers.study_answers("fx", FIXTURE, reports_dir=None).markdown
+    one = answers.study_answers("one", tmp_path / "one", reports_dir=None)
+    assert "(1 seed)" not in one.markdown and one.markdown.count("One seed: single measurements") == 1
+    assert (one.tables["quality"]["verdict"] == NO_INTERVAL).all()
+    row = _cell(one.tables["quality"], "sgo_t0.02_l0.02", "explained variance")
+    assert _md_cell(one.markdown, "sgo_t0.02_l0.02", "explained variance") == f"{row.difference:+.3g}"
+    assert "One seed" not in answers.study_answers("fx", FIXTURE, reports_dir=None).markdown

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from saelib.reports import build_index
 
 FIXTURE = Path(__file__).parent / "fixtures" / "study"
@@ -20,8 +22,22 @@ def test_index_links_reports_and_shows_headline_table(tmp_path):
     assert "No eval results yet" in empty.read_text()
 
 
-def drawn_plots(page: Path) -> int:
-    """Plotly figures drawn in ``page`` by headless Chromium with no network (FACTS: `--dump-dom`)."""
+def test_index_shows_the_answers_as_tables_that_fit_the_page(tmp_path):
+    from saelib.answers import QUESTIONS, write_answers
+
+    reports = tmp_path / "reports"
+    write_answers("fx", FIXTURE, reports, readme=None)
+    page = build_index("fx", FIXTURE, reports)
+    answers = page.read_text().split("<h2>Answers</h2>")[1].split("<h2>")[0]
+    for question in QUESTIONS.values():
+        assert f"<h3>{question}</h3>" in answers
+    assert answers.count("<table>") == len(QUESTIONS)  # one verdict table per question, every one rendered
+    assert '>sgo_t0.02_l0.02</td>' in answers and '<img src="headline.png"' in answers
+    assert fits_width(page)
+
+
+def rendered_dom(page: Path) -> str:
+    """``page``'s DOM after headless Chromium ran its scripts with no network (FACTS: `--dump-dom`)."""
     import shutil
     import subprocess
     import tempfile
@@ -32,12 +48,43 @@ def drawn_plots(page: Path) -> int:
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
     with tempfile.TemporaryDirectory() as profile:
-        dom = subprocess.run(
+        return subprocess.run(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-             "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()],
+             "--virtual-time-budget=10000", "--window-size=1280,2000", "--dump-dom", page.resolve().as_uri()],
             capture_output=True, text=True, timeout=120).stdout
-    return dom.count('class="main-svg"')
+
+
+def drawn_plots(page: Path) -> int:
+    """Plotly figures drawn in ``page`` (plotly draws a few ``main-svg`` layers per figure)."""
+    return rendered_dom(page).count('class="main-svg"')
+
+
+def probe(page: Path, expression: str) -> str:
+    """The value of a JavaScript ``expression`` evaluated in ``page`` after it loaded in Chromium (1280 px wide), read
+    from a copy beside it (same relative links) that writes it into the DOM."""
+    import re
+
+    copy = page.with_name(page.stem + ".probe.html")
+    copy.write_text(page.read_text().replace("</body>", "<script>window.addEventListener('load', () => "
+                    f"document.body.setAttribute('data-probe', String({expression})))</script></body>"))
+    try:
+        found = re.search(r'data-probe="([^"]*)"', rendered_dom(copy))
+        return found.group(1) if found else ""
+    finally:
+        copy.unlink()
+
+
+def styled(page: Path) -> bool:
+    """Whether JupyterLab's theme CSS reached ``page`` (its variable ``--jp-layout-color0`` is set)."""
+    return probe(page, "getComputedStyle(document.body).getPropertyValue('--jp-layout-color0').trim()") == "white"
+
+
+def fits_width(page: Path) -> bool:
+    """Whether ``page`` lays out within a 1280 px window: neither the page nor any output (a figure, a table)
+    scrolls sideways."""
+    return probe(page, "document.documentElement.scrollWidth <= window.innerWidth && [...document.querySelectorAll("
+                 "'.jp-OutputArea-output, .wide')].every(e => e.scrollWidth <= e.clientWidth + 1)") == "true"
 
 
 def test_index_page_loads_plotly_from_the_one_local_copy_and_draws_offline(tmp_path):
@@ -72,3 +119,63 @@ def test_notebook_reports_draw_their_figures_offline(tmp_path):
     html = render_report(executed, tmp_path / "reports" / "study" / "run.html")
     assert "cdn.plot.ly" not in html.read_text()
     assert drawn_plots(html) >= 1  # plotly draws a few main-svg layers per figure
+
+
+def _notebook_with_a_figure(path: Path) -> Path:
+    import nbformat
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    fig = go.Figure(go.Scatter(x=[1, 2, 3], y=[3, 1, 2]))
+    bundle = pio.renderers["notebook_connected"].to_mimebundle(fig.to_dict())
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("fig", outputs=[
+        nbformat.v4.new_output("display_data", data=bundle)])])
+    nbformat.write(nb, str(path))
+    return path
+
+
+def test_reports_share_one_stylesheet_instead_of_inlining_it(tmp_path):
+    from saelib.study import render_report
+
+    executed = _notebook_with_a_figure(tmp_path / "run.ipynb")
+    reports = tmp_path / "reports"
+    first = render_report(executed, reports / "a" / "run.html")
+    render_report(executed, reports / "b" / "run.html")
+    head = first.read_text().split("</head>")[0]
+    assert "<style" not in head
+    sheets = sorted(p.name for p in reports.glob("*.css"))
+    assert len(sheets) == 1 and f'<link href="../{sheets[0]}" rel="stylesheet" type="text/css"/>' in head
+    assert "jp-Notebook" in (reports / sheets[0]).read_text()  # JupyterLab's CSS, once for both studies
+    assert first.stat().st_size < 50_000  # was ≈ 270 KB of inlined CSS per page
+    assert styled(first) and drawn_plots(first) >= 1
+
+
+def test_repoint_moves_committed_pages_onto_the_shared_files(tmp_path):
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from saelib.reports import repoint
+    from saelib.study import render_report
+
+    executed = _notebook_with_a_figure(tmp_path / "run.ipynb")
+    reports = tmp_path / "reports"
+    old = reports / "st" / "old.html"  # as nbconvert writes it: CSS inlined, plotly.js from the CDN
+    old.parent.mkdir(parents=True)
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    old.write_text(exporter.from_notebook_node(nbformat.read(str(executed), 4))[0])
+    assert "<style" in old.read_text().split("</head>")[0] and "cdn.plot.ly" in old.read_text()
+    assert repoint(reports) == [old]
+    assert old.read_text() == render_report(executed, reports / "st" / "new.html").read_text()
+    assert repoint(reports) == []  # nothing left to move
+    assert styled(old) and drawn_plots(old) >= 1
+
+
+@pytest.mark.parametrize("notebook", ["compare", "competition"])
+def test_study_reports_fit_the_page_show_whole_tables_and_draw(tmp_path, notebook):
+    from saelib.study import execute, render_report
+
+    executed = tmp_path / f"{notebook}.ipynb"
+    execute(Path("notebooks") / f"{notebook}.ipynb", executed, {"study_dir": str(FIXTURE)})
+    page = render_report(executed, tmp_path / "reports" / "fx" / f"{notebook}.html")
+    assert "<td>...</td>" not in page.read_text() and "<th>...</th>" not in page.read_text()  # no pandas "…"
+    assert fits_width(page) and drawn_plots(page) >= 3

@@ -5,6 +5,7 @@ answers — which must find the control identical to TopK — and a second call 
 import logging
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from saelib.runner import load_runner_settings, run_study, study_runs, study_timings
@@ -48,10 +49,11 @@ def test_a_tiny_study_runs_end_to_end_and_the_control_matches_topk(tmp_path, mon
     for name in ("index.html", "compare.html", "competition.html", "answers.md", "headline.png",
                  "topk_s0.html", "sgo_t0.02_l1_s0.evaluate.html"):
         assert (reports / name).exists(), name
-    answers = (reports / "answers.md").read_text()
-    assert "its saved SAE equals TopK's tensor for tensor on 1 of 1 seeds" in answers
-    assert "identical, as it must be" in answers
-    assert "the decoder differs in 1 of 1 runs" in answers  # λ = 1 moved the weights
+    penalty = pd.read_csv(reports / "answers_penalty.csv").drop_duplicates("config").set_index("lambda")
+    assert penalty.loc[0.0, ["SAEs compared", "SAEs equal to TopK"]].tolist() == [1, 1]  # the control is TopK
+    assert penalty.loc[1.0, "SAEs equal to TopK"] == 0 and penalty.loc[1.0, "largest Δ element (abs.)"] > 0  # λ = 1
+    quality = pd.read_csv(reports / "answers_quality.csv").set_index("config")
+    assert (quality.loc["sgo_t0.02_l0", "difference"] == 0).all()  # and so are its evals
     assert "Answers" in (reports / "index.html").read_text()
     assert len(study_timings(study_runs(study), settings)) == 6  # two notebooks per run, times on record
 
