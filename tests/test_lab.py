@@ -50,11 +50,13 @@ def lab_server(tmp_path):
             pytest.fail("jupyter lab did not answer within 60 s")
         yield base, token
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
         try:
+            os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it had already exited
+            pass
 
 
 def test_lab_opens_the_jupytext_source_as_a_notebook_with_plotly(lab_server):

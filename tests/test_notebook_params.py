@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from papermill.exceptions import PapermillExecutionError
 
-from saelib.config import PROFILE_ENV
+from saelib.config import PROFILE_ENV, RunConfig
 from saelib.study import execute
 
 TRAIN = Path(__file__).resolve().parents[1] / "notebooks" / "train.ipynb"
@@ -51,9 +51,11 @@ def test_evaluate_finds_the_run_the_same_p_values_trained(tmp_path, monkeypatch)
 
 
 def test_p_value_equal_to_the_cell_default_still_beats_the_params_file(tmp_path):
-    # params/quick/topk_s0.yaml (through the quick study's _study.yaml) says d_sae 2048; the cell's default is 4096
-    cfg = run_config(tmp_path, params_file="params/quick/topk_s0.yaml", d_sae=4096)
-    assert cfg["d_sae"] == 4096 and cfg["run_dir"].endswith("quick/topk_s0")
+    # params/quick/topk_s0.yaml (through the quick study's _study.yaml) says d_sae 2048; -p gives the cell's default
+    default = RunConfig.__dataclass_fields__["d_sae"].default
+    assert default != 2048
+    cfg = run_config(tmp_path, params_file="params/quick/topk_s0.yaml", d_sae=default)
+    assert cfg["d_sae"] == default and cfg["run_dir"].endswith("quick/topk_s0")
     assert run_config(tmp_path, params_file="params/quick/topk_s0.yaml")["d_sae"] == 2048
 
 
