@@ -108,9 +108,14 @@ def shared_css(page: str, html_path: Path) -> str:
     return "".join(out) + head[last:] + sep + body
 
 
+#: nbconvert's template loads require.js and MathJax from cdnjs; the reports use neither (no LaTeX; plotly.js is local).
+_REMOTE_SCRIPT = re.compile(r'<script[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>\n?')
+
+
 def offline_report(page: str, html_path: Path) -> str:
-    """A report page as committed: plotly.js and the notebook CSS from the shared copies in ``reports/``."""
-    return shared_css(offline_plotlyjs(page, html_path), html_path)
+    """A report page as committed: plotly.js and the notebook CSS from the shared copies in ``reports/``, and no
+    script fetched from the network."""
+    return _REMOTE_SCRIPT.sub("", shared_css(offline_plotlyjs(page, html_path), html_path))
 
 
 def metrics_table(metrics: dict[str, float]) -> pd.DataFrame:

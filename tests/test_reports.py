@@ -179,3 +179,16 @@ def test_study_reports_fit_the_page_show_whole_tables_and_draw(tmp_path, noteboo
     page = render_report(executed, tmp_path / "reports" / "fx" / f"{notebook}.html")
     assert "<td>...</td>" not in page.read_text() and "<th>...</th>" not in page.read_text()  # no pandas "…"
     assert fits_width(page) and drawn_plots(page) >= 3
+
+
+COMMITTED = sorted(p for study in ("default", "quick") for p in (Path("reports") / study).glob("*.html")
+                   if p.stem in ("compare", "competition", "index"))
+
+
+@pytest.mark.parametrize("page", COMMITTED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_committed_study_reports_draw_offline(page):
+    import re
+
+    text = page.read_text()
+    assert not re.search(r'<(script|link)[^>]+(src|href)="https?://', text), "a report loads something from the network"
+    assert drawn_plots(page) > 0
