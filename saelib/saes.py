@@ -28,30 +28,38 @@ ORTH_LOSS = "orth_loss"
 
 # ---------------------------------------------------------------------------------------------- pair penalty
 class _PairCos2(torch.autograd.Function):
-    """Σ_p w_p (ŵ_{i_p}·ŵ_{j_p})² over pairs, in chunks, saving only indices: memory O(chunk·d_in), not O(P·d_in)."""
+    """Σ_p w_p cos²(d_{i_p}, d_{j_p}) over pairs of rows of the raw decoder, in chunks. Only the rows a pair touches
+    are read and normalised (not the whole decoder), and only indices are saved: memory O(chunk·d_in). The gradient
+    is accumulated with ``index_add_``, which is deterministic on CPU (a resumed run stays bit-identical)."""
 
     CHUNK = 16_384
 
     @staticmethod
-    def forward(ctx, W_hat_FD, i_P, j_P, w_P):
-        total = W_hat_FD.new_zeros(())
+    def _cos(W_FD, i, j):
+        a, b = W_FD[i], W_FD[j]
+        na, nb = a.norm(dim=-1).clamp_min(1e-8), b.norm(dim=-1).clamp_min(1e-8)
+        return a, b, na, nb, (a * b).sum(-1) / (na * nb)
+
+    @staticmethod
+    def forward(ctx, W_FD, i_P, j_P, w_P):
+        total = W_FD.new_zeros(())
         for s in range(0, len(i_P), _PairCos2.CHUNK):
-            i, j, w = i_P[s:s + _PairCos2.CHUNK], j_P[s:s + _PairCos2.CHUNK], w_P[s:s + _PairCos2.CHUNK]
-            dots = (W_hat_FD[i] * W_hat_FD[j]).sum(-1)
-            total = total + (w * dots.square()).sum()
-        ctx.save_for_backward(W_hat_FD, i_P, j_P, w_P)
+            cos = _PairCos2._cos(W_FD, i_P[s:s + _PairCos2.CHUNK], j_P[s:s + _PairCos2.CHUNK])[-1]
+            total = total + (w_P[s:s + _PairCos2.CHUNK] * cos.square()).sum()
+        ctx.save_for_backward(W_FD, i_P, j_P, w_P)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        W_hat_FD, i_P, j_P, w_P = ctx.saved_tensors
-        grad_FD = torch.zeros_like(W_hat_FD)
+        W_FD, i_P, j_P, w_P = ctx.saved_tensors
+        grad_FD = torch.zeros_like(W_FD)
         for s in range(0, len(i_P), _PairCos2.CHUNK):
             i, j, w = i_P[s:s + _PairCos2.CHUNK], j_P[s:s + _PairCos2.CHUNK], w_P[s:s + _PairCos2.CHUNK]
-            wi, wj = W_hat_FD[i], W_hat_FD[j]
-            coef = (2 * w * (wi * wj).sum(-1) * grad_out)[:, None]
-            grad_FD.index_add_(0, i, coef * wj)
-            grad_FD.index_add_(0, j, coef * wi)
+            a, b, na, nb, cos = _PairCos2._cos(W_FD, i, j)
+            coef, inv = (2 * w * cos * grad_out)[:, None], (1.0 / (na * nb))[:, None]
+            # d cos / d a = b / (|a||b|) − cos · a / |a|², and symmetrically for b
+            grad_FD.index_add_(0, i, coef * (b * inv - (cos / na.square())[:, None] * a))
+            grad_FD.index_add_(0, j, coef * (a * inv - (cos / nb.square())[:, None] * b))
         return grad_FD, None, None, None
 
 
@@ -59,17 +67,15 @@ def weighted_pair_cos2(W_dec_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Ten
     """Weighted mean of squared decoder cosine similarity over pairs: Σ w·cos²(d_i, d_j) / Σ w (0 if no pair)."""
     if len(i_P) == 0:
         return W_dec_FD.new_zeros(())
-    W_hat_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    return _PairCos2.apply(W_hat_FD, i_P, j_P, w_P) / w_P.sum()
+    return _PairCos2.apply(W_dec_FD, i_P, j_P, w_P) / w_P.sum()
 
 
 @torch.no_grad()
 def pair_cos2_values(W_dec_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Tensor, chunk: int = 65_536):
-    """cos²(d_i, d_j) of each pair, computed in chunks: memory O(chunk·d_in), not O(pairs·d_in)."""
-    W_hat_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    out = torch.empty(len(i_P), dtype=W_hat_FD.dtype, device=W_hat_FD.device)
+    """cos²(d_i, d_j) of each pair, computed in chunks from the rows involved: memory O(chunk·d_in)."""
+    out = torch.empty(len(i_P), dtype=W_dec_FD.dtype, device=W_dec_FD.device)
     for s in range(0, len(i_P), chunk):
-        out[s:s + chunk] = (W_hat_FD[i_P[s:s + chunk]] * W_hat_FD[j_P[s:s + chunk]]).sum(-1).square()
+        out[s:s + chunk] = _PairCos2._cos(W_dec_FD, i_P[s:s + chunk], j_P[s:s + chunk])[-1].square()
     return out
 
 

@@ -25,9 +25,9 @@ def test_chunked_pair_loss_matches_eager_reference_and_finite_differences(monkey
     monkeypatch.setattr(_PairCos2, "CHUNK", 7)  # force several chunks
     g = torch.Generator().manual_seed(0)
     W = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
-    i = torch.randint(0, 15, (25,), generator=g)
-    j = torch.randint(15, 30, (25,), generator=g)
-    w = torch.rand(25, generator=g, dtype=torch.float64)
+    i = torch.cat([torch.randint(0, 15, (25,), generator=g), torch.tensor([3, 3, 20])])  # rows shared across pairs
+    j = torch.cat([torch.randint(15, 30, (25,), generator=g), torch.tensor([20, 5, 3])])
+    w = torch.rand(28, generator=g, dtype=torch.float64)
     ours = weighted_pair_cos2(W, i, j, w)
     (grad_ours,) = torch.autograd.grad(ours, W)
     ref = eager_pair_cos2(W, i, j, w)
