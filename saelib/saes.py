@@ -42,10 +42,12 @@ class _PairCos2(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W_FD, i_P, j_P, w_P):
-        total = W_FD.new_zeros(())
+        total, ctx.gathered = W_FD.new_zeros(()), None
         for s in range(0, len(i_P), _PairCos2.CHUNK):
-            cos = _PairCos2._cos(W_FD, i_P[s:s + _PairCos2.CHUNK], j_P[s:s + _PairCos2.CHUNK])[-1]
-            total = total + (w_P[s:s + _PairCos2.CHUNK] * cos.square()).sum()
+            gathered = _PairCos2._cos(W_FD, i_P[s:s + _PairCos2.CHUNK], j_P[s:s + _PairCos2.CHUNK])
+            total = total + (w_P[s:s + _PairCos2.CHUNK] * gathered[-1].square()).sum()
+        if 0 < len(i_P) <= _PairCos2.CHUNK:  # one chunk (the sampled penalty): keep its rows for the backward pass
+            ctx.gathered = gathered
         ctx.save_for_backward(W_FD, i_P, j_P, w_P)
         return total
 
@@ -55,7 +57,7 @@ class _PairCos2(torch.autograd.Function):
         grad_FD = torch.zeros_like(W_FD)
         for s in range(0, len(i_P), _PairCos2.CHUNK):
             i, j, w = i_P[s:s + _PairCos2.CHUNK], j_P[s:s + _PairCos2.CHUNK], w_P[s:s + _PairCos2.CHUNK]
-            a, b, na, nb, cos = _PairCos2._cos(W_FD, i, j)
+            a, b, na, nb, cos = ctx.gathered or _PairCos2._cos(W_FD, i, j)
             coef, inv = (2 * w * cos * grad_out)[:, None], (1.0 / (na * nb))[:, None]
             # d cos / d a = b / (|a||b|) − cos · a / |a|², and symmetrically for b
             grad_FD.index_add_(0, i, coef * (b * inv - (cos / na.square())[:, None] * a))

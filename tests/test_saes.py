@@ -21,8 +21,9 @@ def eager_pair_cos2(W, i, j, w):
     return (w * (W_hat[i] * W_hat[j]).sum(-1).square()).sum() / w.sum()
 
 
-def test_chunked_pair_loss_matches_eager_reference_and_finite_differences(monkeypatch):
-    monkeypatch.setattr(_PairCos2, "CHUNK", 7)  # force several chunks
+@pytest.mark.parametrize("chunk", [7, 16_384], ids=["several chunks", "one chunk, rows kept for backward"])
+def test_chunked_pair_loss_matches_eager_reference_and_finite_differences(monkeypatch, chunk):
+    monkeypatch.setattr(_PairCos2, "CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     W = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
     i = torch.cat([torch.randint(0, 15, (25,), generator=g), torch.tensor([3, 3, 20])])  # rows shared across pairs
