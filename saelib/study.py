@@ -132,16 +132,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def cell_durations(executed: Path) -> list[tuple[str, float]]:
-    """(first source line, seconds) of every code cell papermill timed: the stage timings of a run."""
-    import nbformat
-
-    nb = nbformat.read(str(executed), as_version=4)
-    out = []
-    for cell in nb.cells:
-        seconds = cell.get("metadata", {}).get("papermill", {}).get("duration")
-        if cell.cell_type == "code" and seconds is not None:
-            out.append((cell.source.splitlines()[0] if cell.source else "", float(seconds)))
-    return out
