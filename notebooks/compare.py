@@ -28,13 +28,13 @@ baseline = "topk"
 import pandas as pd
 from IPython.display import Markdown, display
 
-from saelib import io, plots
+from saelib import plots, run_files
 from saelib.answers import config_order, study_answers, table_markdown
 from saelib.evals.results import HEADLINE, study_results, wide
 from saelib.stats import paired_vs_baseline, summarise
 
 plots.use_report_renderer()
-results = study_results(io.repo_path(study_dir))
+results = study_results(run_files.repo_path(study_dir))
 if results.empty:
     raise ValueError(f"study_dir: {study_dir} holds no eval results; run the study first (make study)")
 names = {key: name for key, (name, _) in HEADLINE.items()}
@@ -98,4 +98,4 @@ else:
 
 # %%
 if "topk" in set(results["config"]):
-    display(Markdown(study_answers(io.repo_path(study_dir).name, io.repo_path(study_dir), reports_dir=None).markdown))
+    display(Markdown(study_answers(run_files.repo_path(study_dir).name, run_files.repo_path(study_dir), reports_dir=None).markdown))

@@ -30,14 +30,14 @@ contrast = ["topk", "sgo_t0.02_l0.02", "sgo_t0.02_l10", "ortsae"]  # side by sid
 import pandas as pd
 from IPython.display import display
 
-from saelib import io, plots
+from saelib import plots, run_files
 from saelib.answers import absorbing_pairs
 from saelib.evals.results import study_results
 from saelib.evals.suite import run_results
 from saelib.stats import summarise
 
 plots.use_report_renderer()
-study = io.repo_path(study_dir)
+study = run_files.repo_path(study_dir)
 results = study_results(study)
 competition = results[results["eval"] == "competition"]
 if competition.empty:

@@ -75,7 +75,7 @@ import logging
 import torch
 from IPython.display import display
 
-from saelib import io, plots
+from saelib import plots, run_files
 from saelib.activations import cache_for_config
 from saelib.evals import competition_for_run, core_for_run
 from saelib.models import load_model
@@ -103,7 +103,7 @@ sae = train_sae(cfg, train_cache)
 # competing pairs and their mean decoder cos² (measured before each step).
 
 # %%
-history = io.read_history(cfg.run_dir)
+history = run_files.read_history(cfg.run_dir)
 plots.training_curves(history, title=f"{cfg.study}/{cfg.run_name}: training curves")
 
 # %% [markdown]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from saelib import io
+from saelib import run_files
 from saelib.evals.results import HEADLINE, run_identity, study_results, wide
 from saelib.plots import headline_png
 from saelib.stats import mean_ci, paired_vs_baseline, verdict
@@ -96,7 +96,7 @@ def weights_check(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
     from safetensors.torch import load_file
 
     def tensors(run: str) -> dict | None:
-        return next((load_file(f) for f in sorted((Path(study_dir) / run / io.SAE_DIR).glob("*.safetensors"))), None)
+        return next((load_file(f) for f in sorted((Path(study_dir) / run / run_files.SAE_DIR).glob("*.safetensors"))), None)
 
     base = runs[runs["config"] == BASELINE].set_index("seed")["run"]
     rows = []
@@ -136,7 +136,7 @@ def competition_patterns(study_dir: Path, results: pd.DataFrame) -> pd.DataFrame
     """Per configuration, on held-out text at the competition eval's reference τ: levels of the competition counts,
     decoder overlaps and graph (mean [CI]), and two within-run differences with verdicts: competing − non-competing
     pairs' mean cos², and the % of absorbing pairs flagged as competing − the % of all co-firing pairs."""
-    tau = next((io.read_json(p)["eval_config"].get("reference_tau") for p in
+    tau = next((run_files.read_json(p)["eval_config"].get("reference_tau") for p in
                 sorted(Path(study_dir).glob("*/evals/competition.json"))), 0.02)
     t = f"competition/tau_{tau:g}."
     names = {t + "n_cofiring_pairs": "co-firing pairs", t + "n_competing_pairs": f"competing at τ {tau:g}",
@@ -187,7 +187,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
           if sweep["config"].nunique() > 1 else ""}
     figure = None if reports_dir is None else headline_png(
         pd.concat([quality, penalty]), FIGURE_METRICS, order, Path(reports_dir) / study / "headline.png")
-    cfg = io.read_json(Path(study_dir) / runs["run"].iloc[0] / io.RUN_CFG_FILE)
+    cfg = run_files.read_json(Path(study_dir) / runs["run"].iloc[0] / run_files.RUN_CFG_FILE)
     parts = [f"_Study `{study}`: {len(runs)} runs, {len(order)} configurations, seeds {sorted(runs['seed'].unique())}; "
              f"{cfg['model_name']} layer {cfg['hook_layer']}, d_sae {cfg['d_sae']:,}, k {cfg['k']}, "
              f"{cfg['training_tokens']:,} training tokens. Cells: difference from TopK paired by seed [95 % interval] "
@@ -207,7 +207,7 @@ def absorbing_pairs(study_dir: Path) -> pd.DataFrame:
     co-firing pairs flagged) — both over co-firing pairs, so they compare."""
     rows = []
     for run_dir in sorted(p for p in Path(study_dir).iterdir() if (p / "evals" / "competition.json").exists()):
-        result = io.read_json(run_dir / "evals" / "competition.json")
+        result = run_files.read_json(run_dir / "evals" / "competition.json")
         pairs = result.get("eval_result_unstructured", {}).get("absorption_vs_competition") or []
         if not pairs:
             continue

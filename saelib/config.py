@@ -329,7 +329,7 @@ def active_profile(profile: str = "") -> str:
 
 def profile_values(profile: str = "") -> dict[str, Any]:
     """The overrides of a named profile (empty for ``default``), with ``study`` set to its name."""
-    from saelib.io import repo_path
+    from saelib.run_files import repo_path
 
     name = active_profile(profile)
     if name == "default":
@@ -439,10 +439,10 @@ def _assigned_names(source: str) -> list[str]:
 def finished_run_conflict(cfg: RunConfig) -> str | None:
     """Why ``cfg`` may not use its run folder, or None: the folder holds a finished SAE trained with another
     configuration (it is never replaced; an unfinished one is restarted)."""
-    from saelib import io
+    from saelib import run_files
 
-    old_path = cfg.run_dir / io.RUN_CFG_FILE
-    if not (cfg.run_dir / io.SAE_DIR).is_dir() or not old_path.is_file():
+    old_path = cfg.run_dir / run_files.RUN_CFG_FILE
+    if not (cfg.run_dir / run_files.SAE_DIR).is_dir() or not old_path.is_file():
         return None
     old = json.loads(old_path.read_text())
     differ = {k: (old.get(k), v) for k, v in cfg.training_key().items() if old.get(k) != v}

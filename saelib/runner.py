@@ -40,7 +40,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
-from saelib import io
+from saelib import run_files
 from saelib.config import ConfigError, RunConfig, build_config
 from saelib.evals.results import SEED_SUFFIX
 
@@ -148,7 +148,7 @@ def stamp_path(run: Run, notebook: Path) -> Path:
 
 def is_current(run: Run, notebook: Path, parameters: dict[str, Any]) -> bool:
     path = stamp_path(run, notebook)
-    return path.exists() and io.read_json(path) == json.loads(json.dumps(stamp(run, notebook, parameters)))
+    return path.exists() and run_files.read_json(path) == json.loads(json.dumps(stamp(run, notebook, parameters)))
 
 
 def pending(runs: list[Run], settings: RunnerSettings) -> list[tuple[Run, list[Path]]]:
@@ -179,8 +179,8 @@ def execute_notebook(run: Run, notebook: Path, parameters: dict[str, Any], threa
     if code == 0:
         path = stamp_path(run, notebook)
         path.parent.mkdir(parents=True, exist_ok=True)
-        io.write_json_atomic(path, stamp(run, notebook, parameters))
-        io.write_json_atomic(path.with_suffix(".time.json"), {
+        run_files.write_json_atomic(path, stamp(run, notebook, parameters))
+        run_files.write_json_atomic(path.with_suffix(".time.json"), {
             "seconds": round(time.time() - started, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "threads": threads})
         return True, ""
@@ -196,7 +196,7 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
     todo = pending(runs, settings)
     study = runs[0].cfg.study
     study_dir = runs[0].cfg.run_dir.parent
-    stray = sorted(p.name for p in study_dir.glob("*/") if (p / io.RUN_CFG_FILE).exists()) if study_dir.is_dir() else []
+    stray = sorted(p.name for p in study_dir.glob("*/") if (p / run_files.RUN_CFG_FILE).exists()) if study_dir.is_dir() else []
     stray = [name for name in stray if name not in {r.name for r in runs}]
     if stray:
         log.warning("study %s: %s hold(s) runs with no params file in %s; the compare/competition reports and the "
@@ -313,7 +313,7 @@ def study_timings(runs: list[Run], settings: RunnerSettings) -> pd.DataFrame:
         for nb in map(Path, settings.notebooks):
             path = stamp_path(run, nb).with_suffix(".time.json")
             if path.exists() and is_current(run, nb, notebook_parameters(nb, settings)):
-                rows.append({"run": run.name, "notebook": nb.stem, **io.read_json(path)})
+                rows.append({"run": run.name, "notebook": nb.stem, **run_files.read_json(path)})
     return pd.DataFrame(rows, columns=["run", "notebook", "seconds", "finished", "threads"])
 
 

@@ -22,7 +22,7 @@ from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from sae_lens.training.optim import get_lr_scheduler
 
-from saelib import io
+from saelib import run_files
 from saelib.activations import ActivationCache, iter_training_batches
 from saelib.config import ARCH_PARAMS, ORTHOGONAL, RunConfig
 
@@ -115,7 +115,7 @@ class HistoryTrainer(SAETrainer):
         if state is not None:
             folder = Path(base_path or self.cfg.checkpoint_path) / checkpoint_name
             folder.mkdir(parents=True, exist_ok=True)
-            save_file(state, folder / io.COMPETITION_FILE)
+            save_file(state, folder / run_files.COMPETITION_FILE)
         super().save_checkpoint(checkpoint_name, base_path, wandb_aliases)
 
     def step(self, batch: torch.Tensor):
@@ -140,7 +140,7 @@ def trainer_config(cfg: RunConfig, run_dir: Path) -> SAETrainerConfig:
         total_training_samples=cfg.training_tokens, train_batch_size_samples=cfg.batch_size, lr=cfg.lr, lr_end=cfg.lr / 10,
         lr_warm_up_steps=cfg.lr_warm_up_steps, device=cfg.device, dead_feature_window=cfg.dead_feature_window,
         feature_sampling_window=cfg.dead_feature_window, n_checkpoints=cfg.n_checkpoints,
-        checkpoint_path=str(run_dir / io.CHECKPOINTS_DIR), save_final_checkpoint=False,
+        checkpoint_path=str(run_dir / run_files.CHECKPOINTS_DIR), save_final_checkpoint=False,
         n_batches_for_norm_estimate=max(1, min(100, cfg.cache_tokens // cfg.batch_size)),
     )
 
@@ -153,14 +153,14 @@ def train_sae(cfg: RunConfig, cache: ActivationCache, run_dir: Path | None = Non
     """
     run_dir = Path(run_dir or cfg.run_dir)
     used = cfg.resolved_precisions()
-    reset = io.prepare_run_dir(run_dir, {**cfg.to_dict(), **used}, cfg.training_key())
+    reset = run_files.prepare_run_dir(run_dir, {**cfg.to_dict(), **used}, cfg.training_key())
     log.info("%s: SAE step in %s, LM in %s (auto resolves to bf16 where this machine has it natively)", run_dir,
              used["sae_precision_used"], used["lm_precision_used"])
-    if not reset and (run_dir / io.SAE_DIR / SAE_CFG_FILENAME).exists():
+    if not reset and (run_dir / run_files.SAE_DIR / SAE_CFG_FILENAME).exists():
         log.info("%s is already trained with this configuration; loading it", run_dir)
-        return SAE.load_from_disk(run_dir / io.SAE_DIR, device=cfg.device)
+        return SAE.load_from_disk(run_dir / run_files.SAE_DIR, device=cfg.device)
     sae = build_training_sae(cfg, cache.d_in)
-    history = run_dir / io.HISTORY_FILE
+    history = run_dir / run_files.HISTORY_FILE
     mean_D = cache.mean_D if cfg.centre_activations else None
     trainer = HistoryTrainer(trainer_config(cfg, run_dir), sae, data_provider=iter(()),
                              log_every=cfg.log_every, history_path=history)
@@ -169,12 +169,12 @@ def train_sae(cfg: RunConfig, cache: ActivationCache, run_dir: Path | None = Non
         history.unlink(missing_ok=True)
         _estimate_scale(trainer, cfg, cache, mean_D)
     else:
-        io.truncate_history(history, start - 1)
+        run_files.truncate_history(history, start - 1)
     trainer.data_provider = iter_training_batches(cache, cfg.batch_size, cfg.seed, start, mean_D)
     sae = trainer.fit()
     if mean_D is not None:
         fold_input_mean(sae, mean_D)
-    sae.save_inference_model(run_dir / io.SAE_DIR)
+    sae.save_inference_model(run_dir / run_files.SAE_DIR)
     return sae
 
 
@@ -189,12 +189,12 @@ def _estimate_scale(trainer: SAETrainer, cfg: RunConfig, cache: ActivationCache,
 
 
 def _resume_from_latest_checkpoint(trainer: SAETrainer, run_dir: Path) -> int:
-    ckpt = io.latest_checkpoint(run_dir)
+    ckpt = run_files.latest_checkpoint(run_dir)
     if ckpt is None:
         return 0
     trainer.sae.load_state_dict(load_file(ckpt / SAE_WEIGHTS_FILENAME))
     if hasattr(trainer.sae, "competition"):
-        trainer.sae.competition.load_state_dict(load_file(ckpt / io.COMPETITION_FILE))
+        trainer.sae.competition.load_state_dict(load_file(ckpt / run_files.COMPETITION_FILE))
     trainer.load_trainer_state(ckpt)
     # sae_lens checkpoints before it increments n_training_steps, so the saved count is one short of the
     # steps taken; the sample count is right. Without this, a resumed run would replay one batch.

@@ -105,7 +105,7 @@ def test_the_lambda_zero_control_is_compared_tensor_for_tensor(tmp_path):
     from safetensors.torch import save_file
     import torch
 
-    from saelib import io
+    from saelib import run_files
 
     study = tmp_path / "st"
     for run in ("topk_s0", "sgo_t0.02_l0.02_s0"):
@@ -118,14 +118,14 @@ def test_the_lambda_zero_control_is_compared_tensor_for_tensor(tmp_path):
     shutil.copy(study / "topk_s0" / "metrics.json", control / "metrics.json")
     weights = {"W_dec": torch.ones(4, 3), "b_enc": torch.zeros(4)}
     for run, w in (("topk_s0", weights), ("sgo_t0.02_l0.02_s0", weights)):
-        (study / run / io.SAE_DIR).mkdir(parents=True)
-        save_file(w, str(study / run / io.SAE_DIR / "sae_weights.safetensors"))
+        (study / run / run_files.SAE_DIR).mkdir(parents=True)
+        save_file(w, str(study / run / run_files.SAE_DIR / "sae_weights.safetensors"))
     runs = answers.study_results(study).drop_duplicates("run")
     row = answers.weights_check(study, runs).iloc[0]
     assert (row["SAEs compared"], row["SAEs equal to TopK"], row["largest Δ element (abs.)"]) == (1, 1, 0.0)
     quality = answers.study_answers("st", study, reports_dir=None).tables["quality"]
     assert (quality["difference"] == 0).all() and (quality["seeds"] == 1).all()  # its evals equal TopK's too
-    save_file({**weights, "W_dec": weights["W_dec"] + 0.5}, str(control / io.SAE_DIR / "sae_weights.safetensors"))
+    save_file({**weights, "W_dec": weights["W_dec"] + 0.5}, str(control / run_files.SAE_DIR / "sae_weights.safetensors"))
     row = answers.weights_check(study, runs).iloc[0]
     assert (row["SAEs equal to TopK"], row["largest Δ element (abs.)"]) == (0, 0.5)
 

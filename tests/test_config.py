@@ -102,22 +102,22 @@ def test_papermill_injected_values_win_even_when_equal_to_the_defaults(tmp_path)
 
 
 def test_a_finished_run_of_another_configuration_is_refused(tmp_path):
-    from saelib import io
+    from saelib import run_files
 
     cfg = build_config({"runs_dir": str(tmp_path), "orth_pen": 0.02})
     record = lambda c: {**c.to_dict(), **c.resolved_precisions()}  # noqa: E731 (what train_sae writes)
-    io.prepare_run_dir(cfg.run_dir, record(cfg), cfg.training_key())
+    run_files.prepare_run_dir(cfg.run_dir, record(cfg), cfg.training_key())
     other = build_config({"runs_dir": str(tmp_path), "orth_pen": 0.01, "run_name": cfg.run_name})
     assert config_from_notebook({"runs_dir": str(tmp_path), "orth_pen": 0.01, "run_name": cfg.run_name}) == other
-    io.prepare_run_dir(other.run_dir, record(other), other.training_key())  # unfinished: restarted
-    (cfg.run_dir / io.SAE_DIR).mkdir()  # now it holds a finished SAE (of λ 0.01)
+    run_files.prepare_run_dir(other.run_dir, record(other), other.training_key())  # unfinished: restarted
+    (cfg.run_dir / run_files.SAE_DIR).mkdir()  # now it holds a finished SAE (of λ 0.01)
     namespace = {"runs_dir": str(tmp_path), "orth_pen": 0.02, "run_name": cfg.run_name}
     with pytest.raises(ConfigError, match=r"^run_name: .* holds a finished SAE of another configuration "
                                           r"\(orth_pen 0.01 → 0.02\)"):
         config_from_notebook(namespace)
     with pytest.raises(FileExistsError, match="orth_pen"):
-        io.prepare_run_dir(cfg.run_dir, record(cfg), cfg.training_key())
-    assert io.read_json(cfg.run_dir / io.RUN_CFG_FILE)["orth_pen"] == 0.01
+        run_files.prepare_run_dir(cfg.run_dir, record(cfg), cfg.training_key())
+    assert run_files.read_json(cfg.run_dir / run_files.RUN_CFG_FILE)["orth_pen"] == 0.01
 
 
 def test_notebook_defaults_only_override_where_changed(tmp_path):

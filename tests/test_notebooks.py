@@ -31,7 +31,7 @@ def test_makefile_runs_every_notebook_under_nbval():
 
 
 def test_repo_path_finds_repository_files_from_another_folder(tmp_path, monkeypatch):
-    from saelib.io import repo_path
+    from saelib.run_files import repo_path
 
     monkeypatch.chdir(tmp_path)
     assert repo_path("tests/fixtures/study").is_dir()

@@ -6,7 +6,7 @@ import torch
 from sae_lens import SAE
 from sae_lens.saes.sae import TrainStepInput
 
-from saelib import io
+from saelib import run_files
 from saelib.config import ConfigError, build_config
 from saelib.saes import (
     ORTH_LOSS, SGOTopKTrainingSAE, sampled_pair_cos2, SGOTopKTrainingSAEConfig, _PairCos2, chunked_max_cos2, gram_offdiag_cos2,
@@ -94,7 +94,7 @@ def test_sgo_with_lambda_zero_is_topk_bit_for_bit(tmp_path, tiny_cache):
     sgo = train_sae(sgo_cfg, tiny_cache)
     for name, value in topk.state_dict().items():
         assert torch.equal(sgo.state_dict()[name], value), name
-    history = io.read_history(sgo_cfg.run_dir)
+    history = run_files.read_history(sgo_cfg.run_dir)
     assert history["metrics/n_competing_pairs"].iloc[-1] > 0  # the statistics ran, the penalty was zero
 
 
@@ -104,7 +104,7 @@ def test_sgo_with_lambda_changes_the_weights_and_lowers_competing_cos2(tmp_path,
     runs = {lam: train_sae(tiny_cfg(tmp_path / str(lam), orth_pen=lam, **common), tiny_cache)
             for lam in (0.0, 1.0)}
     assert not torch.equal(runs[0.0].W_dec, runs[1.0].W_dec)
-    final = {lam: io.read_history(tiny_cfg(tmp_path / str(lam), orth_pen=lam, **common).run_dir)
+    final = {lam: run_files.read_history(tiny_cfg(tmp_path / str(lam), orth_pen=lam, **common).run_dir)
              ["metrics/competing_mean_cos2"].iloc[-1] for lam in runs}
     assert final[1.0] < final[0.0]
 
@@ -114,7 +114,7 @@ def test_sgo_with_lambda_changes_the_weights_and_lowers_competing_cos2(tmp_path,
 def test_orthogonal_saes_save_as_topk_and_resume_exactly(tmp_path, tiny_cache, monkeypatch, architecture, extra):
     cfg = tiny_cfg(tmp_path / "full", architecture=architecture, orth_pen=0.5, **extra)
     full = train_sae(cfg, tiny_cache)
-    loaded = SAE.load_from_disk(cfg.run_dir / io.SAE_DIR)
+    loaded = SAE.load_from_disk(cfg.run_dir / run_files.SAE_DIR)
     assert loaded.cfg.architecture() == "topk"
     torch.testing.assert_close(loaded(tiny_cache.rows(0, 64)), full(tiny_cache.rows(0, 64)), rtol=1e-4, atol=1e-4)
 

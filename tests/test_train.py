@@ -6,7 +6,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from saelib import io
+from saelib import run_files
 from saelib.activations import ActivationCache, CacheKey, build_activation_cache
 from saelib.config import build_config
 from saelib.train import HistoryTrainer, NonFiniteLossError, fold_input_mean, train_sae
@@ -23,12 +23,12 @@ def tiny_cfg(tmp_path, **overrides):
 def test_trained_sae_round_trips_through_sae_lens(tmp_path, tiny_cache):
     cfg = tiny_cfg(tmp_path)
     trained = train_sae(cfg, tiny_cache)
-    loaded = SAE.load_from_disk(cfg.run_dir / io.SAE_DIR)
+    loaded = SAE.load_from_disk(cfg.run_dir / run_files.SAE_DIR)
     assert loaded.cfg.architecture() == "topk" and loaded.cfg.d_sae == 96
     assert loaded.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
     x = tiny_cache.rows(0, 256)
     torch.testing.assert_close(loaded(x), trained(x), rtol=1e-4, atol=1e-4)
-    history = io.read_history(cfg.run_dir)
+    history = run_files.read_history(cfg.run_dir)
     assert len(history) == 16 // 2 and history["metrics/l0"].iloc[-1] == pytest.approx(6)
     assert history["losses/mse_loss"].iloc[-1] < history["losses/mse_loss"].iloc[0]
 
@@ -38,7 +38,7 @@ def test_centring_is_folded_exactly(tmp_path, tiny_cache):
     trained = train_sae(cfg, tiny_cache)
     x = tiny_cache.rows(0, 256)
     # undo the fold: the same SAE on centred input must give the centred reconstruction
-    centred = SAE.load_from_disk(cfg.run_dir / io.SAE_DIR)
+    centred = SAE.load_from_disk(cfg.run_dir / run_files.SAE_DIR)
     with torch.no_grad():
         centred.b_dec -= tiny_cache.mean_D
     torch.testing.assert_close(trained(x), centred(x - tiny_cache.mean_D) + tiny_cache.mean_D, rtol=1e-4, atol=1e-3)
@@ -67,8 +67,8 @@ def crash_then_resume(cfg, cache, monkeypatch, at_step=12):
     monkeypatch.setattr(HistoryTrainer, "step", crash_after_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train_sae(cfg, cache)
-    assert io.latest_checkpoint(cfg.run_dir) is not None
-    assert not (cfg.run_dir / io.SAE_DIR).exists()
+    assert run_files.latest_checkpoint(cfg.run_dir) is not None
+    assert not (cfg.run_dir / run_files.SAE_DIR).exists()
     monkeypatch.setattr(HistoryTrainer, "step", real_step)
     return train_sae(cfg, cache)
 
@@ -79,7 +79,7 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path, tiny_cache, monke
     resumed = crash_then_resume(cfg, tiny_cache, monkeypatch)
     for name, value in uninterrupted.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
-    steps = io.read_history(cfg.run_dir)["step"].tolist()
+    steps = run_files.read_history(cfg.run_dir)["step"].tolist()
     assert steps == sorted(set(steps))
 
 
@@ -96,7 +96,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, tiny_model):
     cfg = tiny_cfg(tmp_path, normalize_activations="none", centre_activations=False)
     with pytest.raises(NonFiniteLossError, match="training loss became"):
         train_sae(cfg, cache)
-    assert not (cfg.run_dir / io.SAE_DIR).exists()
+    assert not (cfg.run_dir / run_files.SAE_DIR).exists()
 
 
 def test_a_finished_run_is_never_replaced_and_an_unfinished_one_starts_fresh(tmp_path, tiny_cache):
@@ -107,11 +107,11 @@ def test_a_finished_run_is_never_replaced_and_an_unfinished_one_starts_fresh(tmp
     cfg = tiny_cfg(tmp_path, d_sae=64, k=4, run_name=first.run_name)
     with pytest.raises(FileExistsError, match="finished SAE of another configuration .*d_sae, k"):
         train_sae(cfg, tiny_cache)
-    assert io.read_json(cfg.run_dir / io.RUN_CFG_FILE)["d_sae"] == first.d_sae
-    shutil.rmtree(cfg.run_dir / io.SAE_DIR)  # as if killed before the end: its checkpoints are another config's
+    assert run_files.read_json(cfg.run_dir / run_files.RUN_CFG_FILE)["d_sae"] == first.d_sae
+    shutil.rmtree(cfg.run_dir / run_files.SAE_DIR)  # as if killed before the end: its checkpoints are another config's
     sae = train_sae(cfg, tiny_cache)
     assert sae.cfg.d_sae == 64
-    assert io.read_json(cfg.run_dir / io.RUN_CFG_FILE)["d_sae"] == 64
+    assert run_files.read_json(cfg.run_dir / run_files.RUN_CFG_FILE)["d_sae"] == 64
 
 
 @pytest.mark.parametrize("architecture, extra, saved_as", [
@@ -122,7 +122,7 @@ def test_a_finished_run_is_never_replaced_and_an_unfinished_one_starts_fresh(tmp
 def test_baseline_architectures_train_and_load(tmp_path, tiny_cache, architecture, extra, saved_as):
     cfg = tiny_cfg(tmp_path, architecture=architecture, **extra)
     train_sae(cfg, tiny_cache)
-    loaded = SAE.load_from_disk(cfg.run_dir / io.SAE_DIR)
+    loaded = SAE.load_from_disk(cfg.run_dir / run_files.SAE_DIR)
     assert loaded.cfg.architecture() == saved_as
     assert torch.isfinite(loaded(tiny_cache.rows(0, 64))).all()
 
@@ -140,10 +140,10 @@ def test_study_metrics_table_lists_finished_runs(tmp_path):
     study = tmp_path / "s"
     for name, lam in (("a", 0.0), ("b", 0.02)):
         (study / name).mkdir(parents=True)
-        io.write_json_atomic(study / name / io.RUN_CFG_FILE, {"architecture": "sgo_topk", "competition_threshold": 0.02,
+        run_files.write_json_atomic(study / name / run_files.RUN_CFG_FILE, {"architecture": "sgo_topk", "competition_threshold": 0.02,
                                                              "orth_pen": lam, "seed": 0})
-        io.write_json_atomic(study / name / io.METRICS_FILE, {"explained_variance": 0.9 + lam})
+        run_files.write_json_atomic(study / name / run_files.METRICS_FILE, {"explained_variance": 0.9 + lam})
     (study / "unfinished").mkdir()
-    table = io.study_metrics(study)
+    table = run_files.study_metrics(study)
     assert table.run.tolist() == ["a", "b"]
     assert table.loc[table.run == "b", "explained_variance"].item() == pytest.approx(0.92)

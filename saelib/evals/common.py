@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from saelib import io
+from saelib import run_files
 
 
 class EvalError(ValueError):
@@ -37,7 +37,7 @@ def load_run_sae(run_dir: Path, device: str = "cpu"):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvalError(f"run_dir: expected an existing run folder, got {str(run_dir)!r}")
-    sae_dir = run_dir / io.SAE_DIR
+    sae_dir = run_dir / run_files.SAE_DIR
     if not (sae_dir / "cfg.json").exists():
         raise EvalError(f"run_dir: expected a trained SAE in {sae_dir} (train the run first), found none")
     return SAE.load_from_disk(sae_dir, device=device)
@@ -83,7 +83,7 @@ def stored_result(path: Path, fingerprint: str, settings: dict[str, Any]) -> dic
     Raises EvalError if the file belongs to another SAE."""
     if not path.exists():
         return None
-    result = io.read_json(path)
+    result = run_files.read_json(path)
     meta = (result.get("eval_result_unstructured") or {}).get("saelib", {}) if isinstance(
         result.get("eval_result_unstructured"), dict) else {}
     stored_fp = meta.get("sae_fingerprint")
@@ -103,7 +103,7 @@ def write_result(path: Path, result: dict, fingerprint: str, settings: dict[str,
     unstructured["saelib"] = {"settings": settings, "sae_fingerprint": fingerprint, "wall_time_s": wall_time_s}
     result = {**result, "eval_result_unstructured": unstructured}
     path.parent.mkdir(parents=True, exist_ok=True)
-    io.write_json_atomic(path, result)
+    run_files.write_json_atomic(path, result)
     return result
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saelib import io
+from saelib import run_files
 from saelib.evals.common import EvalError, heldout_split
 
 EVAL_TYPE_ID = "saelib_competition"
@@ -42,7 +42,7 @@ class CompetitionSettings:
     eval_tokens: int | None = None
 
     def resolved(self, run_dir: Path) -> "CompetitionSettings":
-        cfg = io.read_json(Path(run_dir) / io.RUN_CFG_FILE)
+        cfg = run_files.read_json(Path(run_dir) / run_files.RUN_CFG_FILE)
         return replace(self, **{f: getattr(self, f) if getattr(self, f) is not None else cfg[f]
                                 for f in ("dataset", "context_size", "eval_tokens")})
 
@@ -75,7 +75,7 @@ def run_competition(sae, model, settings: CompetitionSettings, artifacts_dir: Pa
     row_tokens = _row_token_positions(tokens_NS, special_token_ids(model), cache.n_rows)
     absorption = None
     if run_dir is not None and (Path(run_dir) / "evals" / "absorption.json").exists():
-        absorption = io.read_json(Path(run_dir) / "evals" / "absorption.json")
+        absorption = run_files.read_json(Path(run_dir) / "evals" / "absorption.json")
     return analyse(sae, cache, settings, row_tokens=row_tokens, tokenizer=getattr(model, "tokenizer", None),
                    absorption=absorption, started=start)
 

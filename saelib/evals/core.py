@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelib import io
+from saelib import run_files
 from saelib.activations import ActivationCache
 from saelib.evals.common import EVALS_DIR, EvalError, heldout_split, provenance
 
@@ -173,10 +173,10 @@ def headline_metrics(core_result: dict) -> dict[str, float]:
 
 def write_headline(run_dir: Path, core_result: dict) -> dict[str, float]:
     """Write the headline numbers of a core result into the run's ``metrics.json`` (other keys kept)."""
-    path = Path(run_dir) / io.METRICS_FILE
-    metrics = io.read_json(path) if path.exists() else {}
+    path = Path(run_dir) / run_files.METRICS_FILE
+    metrics = run_files.read_json(path) if path.exists() else {}
     metrics.update(headline_metrics(core_result))
-    io.write_json_atomic(path, metrics)
+    run_files.write_json_atomic(path, metrics)
     return headline_metrics(core_result)
 
 
@@ -184,7 +184,7 @@ def write_core(run_dir: Path, core_result: dict) -> dict[str, float]:
     """Write ``evals/core.json`` (SAEBench format) and ``metrics.json`` (headline) into the run folder."""
     run_dir = Path(run_dir)
     (run_dir / EVALS_DIR).mkdir(parents=True, exist_ok=True)
-    io.write_json_atomic(run_dir / EVALS_DIR / "core.json", core_result)
+    run_files.write_json_atomic(run_dir / EVALS_DIR / "core.json", core_result)
     return write_headline(run_dir, core_result)
 
 
@@ -199,7 +199,7 @@ class CoreSettings:
     batch_size_prompts: int = 4
 
     def resolved(self, run_dir: Path) -> "CoreSettings":
-        cfg = io.read_json(Path(run_dir) / io.RUN_CFG_FILE)
+        cfg = run_files.read_json(Path(run_dir) / run_files.RUN_CFG_FILE)
         values = {f: getattr(self, f) if getattr(self, f) is not None else cfg[f]
                   for f in ("dataset", "context_size", "eval_tokens", "eval_ce_tokens")}
         return replace(self, **values)
@@ -228,7 +228,7 @@ def core_for_run(cfg, model, sae=None, eval_cache: ActivationCache | None = None
     status = evaluate_run(cfg.run_dir, model, ["core"])
     if status.loc[0, "status"] not in ("done", "reused"):
         raise RuntimeError(f"core eval {status.loc[0, 'status']}: {status.loc[0, 'message']}")
-    return headline_metrics(io.read_json(Path(cfg.run_dir) / EVALS_DIR / "core.json"))
+    return headline_metrics(run_files.read_json(Path(cfg.run_dir) / EVALS_DIR / "core.json"))
 
 
 def competition_for_run(cfg, sae, eval_cache: ActivationCache) -> dict[str, float]:
@@ -236,8 +236,8 @@ def competition_for_run(cfg, sae, eval_cache: ActivationCache) -> dict[str, floa
     from saelib.analysis import competing_cos2, heldout_competition
 
     result = competing_cos2(sae, heldout_competition(sae, eval_cache), cfg.competition_threshold)
-    path = Path(cfg.run_dir) / io.METRICS_FILE
-    metrics = io.read_json(path) if path.exists() else {}
+    path = Path(cfg.run_dir) / run_files.METRICS_FILE
+    metrics = run_files.read_json(path) if path.exists() else {}
     metrics.update({f"competition_{k}" if not k.startswith("competing") else k: v for k, v in result.items()})
-    io.write_json_atomic(path, metrics)
+    run_files.write_json_atomic(path, metrics)
     return result

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from saelib import io
+from saelib import run_files
 from saelib.evals.common import EVALS_DIR
 
 #: The numbers the study reports: "eval/metric" → (display name, +1 higher is better / −1 lower is better / 0 neither)
@@ -53,7 +53,7 @@ def flatten_metrics(metrics: Any, prefix: str = "") -> Iterator[tuple[str, float
 
 
 def run_identity(run_dir: Path) -> dict[str, Any]:
-    cfg = io.read_json(Path(run_dir) / io.RUN_CFG_FILE)
+    cfg = run_files.read_json(Path(run_dir) / run_files.RUN_CFG_FILE)
     arch = cfg["architecture"]
     return {
         "run": Path(run_dir).name,
@@ -67,18 +67,18 @@ def run_identity(run_dir: Path) -> dict[str, Any]:
 
 def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     run_dir = Path(run_dir)
-    if not (run_dir / io.RUN_CFG_FILE).exists():
+    if not (run_dir / run_files.RUN_CFG_FILE).exists():
         return []
     ident = run_identity(run_dir)
     rows = []
     for path in sorted((run_dir / EVALS_DIR).glob("*.json")) if (run_dir / EVALS_DIR).is_dir() else []:
-        result = io.read_json(path)
+        result = run_files.read_json(path)
         eval_name = path.stem  # saelib's eval name (e.g. unlearning_proxy), not sae_bench's eval_type_id
         for metric, value in flatten_metrics(result.get("eval_result_metrics", {})):
             rows.append({**ident, "eval": eval_name, "metric": metric, "value": value})
-    metrics_path = run_dir / io.METRICS_FILE
+    metrics_path = run_dir / run_files.METRICS_FILE
     if metrics_path.exists():
-        for key, value in flatten_metrics(io.read_json(metrics_path)):
+        for key, value in flatten_metrics(run_files.read_json(metrics_path)):
             if key.startswith(("competition_", "competing_")):
                 rows.append({**ident, "eval": "competition", "metric": key, "value": value})
     return rows

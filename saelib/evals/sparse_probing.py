@@ -78,7 +78,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from saelib import io
+from saelib import run_files
 from saelib.evals.common import EvalError, EvalUnavailable, provenance
 
 log = logging.getLogger(__name__)
@@ -465,10 +465,10 @@ def _ensure_llm_side(dataset_name: str, config, model, layer: int, hook_name: st
 @contextlib.contextmanager
 def _quiet_sae_bench() -> Iterator[None]:
     """sae_bench prints one line per probe and sklearn warns about its deprecated ``penalty`` argument."""
-    import io as _io
+    import io
     import warnings
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(_io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.filterwarnings("ignore", message=".*'penalty' was deprecated.*", category=FutureWarning)
         yield
 
@@ -509,7 +509,7 @@ def run_sparse_probing(sae, model, settings: SparseProbingSettings, artifacts_di
             if _ensure_llm_side(name, config, model, sae.cfg.hook_layer, hook_name, folder):
                 computed.append(name)
         if computed:
-            io.write_json_atomic(folder / "key.json", key)
+            run_files.write_json_atomic(folder / "key.json", key)
         llm_seconds = time.time() - llm_start
         sae_start = time.time()
         results, per_class = main.run_eval_single_sae(config, sae, model, str(sae.device), str(folder),

@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from saelib import io
+from saelib import run_files
 from saelib.evals import common
 from saelib.evals.common import EvalError, EvalUnavailable
 
@@ -120,7 +120,7 @@ def _inputs(name: str, settings, run_dir: Path) -> dict[str, Any]:
     inputs = common.settings_dict(settings)
     upstream = DEPENDS_ON.get(name)
     if upstream and common.result_path(run_dir, upstream).exists():
-        inputs[f"{upstream}_eval_id"] = io.read_json(common.result_path(run_dir, upstream)).get("eval_id")
+        inputs[f"{upstream}_eval_id"] = run_files.read_json(common.result_path(run_dir, upstream)).get("eval_id")
     return inputs
 
 
@@ -175,4 +175,4 @@ def _run_one(name, run_dir, sae, model, fingerprint, settings, settings_json, pa
 def run_results(run_dir: Path) -> dict[str, dict]:
     """Every stored eval result of a run folder, by eval name."""
     folder = Path(run_dir) / common.EVALS_DIR
-    return {p.stem: io.read_json(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+    return {p.stem: run_files.read_json(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}

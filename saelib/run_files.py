@@ -1,5 +1,6 @@
 """Run folders and their artifact names: ``runs/<study>/<run>/`` holds cfg.json, sae/, checkpoints/, history.jsonl,
-metrics.json and the executed notebook. Readers here return plain Python / pandas objects.
+metrics.json and the executed notebook. Readers here return plain Python / pandas objects. (Named so as not to
+shadow the standard library's ``io``.)
 
 This module trains and evaluates nothing.
 """
