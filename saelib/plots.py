@@ -58,6 +58,8 @@ def use_report_renderer() -> None:
 
 PLOTLY_JS = "plotly.min.js"
 _CDN_PLOTLY_TAG = re.compile(r'<script[^>]*\bsrc="https://cdn\.plot\.ly/plotly-[^"]*"[^>]*>')
+#: plotly's notebook_connected renderer also emits, once per notebook, a module that imports plotly.js from its CDN.
+_CDN_PLOTLY_IMPORT = re.compile(r'<script type="module">\s*import "https://cdn\.plot\.ly/[^"]*"\s*</script>\n?')
 _STYLE = re.compile(r"<style(?P<attrs>[^>]*)>(?P<css>.*?)</style>\s*", re.S)
 
 
@@ -76,12 +78,13 @@ def _shared_file(name: str, content: bytes, html_path: Path) -> str:
 def offline_plotlyjs(page: str, html_path: Path) -> str:
     """``page`` with its plotly.js script tags pointing at one local copy shared by the reports of every study
     (``reports/plotly.min.js``, copied from the installed plotly), so figures draw with no network. The CDN tag's
-    integrity and crossorigin attributes go too: a ``file://`` page cannot load a script marked crossorigin."""
+    integrity and crossorigin attributes go too: a ``file://`` page cannot load a script marked crossorigin; the
+    renderer's CDN module import is dropped (the local tags already define ``Plotly``)."""
     import plotly
 
     source = Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
     rel = _shared_file(PLOTLY_JS, source.read_bytes(), html_path)
-    return _CDN_PLOTLY_TAG.sub(f'<script charset="utf-8" src="{rel}">', page)
+    return _CDN_PLOTLY_TAG.sub(f'<script charset="utf-8" src="{rel}">', _CDN_PLOTLY_IMPORT.sub("", page))
 
 
 def shared_css(page: str, html_path: Path) -> str:

@@ -191,4 +191,5 @@ def test_committed_study_reports_draw_offline(page):
 
     text = page.read_text()
     assert not re.search(r'<(script|link)[^>]+(src|href)="https?://', text), "a report loads something from the network"
+    assert "cdn.plot.ly" not in text, "a report imports plotly.js from its CDN"
     assert drawn_plots(page) > 0
