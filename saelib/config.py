@@ -441,12 +441,8 @@ def finished_run_conflict(cfg: RunConfig) -> str | None:
     configuration (it is never replaced; an unfinished one is restarted)."""
     from saelib import run_files
 
-    old_path = cfg.run_dir / run_files.RUN_CFG_FILE
-    if not (cfg.run_dir / run_files.SAE_DIR).is_dir() or not old_path.is_file():
-        return None
-    old = json.loads(old_path.read_text())
-    differ = {k: (old.get(k), v) for k, v in cfg.training_key().items() if old.get(k) != v}
-    if not differ:
+    differ = run_files.changed_fields(cfg.run_dir, cfg.training_key())
+    if not differ or not (cfg.run_dir / run_files.SAE_DIR).is_dir():
         return None
     shown = ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in list(differ.items())[:6])
     return (f"run_name: {cfg.run_dir} holds a finished SAE of another configuration ({shown}); give another "

@@ -35,21 +35,23 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict, training_key: dict) -> bool:
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / RUN_CFG_FILE
-    reset = False
-    if cfg_path.exists():
-        old = read_json(cfg_path)
-        differ = sorted(k for k, v in training_key.items() if old.get(k) != v)
-        if differ and (run_dir / SAE_DIR).is_dir():
-            raise FileExistsError(f"run_dir: {run_dir} holds a finished SAE of another configuration (differs in "
-                                  f"{', '.join(differ)}); use another run folder or delete it")
-        if differ:
-            for name in RUN_ARTIFACTS:
-                target = run_dir / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-            reset = True
-    write_json_atomic(cfg_path, cfg_dict)
-    return reset
+    differ = changed_fields(run_dir, training_key)
+    if differ and (run_dir / SAE_DIR).is_dir():
+        raise FileExistsError(f"run_dir: {run_dir} holds a finished SAE of another configuration (differs in "
+                              f"{', '.join(sorted(differ))}); use another run folder or delete it")
+    for name in RUN_ARTIFACTS if differ else ():
+        target = run_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    write_json_atomic(run_dir / RUN_CFG_FILE, cfg_dict)
+    return bool(differ)
+
+
+def changed_fields(run_dir: Path, training_key: dict) -> dict[str, tuple[Any, Any]]:
+    """``{field: (recorded, new)}`` for each training field that differs from the run folder's cfg.json (empty when
+    the folder records none)."""
+    cfg_path = Path(run_dir) / RUN_CFG_FILE
+    old = read_json(cfg_path) if cfg_path.exists() else None
+    return {} if old is None else {k: (old.get(k), v) for k, v in training_key.items() if old.get(k) != v}
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
