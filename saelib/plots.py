@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -69,9 +70,11 @@ def _shared_file(name: str, content: bytes, html_path: Path) -> str:
     shared = Path(html_path).parent.parent / name
     if not shared.exists() or shared.stat().st_size != len(content):
         shared.parent.mkdir(parents=True, exist_ok=True)
-        tmp = shared.with_name(name + ".tmp")
-        tmp.write_bytes(content)
-        tmp.replace(shared)
+        # a temporary file of its own per writer: the runner renders several reports at once
+        fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".tmp", dir=shared.parent)
+        with os.fdopen(fd, "wb") as out:
+            out.write(content)
+        os.replace(tmp, shared)
     return os.path.relpath(shared, Path(html_path).parent)
 
 

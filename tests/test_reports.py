@@ -193,3 +193,25 @@ def test_committed_study_reports_draw_offline(page):
     assert not re.search(r'<(script|link)[^>]+(src|href)="https?://', text), "a report loads something from the network"
     assert "cdn.plot.ly" not in text, "a report imports plotly.js from its CDN"
     assert drawn_plots(page) > 0
+
+
+
+def test_reports_written_side_by_side_share_one_file_without_a_race(tmp_path, monkeypatch):
+    # the runner renders several reports at once: a second writer that starts while the first is writing its
+    # temporary file must not take that file from under it
+    import os
+
+    from saelib import plots
+
+    real_fdopen, nested = os.fdopen, []
+
+    def fdopen_with_a_second_writer(*args, **kwargs):
+        if not nested:
+            nested.append(None)
+            nested[0] = plots._shared_file("shared.bin", b"x" * 1000, tmp_path / "other" / "page.html")
+        return real_fdopen(*args, **kwargs)
+
+    monkeypatch.setattr(plots.os, "fdopen", fdopen_with_a_second_writer)
+    assert plots._shared_file("shared.bin", b"x" * 1000, tmp_path / "study" / "page.html") == "../shared.bin"
+    assert nested == ["../shared.bin"] and (tmp_path / "shared.bin").read_bytes() == b"x" * 1000
+    assert not list(tmp_path.glob("*.tmp"))
