@@ -145,12 +145,16 @@ def lm_pass(rounds: int) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
-    from saelib.sparse_step import bf16_native
+    from saelib.sparse_step import bf16_native, keep_freed_memory
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="d_sae 16,384 only and fewer rounds (≈ 3 minutes)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per size (default 2 quick, 4)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (saelib's training and evals call keep_freed_memory; "
+                             "by default this benchmark does too, for every contender alike)")
     args = parser.parse_args()
+    kept = False if args.default_malloc else keep_freed_memory()
     rounds = args.rounds or (2 if args.quick else 4)
     sizes = [16_384] if args.quick else [4_096, 16_384]
     native = bf16_native("cpu")
@@ -158,7 +162,7 @@ def main() -> None:
     best = precisions[-1]
     have_sparsify = sparsify_available()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {native}; "
-          f"batch {BATCH}, d_in {D_IN}, k {K}; {rounds} interleaved rounds"
+          f"batch {BATCH}, d_in {D_IN}, k {K}; {rounds} interleaved rounds; freed memory kept for reuse: {kept}"
           + ("" if have_sparsify else "; sparsify not installed (pip install -e '.[bench]'): its rows skipped"))
     results: dict[str, float] = {}
     rows = []
@@ -208,6 +212,7 @@ def main() -> None:
         / lm["lm_float32_tokens_per_s"]
     results.update(lm)
     results["bf16_native"] = native
+    results["freed_memory_kept"] = kept
     results["sparsify_measured"] = have_sparsify
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saelib.sparse_step import keep_freed_memory
+
 log = logging.getLogger(__name__)
 
 ACTS_FILE = "acts.npy"
@@ -89,6 +91,7 @@ def build_activation_cache(
     folder = Path(root) / key.digest()
     if _complete(folder):
         return ActivationCache(folder)
+    keep_freed_memory()
     folder.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(folder / LOCK_FILE):  # parallel runs of a study share caches: one process fills each
         if _complete(folder):

@@ -36,9 +36,10 @@ class _PairCos2(torch.autograd.Function):
 
     @staticmethod
     def _cos(W_FD, i, j):
-        a, b = W_FD[i], W_FD[j]
-        na, nb = a.norm(dim=-1).clamp_min(1e-8), b.norm(dim=-1).clamp_min(1e-8)
-        return a, b, na, nb, (a * b).sum(-1) / (na * nb)
+        a, b = W_FD.index_select(0, i), W_FD.index_select(0, j)
+        na = torch.linalg.vector_norm(a, dim=-1).clamp_min(1e-8)
+        nb = torch.linalg.vector_norm(b, dim=-1).clamp_min(1e-8)
+        return a, b, na, nb, torch.einsum("pd,pd->p", a, b) / (na * nb)
 
     @staticmethod
     def forward(ctx, W_FD, i_P, j_P, w_P):
@@ -58,10 +59,13 @@ class _PairCos2(torch.autograd.Function):
         for s in range(0, len(i_P), _PairCos2.CHUNK):
             i, j, w = i_P[s:s + _PairCos2.CHUNK], j_P[s:s + _PairCos2.CHUNK], w_P[s:s + _PairCos2.CHUNK]
             a, b, na, nb, cos = ctx.gathered or _PairCos2._cos(W_FD, i, j)
-            coef, inv = (2 * w * cos * grad_out)[:, None], (1.0 / (na * nb))[:, None]
-            # d cos / d a = b / (|a||b|) − cos · a / |a|², and symmetrically for b
-            grad_FD.index_add_(0, i, coef * (b * inv - (cos / na.square())[:, None] * a))
-            grad_FD.index_add_(0, j, coef * (a * inv - (cos / nb.square())[:, None] * b))
+            ctx.gathered = None  # a and b are overwritten below: a second backward pass gathers afresh
+            # d cos / d a = b / (|a||b|) − cos · a / |a|², and symmetrically for b; written in place over a
+            coef = 2 * w * cos * grad_out
+            ab = (coef / (na * nb))[:, None]
+            grad_b = torch.mul(a, ab).addcmul_(b, (-coef * cos / nb.square())[:, None])
+            grad_a = a.mul_((-coef * cos / na.square())[:, None]).addcmul_(b, ab)
+            grad_FD.index_add_(0, i, grad_a).index_add_(0, j, grad_b)
         return grad_FD, None, None, None
 
 

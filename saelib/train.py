@@ -25,6 +25,7 @@ from sae_lens.training.optim import get_lr_scheduler
 from saelib import run_files
 from saelib.activations import ActivationCache, iter_training_batches
 from saelib.config import ARCH_PARAMS, ORTHOGONAL, RunConfig
+from saelib.sparse_step import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def train_sae(cfg: RunConfig, cache: ActivationCache, run_dir: Path | None = Non
     The returned SAE works on raw activations: the centring mean and the normalisation scale are folded in.
     """
     run_dir = Path(run_dir or cfg.run_dir)
+    keep_freed_memory()
     used = cfg.resolved_precisions()
     reset = run_files.prepare_run_dir(run_dir, {**cfg.to_dict(), **used}, cfg.training_key())
     log.info("%s: SAE step in %s, LM in %s (auto resolves to bf16 where this machine has it natively)", run_dir,

@@ -36,6 +36,12 @@ def test_chunked_pair_loss_matches_eager_reference_and_finite_differences(monkey
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(grad_ours, grad_ref)
     assert torch.autograd.gradcheck(lambda W_: weighted_pair_cos2(W_, i, j, w), (W,))
+    # the backward pass writes over the rows it kept: a second backward through the same graph gathers afresh
+    again = weighted_pair_cos2(W, i, j, w)
+    first, = torch.autograd.grad(again, W, retain_graph=True)
+    second, = torch.autograd.grad(again, W)
+    torch.testing.assert_close(first, grad_ref)
+    torch.testing.assert_close(second, grad_ref)
 
 
 def test_gram_penalty_matches_its_definition_and_is_zero_for_orthonormal_rows():

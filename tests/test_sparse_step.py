@@ -1,12 +1,16 @@
 """The sparse TopK step against sae_lens's own dense TopK step, on small sizes."""
 
+import os
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 
-from saelib.sparse_step import (SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig, bf16_native, resolve_precision,
-                                sparse_feature_acts)
+from saelib.sparse_step import (SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig, bf16_native, keep_freed_memory,
+                                resolve_precision, sparse_feature_acts)
 
 D, F_, K, B = 24, 96, 6, 64
 
@@ -101,3 +105,15 @@ def test_precision_is_resolved_and_validated(monkeypatch):
     monkeypatch.setattr(s, "bf16_native", lambda device="cpu": True)
     assert resolve_precision("auto", "cpu") == "bfloat16"
     assert resolve_precision("float32", "cpu") == "float32"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_keeps_a_large_freed_block_for_reuse():
+    def resident_bytes():
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    assert keep_freed_memory() and keep_freed_memory()  # takes effect, and a second call is harmless
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB: over glibc's default 32 MiB mmap ceiling
+    with_block = resident_bytes()
+    del block
+    assert resident_bytes() > with_block - 32 * 2**20  # by default it would be unmapped: resident size −64 MiB

@@ -22,6 +22,7 @@ import pandas as pd
 from saelib import run_files
 from saelib.evals import common
 from saelib.evals.common import EvalError, EvalUnavailable
+from saelib.sparse_step import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def evaluate_run(run_dir: Path, model, evals=tuple(EVALS), settings: dict[str, A
     if unexpected:
         raise EvalError(f"settings: expected keys among the evals being run {names}, got {sorted(unexpected)}")
     run_dir = Path(run_dir)
+    keep_freed_memory()
     sae = common.load_run_sae(run_dir)
     common.check_model_matches(sae, model)
     fingerprint = common.sae_fingerprint(sae)
