@@ -49,6 +49,7 @@ competition_decay = 0.99
 competition_max_pairs = 1_000_000
 competition_sample_pairs = 16_384
 competition_window = 10
+competition_stat_tokens = 0
 orth_chunk_size = 1024
 training_tokens = 1_228_800
 batch_size = 1_024

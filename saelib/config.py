@@ -41,6 +41,7 @@ ARCH_PARAMS = {
     "competition_max_pairs": ("sgo_topk",),
     "competition_sample_pairs": ("sgo_topk",),
     "competition_window": ("sgo_topk",),
+    "competition_stat_tokens": ("sgo_topk",),
     "orth_chunk_size": ("ortsae_topk",),
     "sae_precision": ("topk", *ORTHOGONAL),
 }
@@ -118,6 +119,9 @@ class RunConfig:
     """Competing pairs drawn per step (∝ score) to estimate the SGO penalty; 0 = every pair (``sgo_topk``)."""
     competition_window: int = 10
     """Batches pooled before the co-activation statistics and the competing set are refreshed (``sgo_topk``)."""
+    competition_stat_tokens: int = 0
+    """Tokens of each batch (evenly spaced) whose TopK masks feed the co-activation statistics; 0 = every token
+    (``sgo_topk``)."""
     orth_chunk_size: int = 1024
     """Latents per random chunk of the OrtSAE-style penalty (``ortsae_topk``)."""
 
@@ -208,6 +212,8 @@ class RunConfig:
                f"an integer >= 0, got {self.competition_sample_pairs}")
         _check(self.competition_window > 0, "competition_window",
                f"a positive integer, got {self.competition_window}")
+        _check(self.competition_stat_tokens >= 0, "competition_stat_tokens",
+               f"an integer >= 0 (0 = every token), got {self.competition_stat_tokens}")
         _check(self.orth_chunk_size >= 2, "orth_chunk_size", f"an integer >= 2, got {self.orth_chunk_size}")
         n_steps = self.training_tokens // self.batch_size
         _check(self.competition_warmup_steps >= 0 and (self.architecture != "sgo_topk"
@@ -253,9 +259,11 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def training_key(self) -> dict[str, Any]:
-        """The fields that determine the trained weights (run folder names and places excluded), with the
-        precisions actually used: a run resumed on a machine that resolves ``auto`` otherwise starts fresh."""
-        key = {k: v for k, v in self.to_dict().items() if k not in ("study", "run_name", "runs_dir")}
+        """The fields that determine the trained weights, with the precisions actually used: a run resumed on a
+        machine that resolves ``auto`` otherwise starts fresh. Run folder names and places are left out, and so are
+        parameters the architecture does not take (``ARCH_PARAMS``): a TopK run is the same run whatever τ says."""
+        key = {k: v for k, v in self.to_dict().items() if k not in ("study", "run_name", "runs_dir")
+               and self.architecture in ARCH_PARAMS.get(k, (self.architecture,))}
         return {**key, **self.resolved_precisions()}
 
 

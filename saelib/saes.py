@@ -94,6 +94,15 @@ def sampled_pair_cos2(W_dec_FD, i_P, j_P, w_P, n_samples: int, generator: torch.
     return weighted_pair_cos2(W_dec_FD, i_P, j_P, w_P)
 
 
+def competition_rows(n_rows: int, n_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor | slice:
+    """Rows of a batch that feed the competition statistics: every row when ``n_tokens`` is 0 or at least
+    ``n_rows``, else ``n_tokens`` evenly spaced rows. A training batch is a random draw of tokens kept in cache
+    order, so evenly spaced rows are a random sample spread over the whole batch (its first rows would not be)."""
+    if n_tokens <= 0 or n_tokens >= n_rows:
+        return slice(None)
+    return torch.arange(n_tokens, device=device) * n_rows // n_tokens
+
+
 def chunked_max_cos2(W_dec_FD: torch.Tensor, chunk_size: int, generator: torch.Generator) -> torch.Tensor:
     """OrtSAE-style: mean over latents of the max squared cosine to another latent of the same random chunk."""
     F = W_dec_FD.shape[0]
@@ -155,6 +164,8 @@ class SGOTopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
     """Competing pairs drawn per step (∝ score) to estimate the penalty; 0 = use every competing pair."""
     competition_window: int = 10
     """Batches pooled before the statistics (and the competing set) are refreshed."""
+    competition_stat_tokens: int = 0
+    """Tokens of each batch (evenly spaced) whose TopK masks feed the statistics; 0 = every token."""
 
     @classmethod
     def architecture(cls) -> str:
@@ -174,6 +185,8 @@ class SGOTopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
                f"an integer >= 0, got {self.competition_sample_pairs}")
         _check(self.competition_window > 0, "competition_window",
                f"a positive integer, got {self.competition_window}")
+        _check(self.competition_stat_tokens >= 0, "competition_stat_tokens",
+               f"an integer >= 0 (0 = every token), got {self.competition_stat_tokens}")
 
 
 @dataclass
@@ -253,11 +266,13 @@ class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
                                             cfg.competition_window, device=cfg.device)
 
     def orth_penalty(self, step_input, feature_acts):
-        fired = self.fired()
+        fired, n = self.fired(), self.cfg.competition_stat_tokens
         if fired is not None:
-            self.competition.update_fired(*fired)
+            rows = competition_rows(len(fired[0]), n, fired[0].device)
+            self.competition.update_fired(fired[0][rows], fired[1][rows])
         else:
-            self.competition.update(feature_acts, self.cfg.k)
+            rows = competition_rows(feature_acts.shape[0], n, feature_acts.device)
+            self.competition.update(feature_acts[rows], self.cfg.k)
         if step_input.n_training_steps < self.cfg.competition_warmup_steps:
             self.orth_metrics = {"n_competing_pairs": 0, "competing_mean_cos2": float("nan")}
             return None

@@ -164,3 +164,20 @@ def test_study_defaults_apply_before_the_run_file(tmp_path):
 @pytest.mark.parametrize("path", sorted(Path("params").glob("*/[!_]*.yaml")))
 def test_every_shipped_params_file_is_valid(path):
     build_config(params_file=path)
+
+
+def test_training_key_leaves_out_parameters_the_architecture_does_not_take(tmp_path):
+    from saelib import run_files
+
+    topk = build_config({"runs_dir": str(tmp_path)})
+    assert not {"orth_pen", "competition_threshold", "competition_stat_tokens", "l1_coefficient"} & set(
+        topk.training_key())
+    # a TopK run recorded before an SGO-only field existed is still the same run
+    recorded = {k: v for k, v in {**topk.to_dict(), **topk.resolved_precisions()}.items()
+                if k != "competition_stat_tokens"}
+    topk.run_dir.mkdir(parents=True)
+    run_files.write_json_atomic(topk.run_dir / run_files.RUN_CFG_FILE, recorded)
+    assert run_files.changed_fields(topk.run_dir, topk.training_key()) == {}
+    sgo = build_config({"orth_pen": 0.02}).training_key()
+    assert {"orth_pen", "competition_threshold", "competition_stat_tokens"} <= set(sgo)
+    assert sgo != build_config({"orth_pen": 0.02, "competition_stat_tokens": 512}).training_key()

@@ -9,7 +9,7 @@ from sae_lens.saes.sae import TrainStepInput
 from saelib import run_files
 from saelib.config import ConfigError, build_config
 from saelib.saes import (
-    ORTH_LOSS, SGOTopKTrainingSAE, sampled_pair_cos2, SGOTopKTrainingSAEConfig, _PairCos2, chunked_max_cos2, gram_offdiag_cos2,
+    ORTH_LOSS, SGOTopKTrainingSAE, competition_rows, sampled_pair_cos2, SGOTopKTrainingSAEConfig, _PairCos2, chunked_max_cos2, gram_offdiag_cos2,
     weighted_pair_cos2,
 )
 from saelib.train import train_sae
@@ -140,6 +140,8 @@ def test_orthogonal_saes_save_as_topk_and_resume_exactly(tmp_path, tiny_cache, m
     ({"architecture": "sgo_topk", "competition_warmup_steps": 64, "training_tokens": 65_536, "batch_size": 1024},
      "competition_warmup_steps"),
     ({"architecture": "ortsae_topk", "orth_chunk_size": 1}, "orth_chunk_size"),
+    ({"architecture": "sgo_topk", "competition_stat_tokens": -1}, "competition_stat_tokens"),
+    ({"architecture": "topk", "competition_stat_tokens": 512}, "competition_stat_tokens"),
 ])
 def test_penalty_parameters_are_validated(params, field):
     with pytest.raises(ConfigError, match=f"^{field}: "):
@@ -168,3 +170,22 @@ def test_sampled_penalty_is_an_unbiased_estimate_of_the_weighted_mean():
 def test_sample_pairs_validation():
     with pytest.raises(ConfigError, match="^competition_sample_pairs: "):
         build_config({"architecture": "sgo_topk", "competition_sample_pairs": -1})
+
+
+def test_statistics_read_only_the_evenly_spaced_tokens_asked_for():
+    assert competition_rows(4096, 0) == slice(None) and competition_rows(100, 100) == slice(None)
+    assert competition_rows(4096, 1024).tolist() == list(range(0, 4096, 4))
+    assert competition_rows(10, 4).tolist() == [0, 2, 5, 7]  # spread over the batch, not its first rows
+    with pytest.raises(ValueError, match="^competition_stat_tokens: "):
+        SGOTopKTrainingSAEConfig(d_in=8, d_sae=6, k=2, competition_stat_tokens=-3)
+    g = torch.Generator().manual_seed(0)
+    acts = torch.rand(16, 6, generator=g) * (torch.rand(16, 6, generator=g) > 0.5)
+    step = TrainStepInput(sae_in=torch.randn(16, 8), coefficients={}, dead_neuron_mask=None,
+                          n_training_steps=0, is_logging_step=False)
+    sampled, full = make_sgo(), make_sgo()
+    sampled.cfg.competition_stat_tokens = 4
+    sampled.calculate_aux_loss(step, acts, acts, torch.zeros(16, 8))
+    full.competition.update(acts[competition_rows(16, 4)], full.cfg.k)
+    assert sampled.competition.n_updates == 1
+    for name, value in full.competition.state_dict().items():
+        assert torch.equal(sampled.competition.state_dict()[name], value), name
