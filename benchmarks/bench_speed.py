@@ -15,7 +15,9 @@ machine noise hits all alike; a row's time is the median over rounds of the mean
   with a fused Adam), as ``saelib.train`` runs it;
 * ``sgo`` / ``ortsae`` / ``gram``: the orthogonal SAEs on saelib's step at its best precision (λ 0.02; SGO at
   τ 0.02 with its statistics already filled, and whole 10-batch windows timed so the fold is included; Gram only at
-  4,096: it is quadratic in d_sae).
+  4,096: it is quadratic in d_sae). SGO runs its defaults (statistics from 1,024 tokens a batch, 16,384 sampled
+  penalty pairs); ``sgo/M8192`` halves the sampled pairs, which costs gradient fidelity
+  (``benchmarks/ablate_competition_sampling.py``).
 
 Batches are synthetic activations with a low-rank structure (latents specialise and co-fire unevenly, as on real
 data), generated before timing. The LM rows run the embedded Gemma 3 270M up to block 8 (batch 16 × 128) with fp32
@@ -178,6 +180,8 @@ def main() -> None:
                 sae_lens_stepper("saelib_topk", d_sae, p, 10**6), 10, 2
         sgo = dict(orth_pen=0.02, competition_threshold=0.02, competition_warmup_steps=0, competition_window=10)
         steppers["sgo"], steps["sgo"], warmup["sgo"] = sae_lens_stepper("sgo_topk", d_sae, best, 10**6, **sgo), 10, 10
+        steppers["sgo/M8192"], steps["sgo/M8192"], warmup["sgo/M8192"] = sae_lens_stepper(
+            "sgo_topk", d_sae, best, 10**6, **sgo, competition_sample_pairs=8192), 10, 10
         steppers["ortsae"], steps["ortsae"], warmup["ortsae"] = \
             sae_lens_stepper("ortsae_topk", d_sae, best, 10**6, orth_pen=0.02), 10, 2
         if d_sae <= 4_096:
@@ -187,8 +191,9 @@ def main() -> None:
         t = time_interleaved(steppers, steps, batches, rounds, warmup)
         stock32 = t["stock/float32"]
         for name, sec in t.items():
-            ref = t[f"saelib/{best}"] if name in ("sgo", "ortsae", "gram") else stock32
-            note = (f"overhead {sec / ref - 1:+.1%} vs saelib/{best}" if name in ("sgo", "ortsae", "gram")
+            orth = name.split("/")[0] in ("sgo", "ortsae", "gram")
+            ref = t[f"saelib/{best}"] if orth else stock32
+            note = (f"overhead {sec / ref - 1:+.1%} vs saelib/{best}" if orth
                     else f"{stock32 / sec:.2f}× stock fp32")
             rows.append((d_sae, name, sec, BATCH / sec, note))
         tag = "16k" if d_sae == 16_384 else "4k"
@@ -199,6 +204,7 @@ def main() -> None:
             results[f"vs_sparsify_{tag}"] = sp_best / t[f"saelib/{best}"]
             results[f"vs_sparsify_{tag}_fp32"] = t["sparsify/float32"] / t["saelib/float32"]
         results[f"sgo_overhead_{tag}"] = t["sgo"] / t[f"saelib/{best}"] - 1
+        results[f"sgo_m8192_overhead_{tag}"] = t["sgo/M8192"] / t[f"saelib/{best}"] - 1
         results[f"ortsae_overhead_{tag}"] = t["ortsae"] / t[f"saelib/{best}"] - 1
         del steppers
     print(f"\n{'d_sae':>6}  {'step':<16} {'s/step':>8} {'tokens/s':>9}  note")

@@ -164,7 +164,7 @@ class SGOTopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
     """Competing pairs drawn per step (∝ score) to estimate the penalty; 0 = use every competing pair."""
     competition_window: int = 10
     """Batches pooled before the statistics (and the competing set) are refreshed."""
-    competition_stat_tokens: int = 0
+    competition_stat_tokens: int = 1024
     """Tokens of each batch (evenly spaced) whose TopK masks feed the statistics; 0 = every token."""
 
     @classmethod
