@@ -13,6 +13,9 @@ machine noise hits all alike; a row's time is the median over rounds of the mean
   which its own trainer enables on CUDA only. Skipped, and said so, where it is not installed;
 * ``saelib``: saelib's sparse step (``saelib_topk``) stepped by saelib's ``HistoryTrainer`` (sae_lens's trainer
   with a fused Adam), as ``saelib.train`` runs it;
+* ``stock batchtopk`` / ``stock matryoshka_batchtopk`` (sae_lens's, fp32) against ``saelib batchtopk`` /
+  ``saelib matryoshka_batchtopk`` (the same SAEs on saelib's sparse step, at its best precision; widths
+  d_sae/16, /4, d_sae as saelib trains them);
 * ``sgo`` / ``ortsae`` / ``gram``: the orthogonal SAEs on saelib's step at its best precision (λ 0.02; SGO at
   τ 0.02 with its statistics already filled, and whole 10-batch windows timed so the fold is included; Gram only at
   4,096: it is quadratic in d_sae). SGO runs its defaults (statistics from 1,024 tokens a batch, 16,384 sampled
@@ -59,6 +62,10 @@ def sae_lens_stepper(arch: str, d_sae: int, precision: str, steps: int, **extra)
     torch.manual_seed(0)
     if arch == "stock":
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=d_sae, k=K))
+        trainer = SAETrainer(trainer_cfg, sae, data_provider=iter(()))
+    elif arch.startswith("stock_"):  # sae_lens's own BatchTopK / Matryoshka BatchTopK
+        cls, cfg_cls = get_sae_training_class(arch.removeprefix("stock_"))
+        sae = cls(cfg_cls(d_in=D_IN, d_sae=d_sae, k=K, **extra))
         trainer = SAETrainer(trainer_cfg, sae, data_provider=iter(()))
     else:
         cls, cfg_cls = get_sae_training_class(arch)
@@ -148,6 +155,7 @@ def lm_pass(rounds: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
     from saelib.sparse_step import bf16_native, keep_freed_memory
+    from saelib.train import matryoshka_widths
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="d_sae 16,384 only and fewer rounds (≈ 3 minutes)")
@@ -182,6 +190,12 @@ def main() -> None:
         steppers["sgo"], steps["sgo"], warmup["sgo"] = sae_lens_stepper("sgo_topk", d_sae, best, 10**6, **sgo), 10, 10
         steppers["sgo/M8192"], steps["sgo/M8192"], warmup["sgo/M8192"] = sae_lens_stepper(
             "sgo_topk", d_sae, best, 10**6, **sgo, competition_sample_pairs=8192), 10, 10
+        widths = {"matryoshka_widths": matryoshka_widths(d_sae)}
+        for family, extra in (("batchtopk", {}), ("matryoshka_batchtopk", widths)):
+            steppers[f"stock {family}"], steps[f"stock {family}"], warmup[f"stock {family}"] = \
+                sae_lens_stepper(f"stock_{family}", d_sae, "float32", 10**6, **extra), 2, 1
+            steppers[f"saelib {family}"], steps[f"saelib {family}"], warmup[f"saelib {family}"] = \
+                sae_lens_stepper(f"saelib_{family}", d_sae, best, 10**6, **extra), 10, 2
         steppers["ortsae"], steps["ortsae"], warmup["ortsae"] = \
             sae_lens_stepper("ortsae_topk", d_sae, best, 10**6, orth_pen=0.02), 10, 2
         if d_sae <= 4_096:
@@ -194,7 +208,8 @@ def main() -> None:
             orth = name.split("/")[0] in ("sgo", "ortsae", "gram")
             ref = t[f"saelib/{best}"] if orth else stock32
             note = (f"overhead {sec / ref - 1:+.1%} vs saelib/{best}" if orth
-                    else f"{stock32 / sec:.2f}× stock fp32")
+                    else f"{t[name.replace('saelib', 'stock')] / sec:.2f}× its stock fp32 ({best})"
+                    if name.startswith("saelib ") else f"{stock32 / sec:.2f}× stock fp32")
             rows.append((d_sae, name, sec, BATCH / sec, note))
         tag = "16k" if d_sae == 16_384 else "4k"
         results[f"sae_step_speedup_{tag}"] = stock32 / t[f"saelib/{best}"]
@@ -205,11 +220,13 @@ def main() -> None:
             results[f"vs_sparsify_{tag}_fp32"] = t["sparsify/float32"] / t["saelib/float32"]
         results[f"sgo_overhead_{tag}"] = t["sgo"] / t[f"saelib/{best}"] - 1
         results[f"sgo_m8192_overhead_{tag}"] = t["sgo/M8192"] / t[f"saelib/{best}"] - 1
+        for family in ("batchtopk", "matryoshka_batchtopk"):
+            results[f"{family}_speedup_{tag}"] = t[f"stock {family}"] / t[f"saelib {family}"]
         results[f"ortsae_overhead_{tag}"] = t["ortsae"] / t[f"saelib/{best}"] - 1
         del steppers
-    print(f"\n{'d_sae':>6}  {'step':<16} {'s/step':>8} {'tokens/s':>9}  note")
+    print(f"\n{'d_sae':>6}  {'step':<30} {'s/step':>8} {'tokens/s':>9}  note")
     for d_sae, name, sec, tps, note in rows:
-        print(f"{d_sae:>6}  {name:<16} {sec:8.3f} {tps:9.0f}  {note}")
+        print(f"{d_sae:>6}  {name:<30} {sec:8.3f} {tps:9.0f}  {note}")
     lm = lm_pass(rounds=2 if args.quick else 3)
     print(f"\nLM pass, Gemma 3 270M to block 8, batch 16×128: fp32 {lm['lm_float32_tokens_per_s']:.0f} tokens/s"
           + (f", bf16 {lm['lm_bfloat16_tokens_per_s']:.0f} tokens/s "

@@ -43,7 +43,7 @@ ARCH_PARAMS = {
     "competition_window": ("sgo_topk",),
     "competition_stat_tokens": ("sgo_topk",),
     "orth_chunk_size": ("ortsae_topk",),
-    "sae_precision": ("topk", *ORTHOGONAL),
+    "sae_precision": ("topk", "batchtopk", "matryoshka_batchtopk", *ORTHOGONAL),
 }
 
 

@@ -20,7 +20,9 @@ import warnings
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
-from sae_lens import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig, register_sae_training_class
+from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, MatryoshkaBatchTopKTrainingSAE,
+                      MatryoshkaBatchTopKTrainingSAEConfig, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig,
+                      register_sae_training_class)
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -81,38 +83,35 @@ def resolve_precision(precision: str, device: str | torch.device, field: str = "
 
 # ---------------------------------------------------------------------------------------------- autograd pieces
 class _GatheredPreacts(torch.autograd.Function):
-    """Pre-activations ``(x − b_dec) · W_enc[:, j] + b_enc[j]`` at chosen latents ``idx_BM``, whose values were
-    already computed by the dense forward. The backward is sparse: it touches only the chosen columns."""
+    """Pre-activations ``(x_r − b_dec) · W_enc[:, j] + b_enc[j]`` at chosen (row r, latent j) pairs, whose values
+    were already computed by the dense forward. The backward is sparse: it touches only the chosen columns."""
 
     @staticmethod
-    def forward(ctx, pre_BM, idx_BM, sae_in_BD, W_enc_DF, b_enc_F, b_dec_D):
-        ctx.save_for_backward(idx_BM, sae_in_BD, W_enc_DF)
+    def forward(ctx, pre_N, rows_N, cols_N, sae_in_BD, W_enc_DF, b_enc_F, b_dec_D):
+        ctx.save_for_backward(rows_N, cols_N, sae_in_BD, W_enc_DF)
         ctx.has_b_dec = b_dec_D is not None
-        return pre_BM.clone()
+        return pre_N.clone()
 
     @staticmethod
-    def backward(ctx, grad_BM):
-        idx_BM, sae_in_BD, W_enc_DF = ctx.saved_tensors
+    def backward(ctx, grad_N):
+        rows_N, cols_N, sae_in_BD, W_enc_DF = ctx.saved_tensors
         D, F_ = W_enc_DF.shape
-        flat = idx_BM.reshape(-1)
-        grad_flat = grad_BM.reshape(-1).to(sae_in_BD.dtype)
-        grad_b_enc = torch.zeros(F_, dtype=grad_flat.dtype, device=grad_flat.device).index_add_(0, flat, grad_flat)
+        grad_N = grad_N.to(sae_in_BD.dtype)
+        grad_b_enc = torch.zeros(F_, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, cols_N, grad_N)
         grad_W_enc = None
-        if ctx.needs_input_grad[3]:
-            # W_enc.grad[:, j] = Σ over (row b, slot m) with idx[b, m] = j of grad[b, m] · x_b: a CSR (d_sae × B)
-            # matrix, rows sorted by latent, times x
-            order = torch.argsort(flat)
-            rows_per_latent = torch.bincount(flat, minlength=F_)
-            crow = torch.zeros(F_ + 1, dtype=torch.int64, device=flat.device)
-            crow[1:] = rows_per_latent.cumsum(0)
-            batch_of = torch.arange(idx_BM.shape[0], device=flat.device).repeat_interleave(idx_BM.shape[1])
+        if ctx.needs_input_grad[4]:
+            # W_enc.grad[:, j] = Σ over chosen (r, j) of grad · x_r: a CSR (d_sae × B) matrix, rows sorted by
+            # latent, times x
+            order = torch.argsort(cols_N)
+            crow = torch.zeros(F_ + 1, dtype=torch.int64, device=cols_N.device)
+            crow[1:] = torch.bincount(cols_N, minlength=F_).cumsum(0)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                G_FB = torch.sparse_csr_tensor(crow, batch_of[order], grad_flat[order], (F_, idx_BM.shape[0]),
+                G_FB = torch.sparse_csr_tensor(crow, rows_N[order], grad_N[order], (F_, sae_in_BD.shape[0]),
                                                check_invariants=False)
             grad_W_enc = (G_FB @ sae_in_BD).T
         grad_b_dec = -(W_enc_DF @ grad_b_enc) if ctx.has_b_dec else None  # sae_in = x − b_dec
-        return None, None, None, grad_W_enc, grad_b_enc if ctx.needs_input_grad[4] else None, grad_b_dec
+        return (None, None, None, None, grad_W_enc, grad_b_enc if ctx.needs_input_grad[5] else None, grad_b_dec)
 
 
 def _dense_preacts(sae_in_BD: torch.Tensor, W_enc_DF: torch.Tensor, b_enc_F: torch.Tensor, dtype: torch.dtype):
@@ -127,23 +126,31 @@ def _dense_preacts(sae_in_BD: torch.Tensor, W_enc_DF: torch.Tensor, b_enc_F: tor
 class StepState:
     """What one sparse forward leaves for the losses and statistics of the same step."""
 
-    idx_BK: torch.Tensor
-    """Chosen latents per row, ascending."""
-    acts_BK: torch.Tensor
-    """Their activations (ReLU of the TopK values; may be 0), with autograd graph."""
+    idx: torch.Tensor
+    """Chosen latents: (B, k), ascending within each row (TopK), or flat (N,) sorted by row then latent, the rows in
+    ``rows`` (BatchTopK, a varying number per row)."""
+    acts: torch.Tensor
+    """Their activations (ReLU of the chosen values; may be 0), shaped like ``idx``, with autograd graph."""
     hidden_pre_BF: torch.Tensor
     """Dense pre-activations as used for selection (scaled by decoder norms where sae_lens does), no graph."""
     sae_in_BD: torch.Tensor
     """Encoder input (``x − b_dec`` where sae_lens applies it), no graph."""
     W_dec_norm_F: torch.Tensor | None
     """Decoder row norms with autograd graph (``rescale_acts_by_decoder_norm``), else None."""
+    rows: torch.Tensor | None = None
+    """Row of each flat entry (None when ``idx`` is (B, k))."""
 
 
-def sparse_feature_acts(idx_BK: torch.Tensor, acts_BK: torch.Tensor, d_sae: int) -> torch.Tensor:
-    """A coalesced (B, d_sae) COO tensor of TopK activations; ``idx_BK`` must be ascending within each row."""
-    B, K = idx_BK.shape
-    rows = torch.arange(B, device=idx_BK.device).repeat_interleave(K)
-    return torch.sparse_coo_tensor(torch.stack([rows, idx_BK.reshape(-1)]), acts_BK.reshape(-1), (B, d_sae),
+def sparse_feature_acts(idx: torch.Tensor, acts: torch.Tensor, d_sae: int, rows: torch.Tensor | None = None,
+                        n_rows: int | None = None) -> torch.Tensor:
+    """A coalesced (B, d_sae) COO tensor of chosen activations: ``idx`` (B, k) ascending within each row, or flat with
+    the row of each entry in ``rows`` (sorted by row then latent; ``n_rows`` = B)."""
+    if rows is None:
+        B, K = idx.shape
+        rows = torch.arange(B, device=idx.device).repeat_interleave(K)
+    else:
+        B = n_rows
+    return torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), acts.reshape(-1), (B, d_sae),
                                    is_coalesced=True, check_invariants=False)
 
 
@@ -192,9 +199,11 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
             return super().training_forward_pass(step_input)
         state = self._sparse_encode(step_input.sae_in)
         self.step_state = state
-        sae_out = self._sparse_decode(state.idx_BK, state.acts_BK, state.W_dec_norm_F) + self.b_dec
+        sae_out = self._sparse_decode(state.idx, state.acts, state.W_dec_norm_F, state.rows,
+                                      len(step_input.sae_in)) + self.b_dec
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
-        feature_acts = sparse_feature_acts(state.idx_BK, state.acts_BK.detach(), self.cfg.d_sae)
+        feature_acts = sparse_feature_acts(state.idx, state.acts.detach(), self.cfg.d_sae, state.rows,
+                                           len(step_input.sae_in))
         aux_losses = self.calculate_aux_loss(step_input=step_input, feature_acts=feature_acts,
                                              hidden_pre=state.hidden_pre_BF, sae_out=sae_out)
         losses = {"mse_loss": mse_loss, **aux_losses}
@@ -212,26 +221,41 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         norm_F = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
         if norm_F is not None:
             hidden_pre_BF.mul_(norm_F.detach().to(dtype))
+        values, idx, rows = self._select(hidden_pre_BF)
+        hidden = self._hidden_at(values.float(), idx, sae_in_BD, norm_F, rows)
+        return StepState(idx, hidden.relu(), hidden_pre_BF, sae_in_BD, norm_F, rows)
+
+    def _select(self, hidden_pre_BF: torch.Tensor):
+        """``(values, idx, rows)`` of the latents this step keeps: TopK's ``k`` per row, as (B, k) tensors ascending
+        within each row, ``rows`` None."""
         top_BK, idx_BK = hidden_pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
         idx_BK, order = idx_BK.sort(dim=-1)
-        top_BK = top_BK.gather(-1, order).float()
-        hidden_BK = self._hidden_at(top_BK, idx_BK, sae_in_BD, norm_F)
-        return StepState(idx_BK, hidden_BK.relu(), hidden_pre_BF, sae_in_BD, norm_F)
+        return top_BK.gather(-1, order), idx_BK, None
 
-    def _hidden_at(self, scaled_BM, idx_BM, sae_in_BD, norm_F):
-        """Hidden pre-activations (scaled as for selection) at ``idx_BM``, differentiable in every parameter."""
+    def _hidden_at(self, scaled, idx, sae_in_BD, norm_F, rows=None):
+        """Hidden pre-activations (scaled as for selection) at ``idx`` — (B, M), or flat with ``rows`` — differentiable
+        in every parameter."""
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        if rows is None:
+            rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
+        flat_idx = idx.reshape(-1)
         if norm_F is None:
-            return _GatheredPreacts.apply(scaled_BM, idx_BM, sae_in_BD, self.W_enc, self.b_enc, b_dec)
-        norm_BM = norm_F[idx_BM]
-        pre_BM = _GatheredPreacts.apply(scaled_BM / norm_BM.detach(), idx_BM, sae_in_BD, self.W_enc, self.b_enc,
-                                        b_dec)
-        return pre_BM * norm_BM
+            pre = _GatheredPreacts.apply(scaled.reshape(-1), rows, flat_idx, sae_in_BD, self.W_enc, self.b_enc, b_dec)
+            return pre.view(idx.shape)
+        norm = norm_F[flat_idx]
+        pre = _GatheredPreacts.apply(scaled.reshape(-1) / norm.detach(), rows, flat_idx, sae_in_BD, self.W_enc,
+                                     self.b_enc, b_dec)
+        return (pre * norm).view(idx.shape)
 
-    def _sparse_decode(self, idx_BM, acts_BM, norm_F) -> torch.Tensor:
-        """Σ_m acts[b, m] · W_dec[idx[b, m]] (divided by the row norm where sae_lens rescales), without b_dec."""
-        weights_BM = acts_BM / norm_F[idx_BM] if norm_F is not None else acts_BM
-        return F.embedding_bag(idx_BM, self.W_dec, per_sample_weights=weights_BM, mode="sum")
+    def _sparse_decode(self, idx, acts, norm_F, rows=None, B=None) -> torch.Tensor:
+        """Σ acts · W_dec[idx] per row (divided by the row norm where sae_lens rescales), without b_dec. ``idx`` is
+        (B, M), or flat with the (sorted) row of each entry in ``rows`` and the batch size ``B``."""
+        weights = acts / norm_F[idx] if norm_F is not None else acts
+        if rows is None:
+            return F.embedding_bag(idx, self.W_dec, per_sample_weights=weights, mode="sum")
+        offsets = torch.zeros(B, dtype=torch.int64, device=idx.device)
+        offsets[1:] = torch.bincount(rows, minlength=B)[:-1].cumsum(0)
+        return F.embedding_bag(idx, self.W_dec, offsets, per_sample_weights=weights, mode="sum")
 
     def calculate_topk_aux_loss(self, sae_in, sae_out, hidden_pre, dead_neuron_mask):
         """sae_lens's TopK auxiliary loss, computed on the dead latents' columns only."""
@@ -255,9 +279,79 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
 
     def fired(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(idx_BK, fired_BK)`` of the current step's TopK (None on the dense fallback)."""
-        if self.step_state is None:
+        if self.step_state is None or self.step_state.rows is not None:
             return None
-        return self.step_state.idx_BK, self.step_state.acts_BK.detach() > 0
+        return self.step_state.idx, self.step_state.acts.detach() > 0
+
+
+# ---------------------------------------------------------------------------------------------- BatchTopK family
+@dataclass
+class SparseBatchTopKTrainingSAEConfig(BatchTopKTrainingSAEConfig, SparseTopKTrainingSAEConfig):
+    """sae_lens's BatchTopK training config plus the step's precision. Saved for inference as a JumpReLU SAE."""
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "saelib_batchtopk"
+
+
+class SparseBatchTopKTrainingSAE(SparseTopKTrainingSAE, BatchTopKTrainingSAE):
+    """sae_lens's BatchTopK training SAE with the sparse step: the ``k · B`` largest pre-activations of the whole
+    batch are kept (a varying number per row), then the same sparse decode and backward as TopK. The threshold
+    that the saved JumpReLU SAE uses is updated as sae_lens does."""
+
+    cfg: SparseBatchTopKTrainingSAEConfig
+
+    def _select(self, hidden_pre_BF: torch.Tensor):
+        """The ``k · B`` largest entries of the batch as flat tensors sorted by row then latent. sae_lens takes them
+        after a ReLU; without it the choice differs only among entries whose activation is 0 either way."""
+        B, F_ = hidden_pre_BF.shape
+        values, flat = hidden_pre_BF.flatten().topk(int(self.cfg.k * B), sorted=False)
+        flat, order = flat.sort()
+        return values[order], flat % F_, flat // F_
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)  # sae_lens's dense step updates the threshold itself
+        if self.step_state is not None:
+            self.update_topk_threshold(self.step_state.acts.detach())
+            output.metrics["topk_threshold"] = self.topk_threshold
+        return output
+
+
+@dataclass
+class SparseMatryoshkaBatchTopKTrainingSAEConfig(MatryoshkaBatchTopKTrainingSAEConfig,
+                                                 SparseBatchTopKTrainingSAEConfig):
+    """sae_lens's Matryoshka BatchTopK training config plus the step's precision. Saved as a JumpReLU SAE."""
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "saelib_matryoshka_batchtopk"
+
+
+class SparseMatryoshkaBatchTopKTrainingSAE(SparseBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAE):
+    """sae_lens's Matryoshka BatchTopK training SAE with the sparse step: each inner level's reconstruction is a
+    sparse decode of the chosen latents below its width, added to the previous level's, as sae_lens nests them."""
+
+    cfg: SparseMatryoshkaBatchTopKTrainingSAEConfig
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)  # the dense fallback adds the inner losses itself
+        state = self.step_state
+        if state is None:
+            return output
+        decoded, prev = self.b_dec, 0
+        for width in self.cfg.matryoshka_widths[:-1]:  # the outer level is the base SAE's own loss
+            level = (state.idx >= prev) & (state.idx < width)
+            decoded = decoded + self._sparse_decode(state.idx[level], state.acts[level], state.W_dec_norm_F,
+                                                    state.rows[level], len(step_input.sae_in))
+            inner = self.run_time_activation_norm_fn_out(decoded)
+            loss = self.mse_loss_fn(inner, step_input.sae_in).sum(dim=-1).mean()
+            output.losses[f"inner_mse_loss_{width}"] = loss
+            output.loss = output.loss + loss
+            prev = width
+        return output
 
 
 register_sae_training_class("saelib_topk", SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig)
+register_sae_training_class("saelib_batchtopk", SparseBatchTopKTrainingSAE, SparseBatchTopKTrainingSAEConfig)
+register_sae_training_class("saelib_matryoshka_batchtopk", SparseMatryoshkaBatchTopKTrainingSAE,
+                            SparseMatryoshkaBatchTopKTrainingSAEConfig)

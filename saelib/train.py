@@ -57,9 +57,10 @@ def sae_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
     return kwargs
 
 
-#: Architectures trained by saelib's sparse TopK step under another registered training name (all are saved as
-#: sae_lens ``topk``); the orthogonal ones are built on that step already.
-SPARSE_STEP = {"topk": "saelib_topk"}
+#: Architectures trained by saelib's sparse step under another registered training name (saved as sae_lens saves
+#: them: ``topk``, or ``jumprelu`` for the BatchTopK family); the orthogonal ones are built on that step already.
+SPARSE_STEP = {"topk": "saelib_topk", "batchtopk": "saelib_batchtopk",
+               "matryoshka_batchtopk": "saelib_matryoshka_batchtopk"}
 
 
 def matryoshka_widths(d_sae: int) -> list[int]:

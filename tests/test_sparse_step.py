@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, MatryoshkaBatchTopKTrainingSAE,
+                      MatryoshkaBatchTopKTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig)
 from sae_lens.saes.sae import TrainStepInput
 
-from saelib.sparse_step import (SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig, bf16_native, keep_freed_memory,
+from saelib.sparse_step import (SparseBatchTopKTrainingSAE, SparseBatchTopKTrainingSAEConfig,
+                                SparseMatryoshkaBatchTopKTrainingSAE, SparseMatryoshkaBatchTopKTrainingSAEConfig,
+                                SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig, bf16_native, keep_freed_memory,
                                 resolve_precision, sparse_feature_acts)
 
 D, F_, K, B = 24, 96, 6, 64
@@ -117,3 +120,46 @@ def test_keep_freed_memory_keeps_a_large_freed_block_for_reuse():
     with_block = resident_bytes()
     del block
     assert resident_bytes() > with_block - 32 * 2**20  # by default it would be unmapped: resident size −64 MiB
+
+
+BATCH_FAMILY = {
+    "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, SparseBatchTopKTrainingSAE,
+                  SparseBatchTopKTrainingSAEConfig, {}),
+    "matryoshka": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig,
+                   SparseMatryoshkaBatchTopKTrainingSAE, SparseMatryoshkaBatchTopKTrainingSAEConfig,
+                   {"matryoshka_widths": [12, 40, F_]}),
+}
+
+
+@pytest.mark.parametrize("family", BATCH_FAMILY)
+@pytest.mark.parametrize("kw", [{}, {"rescale_acts_by_decoder_norm": False}])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_fp32_sparse_batchtopk_steps_match_sae_lens(family, kw, with_dead):
+    stock_cls, stock_cfg, sparse_cls, sparse_cfg, extra = BATCH_FAMILY[family]
+    common = dict(d_in=D, d_sae=F_, k=float(K), **extra, **kw)
+    torch.manual_seed(0)
+    stock = stock_cls(stock_cfg(**common))
+    sparse = sparse_cls(sparse_cfg(sae_precision="float32", **common))
+    sparse.load_state_dict(stock.state_dict())
+    with torch.no_grad():
+        for sae in (stock, sparse):
+            torch.manual_seed(1)
+            sae.b_dec.copy_(torch.randn(D) * 0.1)
+            sae.b_enc.copy_(torch.randn(F_) * 0.1)
+            sae.W_dec.mul_(torch.rand(F_, 1) + 0.5)
+    dead = (torch.arange(F_) % 3 == 0) if with_dead else None
+    ref, ref_grads = loss_and_grads(stock, step_input(dead=dead))
+    out, grads = loss_and_grads(sparse, step_input(dead=dead))
+    rows_fired = (out.feature_acts.to_dense() > 0).sum(-1)
+    assert rows_fired.min() < rows_fired.max()  # a varying number per row: BatchTopK, not TopK
+    assert set(out.losses) == set(ref.losses)
+    if family == "matryoshka":
+        assert {"inner_mse_loss_12", "inner_mse_loss_40"} <= set(out.losses)
+    for name in ref.losses:
+        torch.testing.assert_close(out.losses[name], ref.losses[name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(out.sae_out, ref.sae_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.feature_acts.to_dense(), ref.feature_acts, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.topk_threshold, stock.topk_threshold)
+    assert float(sparse.topk_threshold) > 0
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
