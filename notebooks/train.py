@@ -92,7 +92,7 @@ plots.use_report_renderer()
 lm = load_model(cfg.model_name, device=cfg.device, precision=cfg.lm_precision)  # bf16 where native: ≈ 3× faster
 train_cache = cache_for_config(cfg, lm, "train")
 eval_cache = cache_for_config(cfg, lm, "eval")
-# the evals below still run the LM in float32
+# the evals below run the LM in float32: bf16 losses sit on a 1/32-nat grid (docs/speed.md)
 model = lm if lm.cfg.dtype == torch.float32 else load_model(cfg.model_name, device=cfg.device)
 del lm
 

@@ -10,8 +10,10 @@ Same loss, same parameters and same saved form as sae_lens's ``TopKTrainingSAE``
 * the TopK auxiliary loss gathers only the dead latents' columns;
 * ``feature_acts`` reach sae_lens's trainer as a coalesced sparse COO tensor, which its statistics accept.
 
-Parameters (and Adam's state) stay fp32. The trainer is sae_lens's own ``SAETrainer``; ``saelib.train`` only
-gives it a fused Adam.
+The BatchTopK family takes the same step (``saelib_batchtopk``, ``saelib_matryoshka_batchtopk``): only the
+selection differs (the k·B largest pre-activations of the whole batch, a varying number per row), and Matryoshka's
+inner levels are sparse decodes of the chosen latents below each width. Parameters (and Adam's state) stay fp32.
+The trainer is sae_lens's own ``SAETrainer``; ``saelib.train`` only gives it a fused Adam.
 """
 
 from __future__ import annotations
