@@ -28,20 +28,20 @@ model: setup
 ## run: the whole default study on the embedded model, offline: 54 runs (18 configurations × 3 seeds) through the
 ## train and evaluate notebooks, then compare/competition reports, reports/default/index.html and the README's answers
 run: model
-	$(PY) -m saelib.runner params/default
+	$(PY) -m saelib.study params/default
 
 ## run-one: one run of the default profile (cache, SAE, core eval, HTML report): PARAMS=params/default/topk_s0.yaml
 run-one: model
-	$(PY) -m saelib.study notebooks/train.ipynb $(PARAMS)
+	$(PY) -m saelib.notebook notebooks/train.ipynb $(PARAMS)
 
-## study: every run of params/$(STUDY) through the train and evaluate notebooks (parallel, skip/resume; see saelib/runner.py)
+## study: every run of params/$(STUDY) through the train and evaluate notebooks (parallel, skip/resume; see saelib/study.py)
 STUDY ?= default
 study: model
-	$(PY) -m saelib.runner params/$(STUDY)
+	$(PY) -m saelib.study params/$(STUDY)
 
 ## smoke: the train notebook at the smoke profile (params/smoke/_study.yaml), into runs/smoke/topk
 smoke: model
-	$(PY) -m saelib.study notebooks/train.ipynb params/smoke/topk.yaml
+	$(PY) -m saelib.notebook notebooks/train.ipynb params/smoke/topk.yaml
 
 ## test: unit tests, integration tests on the real model, nbval over every notebook
 test: model

@@ -5,7 +5,7 @@
 The study runner executes notebooks two (or more) at a time. Over TCP, jupyter_client picks free ports by binding and
 releasing them and the kernel binds them seconds later; a kernel or client socket started in between can take one,
 and papermill fails with "Kernel died before replying to kernel_info" (CI lost a run of the tiny study to it).
-``saelib.study.execute`` runs kernels over the ``ipc`` transport instead. This script executes a two-cell notebook
+``saelib.notebook.execute`` runs kernels over the ``ipc`` transport instead. This script executes a two-cell notebook
 ``--runs`` times per transport, ``--at-once`` processes at a time, the two transports interleaved in one pool so that
 machine load hits both alike, and prints for each: notebooks failed, kernels that printed a traceback (a socket that
 could not bind, another kernel's messages received) though papermill finished, and seconds per notebook.
@@ -30,7 +30,7 @@ def one(job: tuple[str, int, str]) -> tuple[str, float, str, bool]:
     transport, i, folder = job
     import papermill
 
-    from saelib.study import ipc_kernel_manager
+    from saelib.notebook import ipc_kernel_manager
 
     extra = {"kernel_manager_class": ipc_kernel_manager()} if transport == "ipc" else {}
     err_path = f"{folder}/{transport}{i}.stderr"

@@ -1,133 +1,352 @@
-"""Execute a notebook for a params file with papermill and render its HTML report (no input cells).
+"""The study runner: every params file of a study through the train and evaluate notebooks, in parallel.
 
-``python -m saelib.study notebooks/train.ipynb params/default/topk_s0.yaml`` → ``runs/default/topk_s0/train.ipynb`` and
-``reports/default/topk_s0.html``. The config is validated before anything is written. This module does not train.
+``python -m saelib.study params/<study>`` (or ``make study STUDY=<study>``):
+
+- each run executes ``notebooks/train.ipynb`` then ``notebooks/evaluate.ipynb`` with papermill in its own process
+  (``python -m saelib.notebook``), its executed notebooks and a log in the run folder, its reports in
+  ``reports/<study>/``; runs share the study's activation caches (filled once, under a lock);
+- a notebook that finished for the same configuration, notebook source and parameters is skipped (a stamp in
+  ``<run>/.runner/``), so re-running a finished study does nothing and says so; a run that died resumes — training
+  restarts from its latest checkpoint, evals reuse the results already written;
+- ``jobs`` runs go at once, each with ``cores // jobs`` threads (OpenMP threads of two processes contending for
+  the same cores are far slower than one thread each);
+- a failed run keeps its executed notebook with the error and does not stop the others; a summary closes the run
+  and the exit code is 1 if anything failed.
+
+``params/<study>/_runner.yaml`` (optional) sets ``jobs``, ``eval_profile``, ``evals`` and ``notebooks``; command-line
+flags override it. After the runs, study-level notebooks (``study_notebooks``) are executed with ``study_dir`` —
+holding only the runs whose last notebook finished (:func:`finished_runs_view`) — then the answers and the index.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import logging
+import os
+import shutil
+import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
-from saelib.config import ConfigError, build_config
+import pandas as pd
+import yaml
+from tqdm.auto import tqdm
+
+from saelib import run_files
+from saelib.config import ConfigError, RunConfig, build_config
+from saelib.evals.results import SEED_SUFFIX
 
 log = logging.getLogger(__name__)
-REPORTS_DIR = Path("reports")
+
+RUNNER_FILE = "_runner.yaml"
+STAMP_DIR = ".runner"
+BASELINE = "topk"
+"""Runs of this configuration go first within each seed (every comparison is against it)."""
+DEFAULT_NOTEBOOKS = ("notebooks/train.ipynb", "notebooks/evaluate.ipynb")
+#: notebook parameters the runner passes, by notebook stem (train.ipynb only takes params_file)
+RUNNER_PARAMETERS = {"evaluate": ("eval_profile", "evals")}
 
 
-def run_notebook(notebook: str | Path, params_file: str | Path, reports_dir: Path = REPORTS_DIR,
-                 parameters: dict | None = None) -> Path:
-    """Run ``notebook`` with ``params_file`` (and any further papermill ``parameters``); return the HTML report
-    path: ``reports/<study>/<run>.html`` for train.ipynb, ``<run>.<notebook>.html`` for the others. Raises if the
-    notebook fails (its executed copy, with the error, stays in the run folder)."""
-    notebook, params_file = Path(notebook), Path(params_file)
-    cfg = build_config(params_file=params_file)  # validate before writing anything
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    executed = cfg.run_dir / notebook.name
-    start = time.time()
-    try:
-        execute(notebook, executed, {"params_file": str(params_file), **(parameters or {})}, progress_bar=True)
-    finally:
-        log.info("%s finished in %.0f s", executed, time.time() - start)
-    stem = "" if notebook.stem == "train" else f".{notebook.stem}"
-    return render_report(executed, reports_dir / cfg.study / f"{cfg.run_name}{stem}.html")
+@dataclass
+class RunnerSettings:
+    jobs: int = 1
+    eval_profile: str = "default"
+    evals: list[str] | None = None  # None: the evaluate notebook's own list
+    notebooks: list[str] = field(default_factory=lambda: list(DEFAULT_NOTEBOOKS))
+    study_notebooks: list[str] = field(default_factory=list)
+    threads: int | None = None  # per run; None: cores // jobs
+    parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Fixed papermill parameters per notebook stem, e.g. ``{train: {competition_analysis: false}}``."""
+
+    def validate(self) -> None:
+        if not isinstance(self.jobs, int) or self.jobs < 1:
+            raise ConfigError(f"jobs: expected a positive integer, got {self.jobs!r}")
+        if self.eval_profile not in ("smoke", "default"):
+            raise ConfigError(f"eval_profile: expected 'smoke' or 'default', got {self.eval_profile!r}")
+        for nb in [*self.notebooks, *self.study_notebooks]:
+            if not Path(nb).is_file():
+                raise ConfigError(f"notebooks: expected existing notebook files, {nb!r} does not exist")
+        # entries for notebooks this call does not run are kept, not an error (--notebooks may pick a subset)
+        if not isinstance(self.parameters, dict) or not all(isinstance(v, dict) for v in self.parameters.values()):
+            raise ConfigError(f"parameters: expected {{notebook stem: {{name: value}}}}, got {self.parameters!r}")
+        owned = {name for names in RUNNER_PARAMETERS.values() for name in names}
+        clash = {name for values in self.parameters.values() for name in values} & owned
+        if clash:
+            raise ConfigError(f"parameters: {sorted(clash)} are runner settings (set them as such, so the command "
+                              f"line can override them), not fixed notebook parameters")
+        if self.evals is not None:
+            from saelib.evals.suite import check_eval_names
+
+            try:
+                check_eval_names(self.evals)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
-def execute(notebook: str | Path, executed: str | Path, parameters: dict, progress_bar: bool = False) -> None:
-    """papermill ``notebook`` → ``executed`` with ``parameters``, in the current directory, on a kernel reached over
-    Unix sockets (:func:`ipc_kernel_manager`), so that notebooks started side by side by the runner cannot collide."""
-    import os
+@dataclass
+class Run:
+    params_file: Path
+    cfg: RunConfig
 
-    import papermill
-
-    extra = {} if os.name == "nt" else {"kernel_manager_class": ipc_kernel_manager()}  # no Unix sockets on Windows
-    papermill.execute_notebook(str(notebook), str(executed), parameters=parameters, cwd=str(Path.cwd()),
-                               progress_bar=progress_bar, **extra)
+    @property
+    def name(self) -> str:
+        return self.cfg.run_name
 
 
-def ipc_kernel_manager() -> type:
-    """jupyter_client's AsyncKernelManager on the ``ipc`` transport with its sockets in a private temporary directory.
+def load_runner_settings(study_params: Path, overrides: dict[str, Any]) -> RunnerSettings:
+    values: dict[str, Any] = {}
+    path = study_params / RUNNER_FILE
+    if path.exists():
+        values = yaml.safe_load(path.read_text()) or {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - set(RunnerSettings.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(RunnerSettings.__dataclass_fields__)}")
+    settings = RunnerSettings(**values)
+    settings.validate()
+    return settings
 
-    Over TCP the manager picks free ports by binding and releasing them, then the kernel binds them a few seconds
-    later; a second kernel (or any client socket) started in that window can take one, and the kernel dies with
-    "Kernel died before replying to kernel_info" (1 in 120 papermill runs at 6 at a time here). Unix socket paths
-    are private to the kernel, so there is nothing to race for."""
-    import shutil
+
+def study_runs(study_params: Path) -> list[Run]:
+    """Every run of a study (``params/<study>/*.yaml`` except ``_*.yaml``), configs validated before anything runs."""
+    study_params = Path(study_params)
+    if not study_params.is_dir():
+        raise ConfigError(f"study: expected a params folder such as params/default, got {str(study_params)!r}")
+    files = sorted(p for p in study_params.glob("*.yaml") if not p.name.startswith("_"))
+    if not files:
+        raise ConfigError(f"study: {study_params} holds no run params files (*.yaml not starting with _)")
+    runs = [Run(p, build_config(params_file=p)) for p in files]
+    # seed by seed, the TopK baseline first: a study stopped part-way holds complete, comparable seeds
+    return sorted(runs, key=lambda r: (r.cfg.seed, SEED_SUFFIX.sub("", r.name) != BASELINE, r.name))
+
+
+def notebook_parameters(notebook: Path, settings: RunnerSettings) -> dict[str, Any]:
+    names = RUNNER_PARAMETERS.get(Path(notebook).stem, ())
+    params = {"eval_profile": settings.eval_profile, "evals": settings.evals}
+    return {**{k: params[k] for k in names if params[k] is not None},
+            **settings.parameters.get(Path(notebook).stem, {})}
+
+
+def stamp(run: Run, notebook: Path, parameters: dict[str, Any]) -> dict[str, Any]:
+    """What a finished notebook of a run depended on: its config, the notebook's source and its parameters."""
+    source = hashlib.sha256(Path(notebook).read_bytes()).hexdigest()[:16]
+    return {"config": run.cfg.to_dict(), "notebook": str(notebook), "notebook_sha256": source,
+            "parameters": parameters}
+
+
+def stamp_path(run: Run, notebook: Path) -> Path:
+    return run.cfg.run_dir / STAMP_DIR / f"{Path(notebook).stem}.json"
+
+
+def is_current(run: Run, notebook: Path, parameters: dict[str, Any]) -> bool:
+    path = stamp_path(run, notebook)
+    return path.exists() and run_files.read_json(path) == json.loads(json.dumps(stamp(run, notebook, parameters)))
+
+
+def pending(runs: list[Run], settings: RunnerSettings) -> list[tuple[Run, list[Path]]]:
+    """(run, notebooks still to execute) for every run with something left to do."""
+    out = []
+    for run in runs:
+        todo = [Path(nb) for nb in settings.notebooks
+                if not is_current(run, Path(nb), notebook_parameters(Path(nb), settings))]
+        if todo:
+            # a later notebook depends on the earlier ones: once one is redone, so are the ones after it
+            first = [Path(nb) for nb in settings.notebooks].index(todo[0])
+            out.append((run, [Path(nb) for nb in settings.notebooks[first:]]))
+    return out
+
+
+def execute_notebook(run: Run, notebook: Path, parameters: dict[str, Any], threads: int) -> tuple[bool, str]:
+    """One notebook of one run in its own process; (ok, last error line). Log: ``<run>/<notebook>.log``."""
+    run.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "saelib.notebook", str(notebook), str(run.params_file)]
+    for name, value in parameters.items():
+        cmd += ["-p", name, json.dumps(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    log_path = run.cfg.run_dir / f"{Path(notebook).stem}.log"
+    started = time.time()
+    with open(log_path, "w") as out:
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if code == 0:
+        path = stamp_path(run, notebook)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_files.write_json_atomic(path, stamp(run, notebook, parameters))
+        run_files.write_json_atomic(path.with_suffix(".time.json"), {
+            "seconds": round(time.time() - started, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "threads": threads})
+        return True, ""
+    lines = [ln for ln in log_path.read_text().splitlines() if "failed" in ln or "Error" in ln]
+    return False, (lines[-1] if lines else f"exit code {code}; see {log_path}")[:300]
+
+
+def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool = False) -> pd.DataFrame:
+    """Run every pending notebook of a study; returns the summary (one row per run). ``reports_only``: run nothing,
+    render the study's reports, answers and index from the runs finished so far (a look at a study part-way)."""
+    t_start = time.time()
+    runs = study_runs(study_params)
+    todo = pending(runs, settings)
+    study = runs[0].cfg.study
+    study_dir = runs[0].cfg.run_dir.parent
+    stray = sorted(p.name for p in study_dir.glob("*/") if (p / run_files.RUN_CFG_FILE).exists()) if study_dir.is_dir() else []
+    stray = [name for name in stray if name not in {r.name for r in runs}]
+    if stray:
+        log.warning("study %s: %s hold(s) runs with no params file in %s; the compare/competition reports and the "
+                    "answers read every run folder, so move them out of %s: %s", study, study_dir, study_params,
+                    study_dir, ", ".join(stray))
+    rows = {run.name: {"run": run.name, "status": "current", "minutes": 0.0, "error": ""} for run in runs}
+    if reports_only:
+        for run, _ in todo:
+            rows[run.name]["status"] = "pending"
+        log.info("study %s: reports only — %d of %d runs finished and current, %d pending (not run)",
+                 study, len(runs) - len(todo), len(runs), len(todo))
+        todo = []
+    elif not todo:
+        log.info("study %s: all %d runs are finished and current; nothing to do", study, len(runs))
+    else:
+        threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.jobs)
+        log.info("study %s: %d of %d runs to do, %d at a time with %d thread(s) each",
+                 study, len(todo), len(runs), settings.jobs, threads)
+        bar = tqdm(total=len(todo), desc=f"study {study}", unit="run")
+        lock = threading.Lock()
+
+        def work(item: tuple[Run, list[Path]]) -> None:
+            run, notebooks = item
+            start = time.time()
+            status, error = "done", ""
+            for nb in notebooks:  # being redone, this one and the later ones: not finished until they finish again
+                stamp_path(run, nb).unlink(missing_ok=True)
+            for nb in notebooks:
+                ok, error = execute_notebook(run, nb, notebook_parameters(nb, settings), threads)
+                if not ok:
+                    status = f"failed in {nb.stem}"
+                    break
+            minutes = (time.time() - start) / 60
+            with lock:
+                rows[run.name].update(status=status, minutes=round(minutes, 1), error=error)
+                bar.update(1)
+                bar.write(f"[{bar.n:>3}/{len(todo)}] {run.name}: {status} in {minutes:.1f} min"
+                          + (f" — {error}" if error else ""))
+
+        with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
+            list(pool.map(work, todo))
+        bar.close()
+    summary = pd.DataFrame(list(rows.values()))
+    if todo:
+        log.info("study %s: this call took %.1f min wall", study, (time.time() - t_start) / 60)
+    timings = study_timings(runs, settings)
+    if not timings.empty:
+        log.info("study %s: %d current notebook runs on record, %.2f h of notebook time (≈ %.2f h wall at %d jobs)", study,
+                 len(timings), timings["seconds"].sum() / 3600, timings["seconds"].sum() / 3600 / settings.jobs,
+                 settings.jobs)
+    render_study_reports(study, study_dir, runs, settings, force=bool(todo) or reports_only)
+    return summary
+
+
+def render_study_reports(study: str, study_dir: Path, runs: list[Run], settings: RunnerSettings, force: bool) -> None:
+    """The study notebooks' HTML reports, the answers and the index, from the finished runs only; ``force``: even
+    when they exist (something ran, or a look part-way was asked for)."""
+    from saelib.notebook import REPORTS_DIR, failure_reason
+
+    last = Path(settings.notebooks[-1])
+    unfinished = [run for run in runs if not stamp_path(run, last).exists()]  # finished once, current or not
+    with finished_runs_view(study_dir, runs, unfinished) as results_dir:
+        for nb in map(Path, settings.study_notebooks):
+            if force or not (REPORTS_DIR / study / f"{nb.stem}.html").exists():
+                try:
+                    log.info("report: %s", run_study_notebook(nb, results_dir, study, executed_dir=study_dir))
+                except Exception as err:  # noqa: BLE001 — e.g. no finished run yet: the answers and index still follow
+                    (REPORTS_DIR / study / f"{nb.stem}.html").unlink(missing_ok=True)  # never a report of older results
+                    log.warning("report %s: none (%s; executed notebook: %s)", nb.stem, failure_reason(err)[:300],
+                                study_dir / nb.name)
+        if force or not (REPORTS_DIR / study / "index.html").exists():
+            from saelib.answers import write_answers
+            from saelib.reports import build_index
+
+            try:
+                log.info("answers: %s", write_answers(study, results_dir, REPORTS_DIR))
+            except Exception as err:  # noqa: BLE001 — no results yet, no TopK baseline, ...: the index is still built
+                (REPORTS_DIR / study / "answers.md").unlink(missing_ok=True)  # never show answers from older results
+                log.warning("answers: none (%s: %s)", type(err).__name__, err)
+
+            log.info("index: %s", build_index(study, results_dir, REPORTS_DIR))
+
+
+@contextlib.contextmanager
+def finished_runs_view(study_dir: Path, runs: list[Run], unfinished: list[Run]) -> Iterator[Path]:
+    """``study_dir`` itself, or — when some runs are unfinished (running, failed, never run to the end) but already
+    hold files (train writes its metrics, evaluate each eval's results as it ends) — a temporary folder of the same
+    name linking only the other runs, so the reports never count half-evaluated runs. Removed on exit."""
+    started = {run.name for run in unfinished if run.cfg.run_dir.exists()}
+    if not started:
+        yield study_dir
+        return
     import tempfile
 
-    from jupyter_client.manager import AsyncKernelManager
-    from traitlets import default
-
-    class IPCKernelManager(AsyncKernelManager):
-        @default("transport")
-        def _transport_default(self) -> str:
-            return "ipc"
-
-        @default("ip")
-        def _ip_default(self) -> str:  # absolute and short: a Unix socket path holds at most 107 bytes
-            short = None if len(tempfile.gettempdir()) < 64 else "/tmp"
-            return str(Path(tempfile.mkdtemp(prefix="saelib-kernel-", dir=short)) / "ipc")
-
-        def cleanup_ipc_files(self) -> None:
-            super().cleanup_ipc_files()
-            folder = Path(self.ip).parent
-            if folder.name.startswith("saelib-kernel-"):
-                shutil.rmtree(folder, ignore_errors=True)
-
-    return IPCKernelManager
+    parent = Path(tempfile.mkdtemp(prefix=".finished-runs-", dir=study_dir.parent))  # one per call: calls may overlap
+    view = parent / study_dir.name
+    view.mkdir()
+    try:
+        for run in runs:
+            if run.name not in started and run.cfg.run_dir.exists():
+                (view / run.name).symlink_to(run.cfg.run_dir.resolve(), target_is_directory=True)
+        log.info("study %s: the reports leave out %d unfinished run(s) that already hold files: %s",
+                 study_dir.name, len(started), ", ".join(sorted(started)))
+        yield view
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)  # the links only, never the runs they point to
 
 
-def failure_reason(err: Exception) -> str:
-    """``Name: message`` of a failure; for papermill's PapermillExecutionError, the notebook's own exception."""
-    return f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}"
+def study_timings(runs: list[Run], settings: RunnerSettings) -> pd.DataFrame:
+    """Seconds each finished, current notebook of each run took (``<run>/.runner/<notebook>.time.json``), kept
+    across calls, so a study finished over several sessions still has its compute on record."""
+    rows = []
+    for run in runs:
+        for nb in map(Path, settings.notebooks):
+            path = stamp_path(run, nb).with_suffix(".time.json")
+            if path.exists() and is_current(run, nb, notebook_parameters(nb, settings)):
+                rows.append({"run": run.name, "notebook": nb.stem, **run_files.read_json(path)})
+    return pd.DataFrame(rows, columns=["run", "notebook", "seconds", "finished", "threads"])
 
 
-def render_report(executed: Path, html_path: Path) -> Path:
-    """nbconvert an executed notebook to HTML without its input cells; plotly.js and the notebook CSS come from the
-    copies shared by the reports (:func:`saelib.plots.offline_report`)."""
-    from nbconvert import HTMLExporter
+def run_study_notebook(notebook: Path, study_dir: Path, study: str, executed_dir: Path | None = None) -> Path:
+    """A study-level notebook (compare, competition) over ``study_dir`` → ``reports/<study>/<notebook>.html``; the
+    executed notebook is kept in ``executed_dir`` (default ``study_dir``)."""
+    from saelib.notebook import REPORTS_DIR, execute, render_report
 
-    import nbformat
-
-    from saelib import plots
-
-    nb = nbformat.read(str(executed), as_version=4)
-    for cell in nb.cells:  # progress bars and library warnings stay in the executed notebook, not the report
-        if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nb)
-    html_path.parent.mkdir(parents=True, exist_ok=True)
-    html_path.write_text(plots.offline_report(body, html_path))
-    return html_path
+    executed = Path(executed_dir or study_dir) / notebook.name
+    execute(notebook, executed, {"study_dir": str(study_dir)})
+    return render_report(executed, REPORTS_DIR / study / f"{notebook.stem}.html")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("notebook")
-    parser.add_argument("params_files", nargs="+")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="a further notebook parameter (VALUE read as YAML), as with papermill -p")
+    parser.add_argument("study", help="params folder of the study, e.g. params/default")
+    parser.add_argument("--jobs", type=int, help="runs at once (default: _runner.yaml, else 1)")
+    parser.add_argument("--eval-profile", choices=("smoke", "default"))
+    parser.add_argument("--evals", nargs="+", help="evals to run (default: the evaluate notebook's list)")
+    parser.add_argument("--notebooks", nargs="+", help="per-run notebooks, in order")
+    parser.add_argument("--reports-only", action="store_true",
+                        help="run nothing; render the reports, answers and index from the runs finished so far")
     args = parser.parse_args(argv)
-    import yaml
-
-    parameters = {name: yaml.safe_load(value) for name, value in args.parameter}
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    failed = 0
-    runs = [p for p in args.params_files if not Path(p).name.startswith("_")]  # _study.yaml: shared profile
-    for params_file in runs:
-        try:
-            log.info("report: %s", run_notebook(args.notebook, params_file, parameters=parameters))
-        except ConfigError as err:
-            log.error("%s: %s", params_file, err)
-            failed += 1
-        except Exception as err:  # papermill's PapermillExecutionError and friends: keep going
-            log.error("%s failed: %s", params_file, failure_reason(err)[:500])
-            failed += 1
-    return 1 if failed else 0
+    try:
+        settings = load_runner_settings(Path(args.study), {
+            "jobs": args.jobs, "eval_profile": args.eval_profile, "evals": args.evals, "notebooks": args.notebooks})
+        summary = run_study(Path(args.study), settings, reports_only=args.reports_only)
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+    print(summary.to_string(index=False))
+    return 1 if summary["status"].str.startswith("failed").any() else 0
 
 
 if __name__ == "__main__":

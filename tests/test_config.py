@@ -141,7 +141,7 @@ def test_notebook_parameters_cell_mirrors_config_defaults(notebook):
 
 
 def test_rejected_config_writes_nothing(tmp_path, monkeypatch):
-    from saelib.study import run_notebook
+    from saelib.notebook import run_notebook
 
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "params" / "s" / "bad.yaml"

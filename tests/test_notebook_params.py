@@ -9,7 +9,7 @@ import pytest
 from papermill.exceptions import PapermillExecutionError
 
 from saelib.config import PROFILE_ENV, RunConfig
-from saelib.study import execute
+from saelib.notebook import execute
 
 TRAIN = Path(__file__).resolve().parents[1] / "notebooks" / "train.ipynb"
 

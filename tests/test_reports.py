@@ -107,7 +107,7 @@ def test_notebook_reports_draw_their_figures_offline(tmp_path):
     import plotly.io as pio
 
     from saelib import plots
-    from saelib.study import render_report
+    from saelib.notebook import render_report
 
     plots.use_report_renderer()
     fig = go.Figure(go.Scatter(x=[1, 2, 3], y=[3, 1, 2]))
@@ -135,7 +135,7 @@ def _notebook_with_a_figure(path: Path) -> Path:
 
 
 def test_reports_share_one_stylesheet_instead_of_inlining_it(tmp_path):
-    from saelib.study import render_report
+    from saelib.notebook import render_report
 
     executed = _notebook_with_a_figure(tmp_path / "run.ipynb")
     reports = tmp_path / "reports"
@@ -155,7 +155,7 @@ def test_repoint_moves_committed_pages_onto_the_shared_files(tmp_path):
     from nbconvert import HTMLExporter
 
     from saelib.reports import repoint
-    from saelib.study import render_report
+    from saelib.notebook import render_report
 
     executed = _notebook_with_a_figure(tmp_path / "run.ipynb")
     reports = tmp_path / "reports"
@@ -172,7 +172,7 @@ def test_repoint_moves_committed_pages_onto_the_shared_files(tmp_path):
 
 @pytest.mark.parametrize("notebook", ["compare", "competition"])
 def test_study_reports_fit_the_page_show_whole_tables_and_draw(tmp_path, notebook):
-    from saelib.study import execute, render_report
+    from saelib.notebook import execute, render_report
 
     executed = tmp_path / f"{notebook}.ipynb"
     execute(Path("notebooks") / f"{notebook}.ipynb", executed, {"study_dir": str(FIXTURE)})

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from saelib.runner import load_runner_settings, run_study, study_runs, study_timings
+from saelib.study import load_runner_settings, run_study, study_runs, study_timings
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = """runs_dir: {runs}

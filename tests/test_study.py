@@ -9,7 +9,7 @@ import nbformat
 import pytest
 
 from saelib.config import ConfigError, build_config
-from saelib.runner import RunnerSettings, load_runner_settings, main, run_study, study_runs, study_timings
+from saelib.study import RunnerSettings, load_runner_settings, main, run_study, study_runs, study_timings
 
 STUB = '''
 import json, os
@@ -156,8 +156,8 @@ def test_reports_only_runs_nothing_and_renders_the_index_from_the_finished_runs(
 
 def test_notebooks_run_on_unix_sockets_and_leave_no_socket_folder(tmp_path):
     """Side-by-side notebooks must not race for TCP ports (CI lost a tiny-study run to "Kernel died before replying
-    to kernel_info"): saelib.study.execute starts kernels on the ipc transport and removes their socket folder."""
-    from saelib.study import execute
+    to kernel_info"): saelib.notebook.execute starts kernels on the ipc transport and removes their socket folder."""
+    from saelib.notebook import execute
 
     stub_notebook(tmp_path / "in.ipynb", "x = 0", "import json\nfrom ipykernel import get_connection_info\n"
                   "info = json.loads(get_connection_info())\n"
