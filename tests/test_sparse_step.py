@@ -163,3 +163,17 @@ def test_fp32_sparse_batchtopk_steps_match_sae_lens(family, kw, with_dead):
     assert float(sparse.topk_threshold) > 0
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("row_scale", ["even", "uneven"], ids=["no row saturates", "some rows hold > 4k"])
+def test_batchtopk_two_stage_selection_is_the_flat_topk(row_scale):
+    g = torch.Generator().manual_seed(0)
+    scale = torch.ones(B, 1) if row_scale == "even" else torch.rand(B, 1, generator=g) ** 4 * 10
+    hidden = torch.randn(B, F_, generator=g) * scale
+    sae = SparseBatchTopKTrainingSAE(SparseBatchTopKTrainingSAEConfig(d_in=D, d_sae=F_, k=float(K)))
+    values, cols, rows = sae._select(hidden)
+    expected = hidden.flatten().topk(K * B).indices.sort().values
+    torch.testing.assert_close(rows * F_ + cols, expected, rtol=0, atol=0)
+    torch.testing.assert_close(values, hidden.flatten()[expected])
+    per_row = torch.bincount(rows, minlength=B)
+    assert (per_row.max() > sae.CANDIDATES_PER_K * K) == (row_scale == "uneven")  # the fallback was needed
