@@ -277,7 +277,7 @@ class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
             self.orth_metrics = {"n_competing_pairs": 0, "competing_mean_cos2": float("nan")}
             return None
         i_C, j_C, s_C = self.competition.competing(self.cfg.competition_threshold)
-        generator = torch.Generator().manual_seed(2_000_003 + step_input.n_training_steps)
+        generator = torch.Generator(device=s_C.device).manual_seed(2_000_003 + step_input.n_training_steps)
         if self.metrics_due or "competing_mean_cos2" not in self.orth_metrics:
             # a logging-only number with its own generator: whether it is computed never changes the penalty's draws
             metric_gen = torch.Generator().manual_seed(3_000_017 + step_input.n_training_steps)
