@@ -108,3 +108,13 @@ def test_a_result_that_reads_another_is_redone_when_that_one_changes(fake_evals,
     status = evaluate_run(run, tiny_model, ["upstream", "fake"]).set_index("eval")["status"]
     assert status["upstream"] == "done" and status["fake"] == "done"  # upstream appeared within the same call
     assert evaluate_run(run, tiny_model, ["upstream", "fake"])["status"].tolist() == ["reused", "reused"]
+
+
+def test_evals_that_read_the_run_folder_say_so_in_the_registry():
+    import inspect
+
+    from saelib.evals.suite import EVALS
+
+    for name, spec in EVALS.items():
+        _, _, run = spec.load()
+        assert ("run_dir" in inspect.signature(run).parameters) == spec.takes_run_dir, name

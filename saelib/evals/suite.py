@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ class EvalSpec:
     settings_class: str
     function: str
     fixed: tuple[tuple[str, Any], ...] = ()  # settings this eval name pins (e.g. the unlearning mode)
+    takes_run_dir: bool = False  # the function also reads the run folder (``run_dir=``)
 
     def load(self):
         mod = importlib.import_module(self.module if "." in self.module else f"saelib.evals.{self.module}")
@@ -44,7 +44,7 @@ EVALS: dict[str, EvalSpec] = {
     "core": EvalSpec("core", "CoreSettings", "run_core_eval"),
     "absorption": EvalSpec("absorption", "AbsorptionSettings", "run_absorption"),
     "sparse_probing": EvalSpec("sparse_probing", "SparseProbingSettings", "run_sparse_probing"),
-    "competition": EvalSpec("competition", "CompetitionSettings", "run_competition"),
+    "competition": EvalSpec("competition", "CompetitionSettings", "run_competition", takes_run_dir=True),
     "unlearning_proxy": EvalSpec("unlearning", "UnlearningSettings", "run_unlearning", (("mode", "proxy"),)),
     "unlearning": EvalSpec("unlearning", "UnlearningSettings", "run_unlearning", (("mode", "sae_bench"),)),
 }
@@ -156,7 +156,7 @@ def _run_one(name, run_dir, sae, model, fingerprint, settings, settings_json, pa
     start = time.time()
     try:
         _, _, run = EVALS[name].load()
-        kwargs = {"run_dir": run_dir} if "run_dir" in inspect.signature(run).parameters else {}
+        kwargs = {"run_dir": run_dir} if EVALS[name].takes_run_dir else {}
         result = run(sae, model, settings, artifacts / name, **kwargs)
         common.write_result(path, result, fingerprint, settings_json, time.time() - start)
         if name == "core":
