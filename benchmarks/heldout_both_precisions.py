@@ -30,12 +30,12 @@ def main() -> None:
     for run in args.runs:
         recorded = run_files.read_json(run / run_files.RUN_CFG_FILE)
         cfg = build_config({k: v for k, v in recorded.items() if k in field_names()})
-        ev = {}
+        ev, sae = {}, load_run_sae(run)
         for precision in ("float32", "bfloat16"):
             models.setdefault(precision, load_model(cfg.model_name, precision=precision))
             key = (cfg.model_name, cfg.hook_layer, cfg.eval_tokens, cfg.context_size, precision)
             caches.setdefault(key, cache_for_config(cfg, models[precision], "eval"))
-            ev[precision] = reconstruction_metrics(load_run_sae(run), caches[key])
+            ev[precision] = reconstruction_metrics(sae, caches[key])
         metrics = run_files.read_json(run / run_files.METRICS_FILE)
         used = f"{recorded.get('sae_precision_used', 'float32 (stock)')}/{recorded.get('lm_precision_used', 'float32')}"
         print(f"{run.name:32s} {used:22s} {ev['float32']['explained_variance']:10.4f} "

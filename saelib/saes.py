@@ -266,12 +266,11 @@ class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
                                             cfg.competition_window, device=cfg.device)
 
     def orth_penalty(self, step_input, feature_acts):
-        fired, n = self.fired(), self.cfg.competition_stat_tokens
+        fired = self.fired()
+        rows = competition_rows(feature_acts.shape[0], self.cfg.competition_stat_tokens, feature_acts.device)
         if fired is not None:
-            rows = competition_rows(len(fired[0]), n, fired[0].device)
             self.competition.update_fired(fired[0][rows], fired[1][rows])
-        else:
-            rows = competition_rows(feature_acts.shape[0], n, feature_acts.device)
+        else:  # sae_lens's dense step: the TopK is taken again from its dense activations
             self.competition.update(feature_acts[rows], self.cfg.k)
         if step_input.n_training_steps < self.cfg.competition_warmup_steps:
             self.orth_metrics = {"n_competing_pairs": 0, "competing_mean_cos2": float("nan")}

@@ -144,17 +144,18 @@ class StepState:
     """Row of each flat entry (None when ``idx`` is (B, k))."""
 
 
+def _row_of(idx_BM: torch.Tensor) -> torch.Tensor:
+    """The row of each entry of a (B, M) selection, flattened: 0 × M, 1 × M, …"""
+    return torch.arange(idx_BM.shape[0], device=idx_BM.device).repeat_interleave(idx_BM.shape[1])
+
+
 def sparse_feature_acts(idx: torch.Tensor, acts: torch.Tensor, d_sae: int, rows: torch.Tensor | None = None,
                         n_rows: int | None = None) -> torch.Tensor:
     """A coalesced (B, d_sae) COO tensor of chosen activations: ``idx`` (B, k) ascending within each row, or flat with
     the row of each entry in ``rows`` (sorted by row then latent; ``n_rows`` = B)."""
-    if rows is None:
-        B, K = idx.shape
-        rows = torch.arange(B, device=idx.device).repeat_interleave(K)
-    else:
-        B = n_rows
-    return torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), acts.reshape(-1), (B, d_sae),
-                                   is_coalesced=True, check_invariants=False)
+    B = idx.shape[0] if rows is None else n_rows
+    return torch.sparse_coo_tensor(torch.stack([_row_of(idx) if rows is None else rows, idx.reshape(-1)]),
+                                   acts.reshape(-1), (B, d_sae), is_coalesced=True, check_invariants=False)
 
 
 # ---------------------------------------------------------------------------------------------- the SAE
@@ -239,16 +240,12 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         """Hidden pre-activations (scaled as for selection) at ``idx`` — (B, M), or flat with ``rows`` — differentiable
         in every parameter."""
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        if rows is None:
-            rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
         flat_idx = idx.reshape(-1)
-        if norm_F is None:
-            pre = _GatheredPreacts.apply(scaled.reshape(-1), rows, flat_idx, sae_in_BD, self.W_enc, self.b_enc, b_dec)
-            return pre.view(idx.shape)
-        norm = norm_F[flat_idx]
-        pre = _GatheredPreacts.apply(scaled.reshape(-1) / norm.detach(), rows, flat_idx, sae_in_BD, self.W_enc,
+        norm = norm_F[flat_idx] if norm_F is not None else None
+        pre = _GatheredPreacts.apply(scaled.reshape(-1) if norm is None else scaled.reshape(-1) / norm.detach(),
+                                     _row_of(idx) if rows is None else rows, flat_idx, sae_in_BD, self.W_enc,
                                      self.b_enc, b_dec)
-        return (pre * norm).view(idx.shape)
+        return (pre if norm is None else pre * norm).view(idx.shape)
 
     def _sparse_decode(self, idx, acts, norm_F, rows=None, B=None) -> torch.Tensor:
         """Σ acts · W_dec[idx] per row (divided by the row norm where sae_lens rescales), without b_dec. ``idx`` is
