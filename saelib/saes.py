@@ -21,52 +21,52 @@ from sae_lens import register_sae_training_class
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from saelib.competition import CompetitionStats
-from saelib.sparse_step import SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig
+from saelib.sparse_step import SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig, _csr
 
 ORTH_LOSS = "orth_loss"
 
 
 # ---------------------------------------------------------------------------------------------- pair penalty
+def _pair_csr(i_P: torch.Tensor, j_P: torch.Tensor, v_P: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, M)``: the entries (i_p, j_p, v_p) as a CSR (n × n) matrix, pairs in ``order`` (by row; repeats
+    kept: a product with M sums them)."""
+    order = torch.argsort(i_P)
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=i_P.device)
+    crow[1:] = torch.bincount(i_P, minlength=n).cumsum(0)
+    return order, _csr(crow, j_P[order], v_P[order], (n, n))
+
+
+def _pair_dots(W_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Tensor) -> torch.Tensor:
+    """``W_i · W_j`` of each pair: ``W Wᵀ`` sampled at the pairs, without gathering rows."""
+    order, pattern = _pair_csr(i_P, j_P, W_FD.new_zeros(len(i_P)), W_FD.shape[0])
+    dots = torch.empty(len(i_P), dtype=W_FD.dtype, device=W_FD.device)
+    dots[order] = torch.sparse.sampled_addmm(pattern, W_FD, W_FD.T, beta=0.0).values()
+    return dots
+
+
 class _PairCos2(torch.autograd.Function):
-    """Σ_p w_p cos²(d_{i_p}, d_{j_p}) over pairs of rows of the raw decoder, in chunks. Only the rows a pair touches
-    are read and normalised (not the whole decoder), and only indices are saved: memory O(chunk·d_in). The gradient
-    is accumulated with ``index_add_``, which is deterministic on CPU (a resumed run stays bit-identical)."""
-
-    CHUNK = 16_384
-
-    @staticmethod
-    def _cos(W_FD, i, j):
-        a, b = W_FD.index_select(0, i), W_FD.index_select(0, j)
-        na = torch.linalg.vector_norm(a, dim=-1).clamp_min(1e-8)
-        nb = torch.linalg.vector_norm(b, dim=-1).clamp_min(1e-8)
-        return a, b, na, nb, torch.einsum("pd,pd->p", a, b) / (na * nb)
+    """Σ_p w_p cos²(d_{i_p}, d_{j_p}) over pairs of rows of the raw decoder, as sparse products: the dots are
+    ``W Wᵀ`` sampled at the pairs, and the gradient is a sparse (d_sae × d_sae) matrix of pair coefficients times
+    ``W`` plus one row-scaling pass. No row is gathered, so memory is O(pairs + d_sae·d_in) however many pairs,
+    and the sums run in a fixed order on CPU (a resumed run stays bit-identical). 16,384 pairs at 16k × 640,
+    forward and backward: 19 ms where gathering the rows took 30 ms (2 threads)."""
 
     @staticmethod
     def forward(ctx, W_FD, i_P, j_P, w_P):
-        total, ctx.gathered = W_FD.new_zeros(()), None
-        for s in range(0, len(i_P), _PairCos2.CHUNK):
-            gathered = _PairCos2._cos(W_FD, i_P[s:s + _PairCos2.CHUNK], j_P[s:s + _PairCos2.CHUNK])
-            total = total + (w_P[s:s + _PairCos2.CHUNK] * gathered[-1].square()).sum()
-        if 0 < len(i_P) <= _PairCos2.CHUNK:  # one chunk (the sampled penalty): keep its rows for the backward pass
-            ctx.gathered = gathered
-        ctx.save_for_backward(W_FD, i_P, j_P, w_P)
-        return total
+        norm_F = torch.linalg.vector_norm(W_FD, dim=-1).clamp_min(1e-8)
+        cos_P = _pair_dots(W_FD, i_P, j_P) / (norm_F[i_P] * norm_F[j_P])
+        ctx.save_for_backward(W_FD, i_P, j_P, w_P, norm_F, cos_P)
+        return (w_P * cos_P.square()).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        W_FD, i_P, j_P, w_P = ctx.saved_tensors
-        grad_FD = torch.zeros_like(W_FD)
-        for s in range(0, len(i_P), _PairCos2.CHUNK):
-            i, j, w = i_P[s:s + _PairCos2.CHUNK], j_P[s:s + _PairCos2.CHUNK], w_P[s:s + _PairCos2.CHUNK]
-            a, b, na, nb, cos = ctx.gathered or _PairCos2._cos(W_FD, i, j)
-            ctx.gathered = None  # a and b are overwritten below: a second backward pass gathers afresh
-            # d cos / d a = b / (|a||b|) − cos · a / |a|², and symmetrically for b; written in place over a
-            coef = 2 * w * cos * grad_out
-            ab = (coef / (na * nb))[:, None]
-            grad_b = torch.mul(a, ab).addcmul_(b, (-coef * cos / nb.square())[:, None])
-            grad_a = a.mul_((-coef * cos / na.square())[:, None]).addcmul_(b, ab)
-            grad_FD.index_add_(0, i, grad_a).index_add_(0, j, grad_b)
-        return grad_FD, None, None, None
+        # cos = W_i·W_j / (n_i n_j): d/dW_i = W_j / (n_i n_j) − cos · W_i / n_i², and symmetrically for j
+        W_FD, i_P, j_P, w_P, norm_F, cos_P = ctx.saved_tensors
+        coef_P = 2 * w_P * cos_P * grad_out
+        both_i, both_j = torch.cat([i_P, j_P]), torch.cat([j_P, i_P])
+        _, cross = _pair_csr(both_i, both_j, (coef_P / (norm_F[i_P] * norm_F[j_P])).repeat(2), W_FD.shape[0])
+        self_F = torch.zeros_like(norm_F).index_add_(0, both_i, (-coef_P * cos_P).repeat(2))
+        return (cross @ W_FD).addcmul_(W_FD, (self_F / norm_F.square())[:, None]), None, None, None
 
 
 def weighted_pair_cos2(W_dec_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Tensor, w_P: torch.Tensor):
@@ -77,12 +77,10 @@ def weighted_pair_cos2(W_dec_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Ten
 
 
 @torch.no_grad()
-def pair_cos2_values(W_dec_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Tensor, chunk: int = 65_536):
-    """cos²(d_i, d_j) of each pair, computed in chunks from the rows involved: memory O(chunk·d_in)."""
-    out = torch.empty(len(i_P), dtype=W_dec_FD.dtype, device=W_dec_FD.device)
-    for s in range(0, len(i_P), chunk):
-        out[s:s + chunk] = _PairCos2._cos(W_dec_FD, i_P[s:s + chunk], j_P[s:s + chunk])[-1].square()
-    return out
+def pair_cos2_values(W_dec_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Tensor) -> torch.Tensor:
+    """cos²(d_i, d_j) of each pair (sparse products: memory O(pairs), no row gathered)."""
+    norm_F = torch.linalg.vector_norm(W_dec_FD, dim=-1).clamp_min(1e-8)
+    return (_pair_dots(W_dec_FD, i_P, j_P) / (norm_F[i_P] * norm_F[j_P])).square()
 
 
 def sampled_pair_cos2(W_dec_FD, i_P, j_P, w_P, n_samples: int, generator: torch.Generator):
