@@ -196,6 +196,14 @@ def _resume_from_latest_checkpoint(trainer: SAETrainer, run_dir: Path) -> int:
     ckpt = run_files.latest_checkpoint(run_dir)
     if ckpt is None:
         return 0
+    _load_checkpoint(trainer, ckpt)
+    # thresholds already passed must not be checkpointed again
+    trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
+    log.info("resuming %s from %s (step %d)", run_dir, ckpt.name, trainer.n_training_steps)
+    return trainer.n_training_steps
+
+
+def _load_checkpoint(trainer: SAETrainer, ckpt: Path) -> None:
     trainer.sae.load_state_dict(load_file(ckpt / SAE_WEIGHTS_FILENAME))
     if hasattr(trainer.sae, "competition"):
         trainer.sae.competition.load_state_dict(load_file(ckpt / run_files.COMPETITION_FILE))
@@ -203,10 +211,26 @@ def _resume_from_latest_checkpoint(trainer: SAETrainer, run_dir: Path) -> int:
     # sae_lens checkpoints before it increments n_training_steps, so the saved count is one short of the
     # steps taken; the sample count is right. Without this, a resumed run would replay one batch.
     trainer.n_training_steps = trainer.n_training_samples // trainer.cfg.train_batch_size_samples
-    # thresholds already passed must not be checkpointed again
-    trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
-    log.info("resuming %s from %s (step %d)", run_dir, ckpt.name, trainer.n_training_steps)
-    return trainer.n_training_steps
+
+
+def checkpoint_sae(cfg: RunConfig, cache: ActivationCache, ckpt: Path, out_dir: Path):
+    """Save to ``out_dir`` the inference SAE as it stood at checkpoint ``ckpt`` of a run of ``cfg``, finished as
+    training finishes its last step (normalisation scale and centring mean folded in), so that it evaluates like a
+    run's own SAE. Returns it."""
+    ckpt, out_dir = Path(ckpt), Path(out_dir)
+    if not (ckpt / SAE_WEIGHTS_FILENAME).exists():
+        raise FileNotFoundError(f"ckpt: expected a checkpoint folder holding {SAE_WEIGHTS_FILENAME}, got {ckpt}")
+    trainer = HistoryTrainer(trainer_config(cfg, out_dir), build_training_sae(cfg, cache.d_in), data_provider=iter(()),
+                             log_every=cfg.log_every, history_path=out_dir / run_files.HISTORY_FILE)
+    _load_checkpoint(trainer, ckpt)
+    sae = trainer.sae
+    if trainer.activation_scaler.scaling_factor is not None:  # as SAETrainer.fit ends
+        sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
+    trainer.set_final_sae_metadata()
+    if cfg.centre_activations:
+        fold_input_mean(sae, cache.mean_D)
+    sae.save_inference_model(out_dir)
+    return sae
 
 
 @torch.no_grad()
