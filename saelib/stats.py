@@ -100,3 +100,71 @@ def verdict(ci: Interval, direction: int) -> str:
             return "higher" if sign > 0 else "lower"
         return "better" if sign * direction > 0 else "worse"
     return "no detectable difference"
+
+
+# ---------------------------------------------------------------------------------------------- power
+def paired_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
+    """Power of the two-sided paired t-test at level ``alpha`` with ``n`` seeds, when the per-seed differences have
+    mean ``effect`` and standard deviation ``sd`` (exact, from the noncentral t distribution)."""
+    _check_power_args(sd, n, alpha)
+    df, crit = n - 1, _st.t.ppf(1 - alpha / 2, n - 1)
+    nc = effect * math.sqrt(n) / sd
+    return float(_st.nct.sf(crit, df, nc) + _st.nct.cdf(-crit, df, nc))
+
+
+def minimum_detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean paired difference that the two-sided paired t-test at level ``alpha`` detects with
+    probability ``power``, with ``n`` seeds and per-seed differences of standard deviation ``sd``."""
+    _check_power_args(sd, n, alpha)
+    if not 0 < power < 1:
+        raise ValueError(f"power: expected a number in (0, 1), got {power!r}")
+    if sd == 0:
+        return 0.0
+    from scipy.optimize import brentq
+
+    hi = sd
+    while paired_power(hi, sd, n, alpha) < power:
+        hi *= 2
+    return float(brentq(lambda d: paired_power(d, sd, n, alpha) - power, 0.0, hi, xtol=sd * 1e-9))
+
+
+def _check_power_args(sd: float, n: int, alpha: float) -> None:
+    if not sd >= 0:
+        raise ValueError(f"sd: expected a standard deviation >= 0, got {sd!r}")
+    if n < 2:
+        raise ValueError(f"n: expected at least 2 seeds for a paired t-test, got {n!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha: expected a number in (0, 1), got {alpha!r}")
+
+
+def mde_table(results: pd.DataFrame, metrics: dict[str, tuple[str, int]], baseline: str = "topk",
+              by: str = "config", power: float = 0.8) -> pd.DataFrame:
+    """Per metric, the minimum detectable paired difference against ``baseline`` (95 %, ``power``) with the seeds
+    the study has. The per-seed differences' standard deviation is pooled over every group compared with the
+    baseline (each group's variance weighted by its degrees of freedom); ``seeds`` is the typical (median) number
+    of seeds a comparison has. Also the baseline's mean and the MDE relative to it."""
+    keyed = results.assign(key=results["eval"] + "/" + results["metric"])
+    keyed = keyed[keyed["key"].isin(metrics)]
+    if baseline not in set(keyed[by]):
+        raise ValueError(f"baseline: expected one of the study's {by}s {sorted(set(keyed[by]))}, got {baseline!r}")
+    table = keyed.pivot_table(index=[by, "seed"], columns="key", values="value", aggfunc="first")
+    base = table.xs(baseline, level=by)
+    rows = []
+    for key, (name, _) in metrics.items():
+        if key not in table.columns:
+            continue
+        ss, dof, ns = 0.0, 0, []
+        for group in sorted(set(keyed[by]) - {baseline}):
+            diff = (table.xs(group, level=by)[key] - base[key]).dropna()
+            if len(diff) >= 2:
+                ss += float(diff.var(ddof=1)) * (len(diff) - 1)
+                dof += len(diff) - 1
+                ns.append(len(diff))
+        sd = math.sqrt(ss / dof) if dof else math.nan
+        n = int(np.median(ns)) if ns else 0
+        mde = minimum_detectable_difference(sd, n, power=power) if n >= 2 else math.nan
+        base_mean = float(base[key].mean())
+        rows.append({"metric": name, "seeds": n, "sd_of_difference": sd, "mde": mde, "baseline_mean": base_mean,
+                     "mde_relative": mde / abs(base_mean) if base_mean else math.nan})
+    return pd.DataFrame(rows, columns=["metric", "seeds", "sd_of_difference", "mde", "baseline_mean",
+                                       "mde_relative"])

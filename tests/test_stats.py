@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -49,3 +50,41 @@ def test_paired_verdicts_use_per_seed_differences():
     assert summary.loc["topk", "mean"] == pytest.approx(0.8) and summary.loc["topk", "n"] == 3
     with pytest.raises(ValueError, match="baseline: expected one of"):
         paired_vs_baseline(tidy(rows), {"e/ev": ("EV", 1)}, baseline="standard")
+
+
+@pytest.mark.parametrize("n,sd", [(3, 0.04), (5, 1.3), (10, 0.01)])
+def test_mde_is_the_difference_detected_with_80_percent_power_in_a_direct_simulation(n, sd):
+    from scipy import stats as st
+
+    from saelib.stats import minimum_detectable_difference, paired_power
+
+    mde = minimum_detectable_difference(sd, n)
+    rng = np.random.default_rng(0)
+    trials = 40_000
+    diffs = rng.normal(mde, sd, size=(trials, n))
+    p = st.ttest_1samp(diffs, 0.0, axis=1).pvalue
+    rejected = float((p < 0.05).mean())
+    assert rejected == pytest.approx(0.80, abs=4 * math.sqrt(0.8 * 0.2 / trials))  # ≈ ±0.008
+    assert paired_power(mde, sd, n) == pytest.approx(0.8)
+    assert paired_power(0.0, sd, n) == pytest.approx(0.05)  # no effect: the test's own level
+    # the rough normal-quantile formula is close, and below the exact value for few seeds
+    rough = (st.t.ppf(0.975, n - 1) + st.t.ppf(0.8, n - 1)) * sd / math.sqrt(n)
+    assert rough == pytest.approx(mde, rel=0.1)
+
+
+def test_mde_table_pools_the_differences_of_every_comparison():
+    from saelib.stats import mde_table, minimum_detectable_difference
+
+    rows = [("topk", s, "ev", v) for s, v in enumerate([0.90, 0.80, 0.70])]
+    rows += [("a", s, "ev", v) for s, v in enumerate([0.91, 0.82, 0.70])]  # differences .01 .02 .00: var 1e-4
+    rows += [("b", s, "ev", v) for s, v in enumerate([0.90, 0.83, 0.70])]  # differences .00 .03 .00: var 3e-4
+    table = mde_table(tidy(rows), {"e/ev": ("EV", +1)}).set_index("metric")
+    sd = math.sqrt((1e-4 * 2 + 3e-4 * 2) / 4)
+    assert table.loc["EV", "sd_of_difference"] == pytest.approx(sd)
+    assert table.loc["EV", "seeds"] == 3
+    assert table.loc["EV", "mde"] == pytest.approx(minimum_detectable_difference(sd, 3))
+    assert table.loc["EV", "mde_relative"] == pytest.approx(table.loc["EV", "mde"] / 0.8)
+    with pytest.raises(ValueError, match="sd: expected a standard deviation"):
+        minimum_detectable_difference(-1.0, 3)
+    with pytest.raises(ValueError, match="n: expected at least 2 seeds"):
+        minimum_detectable_difference(1.0, 1)
