@@ -50,6 +50,7 @@ competition_max_pairs = 1_000_000
 competition_sample_pairs = 16_384
 competition_window = 10
 competition_stat_tokens = 1_024
+competition_normalisation = "pairs"  # or "latents": the SGO penalty as a mean over competing latents
 orth_chunk_size = 1024
 training_tokens = 1_228_800
 batch_size = 1_024

@@ -42,11 +42,14 @@ ARCH_PARAMS = {
     "competition_sample_pairs": ("sgo_topk",),
     "competition_window": ("sgo_topk",),
     "competition_stat_tokens": ("sgo_topk",),
+    "competition_normalisation": ("sgo_topk",),
     "orth_chunk_size": ("ortsae_topk",),
     "sae_precision": ("topk", "batchtopk", "matryoshka_batchtopk", *ORTHOGONAL),
 }
 
 
+#: How the SGO penalty may average over competing pairs (``competition_normalisation``).
+NORMALISATIONS = ("pairs", "latents")
 #: Values of ``device`` and ``dtype`` that torch and sae_lens take.
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -123,6 +126,11 @@ class RunConfig:
     """Tokens of each batch (evenly spaced) whose TopK masks feed the co-activation statistics; 0 = every token
     (``sgo_topk``). 1,024 cuts the statistics' cost at batch 4,096 from 40 to 15 ms a step (16k latents) without
     changing the penalty's gradient beyond its own sampling noise (``benchmarks/ablate_competition_sampling.py``)."""
+    competition_normalisation: str = "pairs"
+    """How the SGO penalty averages cos² over competing pairs (``sgo_topk``): ``pairs``, the score-weighted mean over
+    pairs (a latent with many competitors weighs in many times); ``latents``, the mean over latents of each latent's
+    score-weighted mean cos² to its competitors (every competing latent weighs the same, like OrtSAE's per-latent
+    mean)."""
     orth_chunk_size: int = 1024
     """Latents per random chunk of the OrtSAE-style penalty (``ortsae_topk``)."""
 
@@ -215,6 +223,8 @@ class RunConfig:
                f"a positive integer, got {self.competition_window}")
         _check(self.competition_stat_tokens >= 0, "competition_stat_tokens",
                f"an integer >= 0 (0 = every token), got {self.competition_stat_tokens}")
+        _check(self.competition_normalisation in NORMALISATIONS, "competition_normalisation",
+               f"one of {NORMALISATIONS}, got {self.competition_normalisation!r}")
         _check(self.orth_chunk_size >= 2, "orth_chunk_size", f"an integer >= 2, got {self.orth_chunk_size}")
         n_steps = self.training_tokens // self.batch_size
         _check(self.competition_warmup_steps >= 0 and (self.architecture != "sgo_topk"
@@ -231,9 +241,10 @@ class RunConfig:
     # ---- derived names ----------------------------------------------------------------------------
     def label(self) -> str:
         """The run's name when none is given: the architecture, its own parameters and the seed, e.g.
-        ``topk_s0``, ``sgo_t0.05_l0.02_s0``, ``ortsae_l1_s0``, ``standard_l1_3_s0`` (the params files' convention)."""
+        ``topk_s0``, ``sgo_t0.05_l0.02_s0`` (``sgo_t0.05_l1_perlatent_s0`` with per-latent normalisation), ``ortsae_l1_s0``, ``standard_l1_3_s0`` (the params files' convention)."""
         name = {
-            "sgo_topk": f"sgo_t{self.competition_threshold:g}_l{self.orth_pen:g}",
+            "sgo_topk": f"sgo_t{self.competition_threshold:g}_l{self.orth_pen:g}"
+                        + ("_perlatent" if self.competition_normalisation == "latents" else ""),
             "ortsae_topk": f"ortsae_l{self.orth_pen:g}",
             "gram_topk": f"gram_l{self.orth_pen:g}",
             "standard": f"standard_l1_{self.l1_coefficient:g}",

@@ -21,6 +21,7 @@ from sae_lens import register_sae_training_class
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from saelib.competition import CompetitionStats
+from saelib.config import NORMALISATIONS
 from saelib.sparse_step import SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig, _csr
 
 ORTH_LOSS = "orth_loss"
@@ -90,6 +91,18 @@ def sampled_pair_cos2(W_dec_FD, i_P, j_P, w_P, n_samples: int, generator: torch.
         pick = torch.multinomial(w_P, n_samples, replacement=True, generator=generator)
         return weighted_pair_cos2(W_dec_FD, i_P[pick], j_P[pick], torch.ones(n_samples, device=w_P.device))
     return weighted_pair_cos2(W_dec_FD, i_P, j_P, w_P)
+
+
+def latent_balanced_weights(i_P: torch.Tensor, j_P: torch.Tensor, s_P: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """Pair weights under which the weighted mean of cos² is the mean over latents of each latent's score-weighted
+    mean cos² to its competitors: w_ij = s_ij (1/S_i + 1/S_j), with S_a the sum of latent a's scores. They sum to
+    the number of competing latents, so ``weighted_pair_cos2`` with them is exactly
+
+        (1/|A|) Σ_{a∈A} Σ_{b competes with a} s_ab cos²(d_a, d_b) / S_a
+
+    (A: latents with a competitor), and sampling pairs ∝ w estimates it without bias."""
+    S_F = torch.zeros(n_latents, dtype=s_P.dtype, device=s_P.device).index_add_(0, i_P, s_P).index_add_(0, j_P, s_P)
+    return s_P * (1 / S_F[i_P] + 1 / S_F[j_P])
 
 
 def competition_rows(n_rows: int, n_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor | slice:
@@ -164,6 +177,9 @@ class SGOTopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
     """Batches pooled before the statistics (and the competing set) are refreshed."""
     competition_stat_tokens: int = 1024
     """Tokens of each batch (evenly spaced) whose TopK masks feed the statistics; 0 = every token."""
+    competition_normalisation: str = "pairs"
+    """``pairs``: score-weighted mean cos² over competing pairs; ``latents``: mean over competing latents of each
+    one's score-weighted mean cos² to its competitors (see ``latent_balanced_weights``)."""
 
     @classmethod
     def architecture(cls) -> str:
@@ -185,6 +201,8 @@ class SGOTopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
                f"a positive integer, got {self.competition_window}")
         _check(self.competition_stat_tokens >= 0, "competition_stat_tokens",
                f"an integer >= 0 (0 = every token), got {self.competition_stat_tokens}")
+        _check(self.competition_normalisation in NORMALISATIONS, "competition_normalisation",
+               f"one of {NORMALISATIONS}, got {self.competition_normalisation!r}")
 
 
 @dataclass
@@ -247,6 +265,9 @@ class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
 
         orth_loss = λ · Σ_{(i,j)∈C} s_ij · cos²(d_i, d_j) / Σ_{(i,j)∈C} s_ij
 
+    (``competition_normalisation="pairs"``; with ``"latents"`` the weights s_ij become w_ij of
+    ``latent_balanced_weights``: a mean over competing latents instead of over pairs)
+
     where d_i is row i of W_dec. Statistics are updated from each batch's TopK mask (no gradient); the loss
     reaches W_dec only through the rows of competing latents. When C holds more than M =
     ``competition_sample_pairs`` pairs, the weighted mean is estimated without bias from M pairs drawn with
@@ -262,6 +283,8 @@ class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
         super().__init__(cfg, use_error_term)
         self.competition = CompetitionStats(cfg.d_sae, cfg.competition_decay, cfg.competition_max_pairs,
                                             cfg.competition_window, device=cfg.device)
+        self._weights_for: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None
 
     def orth_penalty(self, step_input, feature_acts):
         fired = self.fired()
@@ -284,7 +307,16 @@ class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
         self.orth_metrics = {"n_competing_pairs": len(i_C), "competing_mean_cos2": mean_cos2}
         if len(i_C) == 0 or self.cfg.orth_pen == 0:
             return None
-        return sampled_pair_cos2(self.W_dec, i_C, j_C, s_C, self.cfg.competition_sample_pairs, generator)
+        return sampled_pair_cos2(self.W_dec, i_C, j_C, self._pair_weights(i_C, j_C, s_C),
+                                 self.cfg.competition_sample_pairs, generator)
+
+    def _pair_weights(self, i_C, j_C, s_C) -> torch.Tensor:
+        """The penalty's pair weights (``competition_normalisation``), computed once per competing set."""
+        if self.cfg.competition_normalisation == "pairs":
+            return s_C
+        if self._weights_for is not s_C:  # the competing set is cached until the next fold: so are its weights
+            self._weights_for, self._weights = s_C, latent_balanced_weights(i_C, j_C, s_C, self.cfg.d_sae)
+        return self._weights
 
     @torch.no_grad()
     def _sampled_mean_cos2(self, i_C, j_C, generator) -> float:

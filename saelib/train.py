@@ -49,7 +49,8 @@ def sae_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
                       competition_max_pairs=cfg.competition_max_pairs,
                       competition_sample_pairs=cfg.competition_sample_pairs,
                       competition_window=cfg.competition_window,
-                      competition_stat_tokens=cfg.competition_stat_tokens)
+                      competition_stat_tokens=cfg.competition_stat_tokens,
+                      competition_normalisation=cfg.competition_normalisation)
     if cfg.architecture == "ortsae_topk":
         kwargs["orth_chunk_size"] = cfg.orth_chunk_size
     if cfg.architecture in ARCH_PARAMS["sae_precision"]:

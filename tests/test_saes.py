@@ -9,8 +9,8 @@ from sae_lens.saes.sae import TrainStepInput
 from saelib import run_files
 from saelib.config import ConfigError, build_config
 from saelib.saes import (
-    ORTH_LOSS, SGOTopKTrainingSAE, competition_rows, sampled_pair_cos2, SGOTopKTrainingSAEConfig, chunked_max_cos2, gram_offdiag_cos2,
-    weighted_pair_cos2,
+    ORTH_LOSS, SGOTopKTrainingSAE, SGOTopKTrainingSAEConfig, chunked_max_cos2, competition_rows, gram_offdiag_cos2,
+    latent_balanced_weights, sampled_pair_cos2, weighted_pair_cos2,
 )
 from saelib.train import train_sae
 from tests.test_train import crash_then_resume, tiny_cfg
@@ -40,6 +40,43 @@ def test_sparse_pair_loss_matches_eager_reference_and_finite_differences():
     second, = torch.autograd.grad(again, W)
     torch.testing.assert_close(first, grad_ref)
     torch.testing.assert_close(second, grad_ref)
+
+
+def eager_per_latent_cos2(W, i, j, s):
+    """Mean over latents with a competitor of each one's score-weighted mean cos² to its competitors, by loops."""
+    W_hat = W / W.norm(dim=-1, keepdim=True)
+    per_latent = []
+    for a in sorted(set(i.tolist()) | set(j.tolist())):
+        mine = [(int(b), float(w)) for x, y, w in zip(i, j, s) for c, b in ((x, y), (y, x)) if c == a]
+        num = sum(w * (W_hat[a] @ W_hat[b]).square() for b, w in mine)
+        per_latent.append(num / sum(w for _, w in mine))
+    return torch.stack(per_latent).mean()
+
+
+def test_per_latent_normalisation_is_the_mean_over_latents_and_its_gradient_matches():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(12, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    i = torch.tensor([0, 0, 0, 0, 1, 2, 5, 3])  # latent 0 competes with four others: a hub
+    j = torch.tensor([1, 2, 3, 4, 2, 9, 6, 4])
+    s = torch.rand(8, generator=g, dtype=torch.float64)
+    w = latent_balanced_weights(i, j, s, 12)
+    assert w.sum().item() == pytest.approx(8.0)  # the number of latents with a competitor
+    ours = weighted_pair_cos2(W, i, j, w)
+    ref = eager_per_latent_cos2(W, i, j, s)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, W)[0], torch.autograd.grad(ref, W)[0])
+    # the hub's four pairs weigh less than under the per-pair mean
+    assert (w[:4] / w.sum()).sum() < (s[:4] / s.sum()).sum()
+
+
+def test_sgo_penalty_uses_the_chosen_normalisation(tmp_path, tiny_cache):
+    common = dict(architecture="sgo_topk", orth_pen=1.0, competition_threshold=0.02, competition_warmup_steps=2,
+                  competition_sample_pairs=0)
+    cfg = tiny_cfg(tmp_path / "lat", competition_normalisation="latents", **common)
+    assert cfg.run_name.endswith("_perlatent_s0") and cfg.training_key()["competition_normalisation"] == "latents"
+    runs = {norm: train_sae(tiny_cfg(tmp_path / norm, competition_normalisation=norm, **common), tiny_cache)
+            for norm in ("pairs", "latents")}
+    assert not torch.equal(runs["pairs"].W_dec, runs["latents"].W_dec)
 
 
 def test_gram_penalty_matches_its_definition_and_is_zero_for_orthonormal_rows():
@@ -140,6 +177,8 @@ def test_orthogonal_saes_save_as_topk_and_resume_exactly(tmp_path, tiny_cache, m
     ({"architecture": "ortsae_topk", "orth_chunk_size": 1}, "orth_chunk_size"),
     ({"architecture": "sgo_topk", "competition_stat_tokens": -1}, "competition_stat_tokens"),
     ({"architecture": "topk", "competition_stat_tokens": 512}, "competition_stat_tokens"),
+    ({"architecture": "sgo_topk", "competition_normalisation": "latent"}, "competition_normalisation"),
+    ({"architecture": "topk", "competition_normalisation": "latents"}, "competition_normalisation"),
 ])
 def test_penalty_parameters_are_validated(params, field):
     with pytest.raises(ConfigError, match=f"^{field}: "):
