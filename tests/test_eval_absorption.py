@@ -128,7 +128,7 @@ def crafted(tiny_text_model):
     return model, u, v, absorbed, letters
 
 
-def _crafted_sae(u, v, absorbed, absorbing: bool):
+def _crafted_sae(u, v, absorbed, absorbing: bool, aligned: bool = True):
     d, d_sae = u.shape[1], 128
     meta = SAEMetadata(model_name="tiny-random", hook_name="blocks.0.hook_resid_post", context_size=32,
                        prepend_bos=True)
@@ -147,7 +147,9 @@ def _crafted_sae(u, v, absorbed, absorbing: bool):
             if absorbing:  # fires instead of the letter latent on this word, and carries the letter direction
                 direction = (u_l + v[m]) / 2 ** 0.5
                 sae.W_enc[:, 26 + m] = direction
-                sae.W_dec[26 + m] = direction
+                # aligned=False: the same firing, but the decoder turned away from the letter (an orthogonality
+                # penalty's doing): SAEBench's cosine filter no longer sees an absorber
+                sae.W_dec[26 + m] = direction if aligned else v[m]
             else:  # a word-specific latent that never wins the top-1: the letter latent fires on every word
                 sae.W_dec[26 + m] = v[m]
     return sae
@@ -175,6 +177,21 @@ def test_an_absorbing_sae_scores_worse_than_a_clean_one(crafted, tmp_path):
         assert by_letter[c]["full_absorption_rate"] == pytest.approx(
             ABSORBED_PER_LETTER / by_letter[c]["num_probe_true_positives"])
     assert all(r["num_full_absorption"] == 0 for c, r in by_letter.items() if c not in letters)
+    # the firing-based measure sees the same words: the letter latent silent where the probe finds the letter
+    firing = bad["eval_result_unstructured"]["firing_per_letter"]
+    for c in letters:
+        assert firing[c]["main_silent_rate"] == pytest.approx(by_letter[c]["full_absorption_rate"])
+        assert firing[c]["silent_uncounted_rate"] == 0.0
+    assert clean["eval_result_unstructured"]["saelib_metrics"]["firing"]["mean_main_silent_rate"] == 0.0
+
+    # the measurement trap: the same latents fire, only the absorbers' decoders are turned away from the probe
+    hidden = run_absorption(_crafted_sae(u, v, absorbed, absorbing=True, aligned=False), model, CRAFTED, tmp_path)
+    assert hidden["eval_result_metrics"]["mean"]["mean_absorption_fraction_score"] == 0.0  # SAEBench sees none
+    assert hidden["eval_result_metrics"]["mean"]["mean_full_absorption_score"] == 0.0
+    firing_hidden = hidden["eval_result_unstructured"]["firing_per_letter"]
+    for c in letters:  # firing does
+        assert firing_hidden[c]["main_silent_rate"] == pytest.approx(firing[c]["main_silent_rate"])
+        assert firing_hidden[c]["silent_uncounted_rate"] == pytest.approx(firing[c]["main_silent_rate"])
 
 
 # ------------------------------------------------------------------------------------- errors

@@ -44,3 +44,14 @@ def test_flatten_and_missing_study(tmp_path):
     assert dict(flatten_metrics({"a": {"b": 1, "c": math.nan, "d": "x"}, "e": 2.5})) == {"a.b": 1.0, "e": 2.5}
     with pytest.raises(FileNotFoundError, match="study_dir: expected a study folder"):
         study_results(tmp_path / "nope")
+
+
+def test_saelib_additions_to_an_eval_are_rows_of_that_eval(tmp_path):
+    write_run(tmp_path, "topk_s0", "topk")
+    (tmp_path / "topk_s0" / "evals" / "absorption.json").write_text(json.dumps({
+        "eval_result_metrics": {"mean": {"mean_absorption_fraction_score": 0.2}},
+        "eval_result_unstructured": {"saelib_metrics": {"firing": {"mean_main_silent_rate": 0.3}},
+                                     "firing_per_letter": {"a": {"main_silent_rate": 0.5}}}}))
+    rows = study_results(tmp_path)
+    absorption = rows[rows["eval"] == "absorption"].set_index("metric")["value"]
+    assert absorption.to_dict() == {"mean.mean_absorption_fraction_score": 0.2, "firing.mean_main_silent_rate": 0.3}

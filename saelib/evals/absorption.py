@@ -553,6 +553,7 @@ def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path
             ))
     if len(details) < 2:
         raise EvalUnavailable(f"absorption: only {len(details)} passing letters have probe true positives")
+    firing = firing_absorption(raw, [d.first_letter for d in details])
     config = AbsorptionEvalConfig(
         model_name=model.cfg.model_name, random_seed=s.seed, f1_jump_threshold=s.f1_jump_threshold,
         max_k_value=s.max_k_value, prompt_template=s.prompt_template, prompt_token_pos=s.prompt_token_pos,
@@ -571,6 +572,8 @@ def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path
         for _, row in k_sparse.iterrows()
     }
     unstructured = {
+        "saelib_metrics": {"firing": {k: v for k, v in firing.items() if k != "per_letter"}},
+        "firing_per_letter": firing["per_letter"],
         "absorbing_pairs": absorbing_pairs(raw),
         "saelib_settings": asdict(s), "hook_name": hook, "n_alpha_tokens": report["key"]["n_alpha_tokens"],
         "n_alpha_tokens_dropped_multi_token": _alpha(model.tokenizer, s.prompt_template)[1],
@@ -599,6 +602,34 @@ def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path
     result = json.loads(out.to_json())
     TypeAdapter(AbsorptionEvalOutput).validate_python(result)
     return result
+
+
+def firing_absorption(raw: pd.DataFrame, letters: list[str]) -> dict[str, Any]:
+    """Absorption read from firing alone, with no filter on decoder directions, over the letters SAEBench averages.
+
+    sae_bench's per-word rows are the test words whose LLM probe is right, with the activations of the letter's main
+    (split) latents. Per letter: ``main_silent_rate`` = words on which every main latent is silent / the probe's
+    true positives (the feature is present, its latents do not fire: some other latent carries the token), and
+    ``silent_uncounted_rate``, the part of it that SAEBench does not count as absorption (absorption fraction 0:
+    no latent that fired has decoder cosine ≥ its threshold with the probe, or they carry too little of the
+    projection). A decoder-orthogonality penalty can lower SAEBench's absorption by turning the firing absorbers'
+    decoders away from the probe, which moves words from counted to uncounted and leaves ``main_silent_rate`` as it
+    was; only a change in what fires lowers ``main_silent_rate``. Means are over ``letters``."""
+    per_letter = {}
+    for letter in letters:
+        rows = raw[raw["letter"] == letter]
+        if not len(rows):
+            continue
+        positives = float(rows["num_probe_true_positives"].iloc[0])
+        silent = rows["split_feat_acts"].map(lambda acts: all(a <= 0 for a in acts)).to_numpy(bool)
+        uncounted = silent & (rows["absorption_fraction"].to_numpy(float) <= 0)
+        per_letter[letter] = {"main_silent_rate": int(silent.sum()) / positives,
+                              "silent_uncounted_rate": int(uncounted.sum()) / positives}
+    if not per_letter:
+        return {"mean_main_silent_rate": 0.0, "mean_silent_uncounted_rate": 0.0, "per_letter": {}}
+    return {"mean_main_silent_rate": statistics.mean(r["main_silent_rate"] for r in per_letter.values()),
+            "mean_silent_uncounted_rate": statistics.mean(r["silent_uncounted_rate"] for r in per_letter.values()),
+            "per_letter": per_letter}
 
 
 def absorbing_pairs(raw: pd.DataFrame, limit: int = 1000) -> list[dict]:

@@ -1,7 +1,8 @@
 """Every eval result of a study as one tidy table: (run, config, architecture, tau, lambda, seed, eval, metric, value).
 
 Used by every notebook that compares runs. Reads ``runs/<study>/<run>/cfg.json``, each ``evals/<eval>.json``
-(SAEBench format; metrics flattened as ``<group>.<metric>``; the competition eval's per-τ numbers are
+(SAEBench format; metrics flattened as ``<group>.<metric>``, with saelib's own additions to an eval from
+``eval_result_unstructured.saelib_metrics``, e.g. ``absorption/firing.*``; the competition eval's per-τ numbers are
 ``competition/tau_<τ>.*``) and, when the train notebook measured it, the held-out competition at the run's own τ in
 ``metrics.json`` (eval ``competition``, keys ``competition_*``/``competing_*``; studies skip it and compare the eval's
 per-τ numbers). Every run folder under the study folder counts. Only finite numbers become rows; nothing is computed.
@@ -28,6 +29,7 @@ HEADLINE: dict[str, tuple[str, int]] = {
     "absorption/mean.mean_absorption_fraction_score": ("absorption (mean fraction)", -1),
     "absorption/mean.mean_full_absorption_score": ("full absorption", -1),
     "absorption/mean.mean_num_split_features": ("split features", 0),
+    "absorption/firing.mean_main_silent_rate": ("main latents silent (firing-based absorption)", -1),
     "sparse_probing/sae.sae_top_1_test_accuracy": ("sparse probing top-1", +1),
     "sparse_probing/sae.sae_top_5_test_accuracy": ("sparse probing top-5", +1),
     "unlearning_proxy/unlearning.unlearning_score": ("unlearning proxy score", +1),
@@ -74,7 +76,9 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     for path in sorted((run_dir / EVALS_DIR).glob("*.json")) if (run_dir / EVALS_DIR).is_dir() else []:
         result = run_files.read_json(path)
         eval_name = path.stem  # saelib's eval name (e.g. unlearning_proxy), not sae_bench's eval_type_id
-        for metric, value in flatten_metrics(result.get("eval_result_metrics", {})):
+        metrics = {**result.get("eval_result_metrics", {}),
+                   **(result.get("eval_result_unstructured") or {}).get("saelib_metrics", {})}
+        for metric, value in flatten_metrics(metrics):
             rows.append({**ident, "eval": eval_name, "metric": metric, "value": value})
     metrics_path = run_dir / run_files.METRICS_FILE
     if metrics_path.exists():
