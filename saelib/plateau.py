@@ -59,25 +59,12 @@ def export_points(run_dir: Path, cache) -> list[Path]:
     cfg = build_config({k: v for k, v in run_cfg.items() if not k.endswith("_used")})
     points = []
     for tokens, ckpt in tqdm(checkpoints(run_dir), desc="export checkpoints", unit="ckpt"):
-        points.append(_write_point(run_dir, run_cfg, tokens,
-                                   lambda sae_dir: checkpoint_sae(cfg, cache, ckpt, sae_dir)))
-    points.append(_write_point(run_dir, run_cfg, run_cfg["training_tokens"],
-                               lambda sae_dir: shutil.copytree(run_dir / run_files.SAE_DIR, sae_dir)))
+        points.append(run_files.write_derived_run(
+            point_dir(run_dir, tokens), {**run_cfg, "training_tokens": tokens},
+            lambda sae_dir, ckpt=ckpt: checkpoint_sae(cfg, cache, ckpt, sae_dir)))
+    points.append(run_files.write_derived_run(point_dir(run_dir, run_cfg["training_tokens"]), run_cfg,
+                                              lambda sae_dir: shutil.copytree(run_dir / run_files.SAE_DIR, sae_dir)))
     return points
-
-
-def _write_point(run_dir: Path, run_cfg: dict, tokens: int, write_sae) -> Path:
-    point = point_dir(run_dir, tokens)
-    if (point / run_files.RUN_CFG_FILE).exists():
-        return point  # complete: the cfg is written last
-    partial = point.with_name(point.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    write_sae(partial / run_files.SAE_DIR)
-    run_files.write_json_atomic(partial / run_files.RUN_CFG_FILE, {**run_cfg, "training_tokens": tokens})
-    shutil.rmtree(point, ignore_errors=True)
-    partial.rename(point)
-    return point
 
 
 def evaluate_points(points: list[Path], model, evals, smoke: bool = False) -> pd.DataFrame:

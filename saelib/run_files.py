@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,23 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_derived_run(folder: Path, run_cfg: dict, write_sae) -> Path:
+    """A run folder derived from a run (a checkpoint of it, or its SAE under other eval settings) that the evals
+    treat like any run: ``run_cfg`` as its cfg.json and ``write_sae(folder / "sae")`` for its SAE. Written under a
+    ``.partial`` name and renamed when complete; a complete folder is kept as it is."""
+    folder = Path(folder)
+    if (folder / RUN_CFG_FILE).exists():
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write_sae(partial / SAE_DIR)
+    write_json_atomic(partial / RUN_CFG_FILE, run_cfg)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder
 
 
 def read_json(path: Path) -> Any:

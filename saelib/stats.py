@@ -168,3 +168,23 @@ def mde_table(results: pd.DataFrame, metrics: dict[str, tuple[str, int]], baseli
                      "mde_relative": mde / abs(base_mean) if base_mean else math.nan})
     return pd.DataFrame(rows, columns=["metric", "seeds", "sd_of_difference", "mde", "baseline_mean",
                                        "mde_relative"])
+
+
+def noise_components(values: pd.DataFrame) -> dict[str, float]:
+    """Seed-to-seed (training) and eval-resampling variance of one metric, from a table with columns
+    ``train_seed``, ``eval_seed``, ``value``: each trained SAE scored under several eval seeds. One-way random
+    effects: the eval variance is the pooled variance within an SAE, the training variance what the spread of the
+    SAEs' means holds beyond it ((MS_between − MS_within) / eval seeds, at least 0). Balanced designs only."""
+    v = values.dropna(subset=["value"])
+    groups = [g["value"].to_numpy(float) for _, g in v.groupby("train_seed")]
+    sizes = {len(g) for g in groups}
+    if len(groups) < 1 or len(sizes) != 1 or next(iter(sizes)) < 2:
+        raise ValueError("values: expected every train_seed scored under the same number (>= 2) of eval seeds, "
+                         f"got {sorted(len(g) for g in groups)}")
+    e = next(iter(sizes))
+    within = float(np.mean([g.var(ddof=1) for g in groups]))
+    between = float(e * np.var([g.mean() for g in groups], ddof=1)) if len(groups) >= 2 else math.nan
+    train = max(0.0, (between - within) / e) if len(groups) >= 2 else math.nan
+    return {"train_var": train, "eval_var": within, "train_sd": math.sqrt(train) if train == train else math.nan,
+            "eval_sd": math.sqrt(within), "eval_share": within / (within + train) if train == train else math.nan,
+            "n_train_seeds": len(groups), "n_eval_seeds": e}

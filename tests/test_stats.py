@@ -88,3 +88,19 @@ def test_mde_table_pools_the_differences_of_every_comparison():
         minimum_detectable_difference(-1.0, 3)
     with pytest.raises(ValueError, match="n: expected at least 2 seeds"):
         minimum_detectable_difference(1.0, 1)
+
+
+def test_noise_components_recover_known_variances():
+    from saelib.stats import noise_components
+
+    rng = np.random.default_rng(1)
+    n_train, n_eval = 400, 4
+    sae_effect = rng.normal(0, 0.03, n_train)  # training sd 0.03
+    rows = [{"train_seed": t, "eval_seed": e, "value": 0.5 + sae_effect[t] + rng.normal(0, 0.02)}  # eval sd 0.02
+            for t in range(n_train) for e in range(n_eval)]
+    got = noise_components(pd.DataFrame(rows))
+    assert got["train_sd"] == pytest.approx(0.03, rel=0.1)
+    assert got["eval_sd"] == pytest.approx(0.02, rel=0.05)
+    assert got["eval_share"] == pytest.approx(0.02**2 / (0.02**2 + 0.03**2), abs=0.05)
+    with pytest.raises(ValueError, match="values: expected every train_seed scored under the same number"):
+        noise_components(pd.DataFrame(rows[:-1]))
