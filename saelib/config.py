@@ -227,6 +227,8 @@ class RunConfig:
                f"one of {NORMALISATIONS}, got {self.competition_normalisation!r}")
         _check(self.orth_chunk_size >= 2, "orth_chunk_size", f"an integer >= 2, got {self.orth_chunk_size}")
         n_steps = self.training_tokens // self.batch_size
+        _check(self.n_checkpoints < n_steps, "n_checkpoints",
+               f"fewer checkpoints than training steps ({n_steps}), got {self.n_checkpoints}")
         _check(self.competition_warmup_steps >= 0 and (self.architecture != "sgo_topk"
                                                        or self.competition_warmup_steps < n_steps), "competition_warmup_steps",
                f"an integer in [0, {n_steps}) (training has {n_steps} steps), got {self.competition_warmup_steps}")

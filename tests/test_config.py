@@ -34,6 +34,7 @@ BAD_VALUES = [
     ({"study": "a/b"}, "study"),
     ({"run_name": ".hidden"}, "run_name"),
     ({"n_checkpoints": -1}, "n_checkpoints"),
+    ({"n_checkpoints": 1200, "training_tokens": 1_228_800}, "n_checkpoints"),
     ({"log_every": 0}, "log_every"),
 ]
 
