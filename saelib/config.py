@@ -31,6 +31,8 @@ OFFLINE_DATASET = "saelib-offline"
 NORMALIZATIONS = ("none", "expected_average_only_in")
 #: Overrides shared by every run of a study folder (``params/<study>/_study.yaml``), applied before the run's own.
 STUDY_DEFAULTS_FILE = "_study.yaml"
+#: A study's runs as configurations × seeds (see ``grid_runs``); params files beside it stay for one-off runs.
+GRID_FILE = "_grid.yaml"
 #: Parameters that only some architectures take: name -> architectures that accept a non-default value.
 ARCH_PARAMS = {
     "l1_coefficient": ("standard",),
@@ -54,6 +56,7 @@ NORMALISATIONS = ("pairs", "latents")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+SEED_NAME = re.compile(r"_s\d+$")
 #: Named profiles a notebook run can start from (``profile`` parameter or ``$SAELIB_PROFILE``): ``default`` is
 #: ``RunConfig``'s own defaults; ``smoke`` (a one-minute pipeline check for tests and CI) is ``params/smoke/_study.yaml``.
 PROFILES = ("default", "smoke")
@@ -296,10 +299,18 @@ def field_names() -> list[str]:
 
 
 def load_params_file(path: str | Path) -> dict[str, Any]:
-    """Read a ``params/<study>/<run>.yaml`` of overrides; unknown keys are an error."""
+    """Read a ``params/<study>/<run>.yaml`` of overrides, or the run of that name in ``params/<study>/_grid.yaml``;
+    unknown keys are an error, and so is a run defined both ways."""
     path = Path(path)
+    grid = grid_runs(path.parent) if path.parent.is_dir() and not path.name.startswith("_") else {}
     if not path.is_file():
-        raise ConfigError(f"params_file: no such file {str(path)!r}")
+        if path.suffix == ".yaml" and path.stem in grid:
+            return grid[path.stem]
+        raise ConfigError(f"params_file: no such file {str(path)!r}, nor a run {path.stem!r} of "
+                          f"{path.parent / GRID_FILE}")
+    if path.stem in grid:
+        raise ConfigError(f"params_file: run {path.stem!r} is defined twice, by {path} and by "
+                          f"{path.parent / GRID_FILE}")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"params_file: {path} must hold a mapping of parameter: value")
@@ -307,6 +318,64 @@ def load_params_file(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"params_file: {path} has unknown key(s) {unknown}; known keys: {field_names()}")
     return data
+
+
+def grid_runs(study_params: str | Path) -> dict[str, dict[str, Any]]:
+    """``{run name: overrides}`` declared by ``<study_params>/_grid.yaml`` ({} without one)::
+
+        seeds: [0, 1, 2]                   # every configuration's seeds (default [0])
+        configs:                           # configuration name: overrides of the study profile (_study.yaml)
+          topk: {architecture: topk}
+          sgo_t0.02_l0.01: {architecture: sgo_topk, competition_threshold: 0.02, orth_pen: 0.01}
+          standard: {architecture: standard, l1_coefficient: 3, seeds: [0]}   # its own seeds
+        from: ../default                   # optional: another study's configurations and seeds, under this profile
+
+    Run ``<config>_s<seed>`` gets the configuration's overrides and ``seed``; τ, λ and the seed are fields of its
+    config (and of its cfg.json), never read back from its name."""
+    folder = Path(study_params)
+    path = folder / GRID_FILE
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    where = f"{GRID_FILE} ({path})"
+    if not isinstance(data, dict) or set(data) - {"seeds", "configs", "from"}:
+        raise ConfigError(f"{where}: expected a mapping with keys among seeds, configs, from; got "
+                          f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
+    base: dict[str, Any] = {}
+    if "from" in data:
+        source = (folder / str(data["from"])).resolve()
+        if not (source / GRID_FILE).is_file() or source == folder.resolve():
+            raise ConfigError(f"{where}: from: expected another study's params folder with a {GRID_FILE}, "
+                              f"got {data['from']!r}")
+        base = yaml.safe_load((source / GRID_FILE).read_text()) or {}
+        if "from" in base:
+            raise ConfigError(f"{where}: from: {data['from']!r} takes its own grid from elsewhere; point at that")
+    seeds = data.get("seeds", base.get("seeds", [0]))
+    configs = {**(base.get("configs") or {}), **(data.get("configs") or {})}
+    _check_seeds(seeds, f"{where}: seeds")
+    if not configs or not isinstance(configs, dict):
+        raise ConfigError(f"{where}: configs: expected a mapping of configuration name: overrides, got {configs!r}")
+    runs: dict[str, dict[str, Any]] = {}
+    for name, overrides in configs.items():
+        overrides = dict(overrides or {})
+        own_seeds = overrides.pop("seeds", seeds)
+        _check_seeds(own_seeds, f"{where}: configs.{name}.seeds")
+        if not _FOLDER_NAME.fullmatch(str(name)) or SEED_NAME.search(str(name)):
+            raise ConfigError(f"{where}: configs: expected names of letters, digits and _ . + - not ending in _s<n>, "
+                              f"got {name!r}")
+        bad = sorted(set(overrides) - set(field_names())) + sorted({"seed", "study", "run_name"} & set(overrides))
+        if bad:
+            raise ConfigError(f"{where}: configs.{name}: unknown or grid-set key(s) {bad}; the grid sets seed, "
+                              f"study and run_name")
+        for seed in own_seeds:
+            runs[f"{name}_s{seed}"] = {**overrides, "seed": seed}
+    return runs
+
+
+def _check_seeds(seeds: Any, where: str) -> None:
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: expected a non-empty list of distinct integers >= 0, got {seeds!r}")
 
 
 def build_config(params: dict[str, Any] | None = None, params_file: str | Path | None = None,

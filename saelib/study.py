@@ -41,7 +41,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from saelib import run_files
-from saelib.config import ConfigError, RunConfig, build_config
+from saelib.config import GRID_FILE, ConfigError, RunConfig, build_config, grid_runs
 from saelib.evals.results import SEED_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,16 @@ def load_runner_settings(study_params: Path, overrides: dict[str, Any]) -> Runne
 
 
 def study_runs(study_params: Path) -> list[Run]:
-    """Every run of a study (``params/<study>/*.yaml`` except ``_*.yaml``), configs validated before anything runs."""
+    """Every run of a study (the runs of ``params/<study>/_grid.yaml``, and ``params/<study>/*.yaml`` except
+    ``_*.yaml``), configs validated before anything runs. A grid run is addressed as the params file it would be,
+    ``params/<study>/<run>.yaml``."""
     study_params = Path(study_params)
     if not study_params.is_dir():
         raise ConfigError(f"study: expected a params folder such as params/default, got {str(study_params)!r}")
-    files = sorted(p for p in study_params.glob("*.yaml") if not p.name.startswith("_"))
+    files = sorted({*(p for p in study_params.glob("*.yaml") if not p.name.startswith("_")),
+                    *(study_params / f"{name}.yaml" for name in grid_runs(study_params))})
     if not files:
-        raise ConfigError(f"study: {study_params} holds no run params files (*.yaml not starting with _)")
+        raise ConfigError(f"study: {study_params} holds no runs (no {GRID_FILE}, no *.yaml not starting with _)")
     runs = [Run(p, build_config(params_file=p)) for p in files]
     # seed by seed, the TopK baseline first: a study stopped part-way holds complete, comparable seeds
     return sorted(runs, key=lambda r: (r.cfg.seed, SEED_SUFFIX.sub("", r.name) != BASELINE, r.name))

@@ -162,9 +162,73 @@ def test_study_defaults_apply_before_the_run_file(tmp_path):
     assert (cfg.d_sae, cfg.k, cfg.run_name) == (2048, 4, "run")
 
 
-@pytest.mark.parametrize("path", sorted(Path("params").glob("*/[!_]*.yaml")))
-def test_every_shipped_params_file_is_valid(path):
+def _shipped_runs():
+    from saelib.config import grid_runs
+
+    files = set(Path("params").glob("*/[!_]*.yaml"))
+    grids = {folder / f"{name}.yaml" for folder in Path("params").iterdir() if folder.is_dir()
+             for name in grid_runs(folder)}
+    return sorted(files | grids)
+
+
+@pytest.mark.parametrize("path", _shipped_runs())
+def test_every_shipped_run_is_valid(path):
     build_config(params_file=path)
+
+
+def _grid(folder, text, study="s"):
+    study_dir = folder / "params" / study
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "_grid.yaml").write_text(text)
+    return study_dir
+
+
+def test_a_grid_expands_into_configurations_times_seeds(tmp_path):
+    from saelib.config import grid_runs
+
+    study = _grid(tmp_path, "seeds: [0, 1]\nconfigs:\n  topk: {architecture: topk}\n"
+                            "  sgo_t0.02_l1: {orth_pen: 1, competition_threshold: 0.02, seeds: [3]}\n")
+    (study / "_study.yaml").write_text("d_sae: 2048\n")
+    assert grid_runs(study) == {"topk_s0": {"architecture": "topk", "seed": 0},
+                                "topk_s1": {"architecture": "topk", "seed": 1},
+                                "sgo_t0.02_l1_s3": {"orth_pen": 1, "competition_threshold": 0.02, "seed": 3}}
+    cfg = build_config(params_file=study / "sgo_t0.02_l1_s3.yaml")  # a grid run is addressed as its params file
+    assert (cfg.study, cfg.run_name, cfg.seed, cfg.orth_pen, cfg.competition_threshold, cfg.d_sae) == \
+        ("s", "sgo_t0.02_l1_s3", 3, 1.0, 0.02, 2048)
+    (study / "extra.yaml").write_text("k: 16\n")  # a one-off params file beside the grid still counts
+    from saelib.study import study_runs
+
+    assert [r.name for r in study_runs(study)] == ["topk_s0", "extra", "topk_s1", "sgo_t0.02_l1_s3"]
+    other = _grid(tmp_path, "from: ../s\n", study="t")
+    (other / "_study.yaml").write_text("d_sae: 512\n")
+    assert grid_runs(other) == grid_runs(study)
+    assert build_config(params_file=other / "topk_s1.yaml").d_sae == 512  # its own profile
+
+
+@pytest.mark.parametrize("text, message", [
+    ("configs: {topk: {sede: 1}}", r"configs.topk: unknown or grid-set key\(s\) \['sede'\]"),
+    ("configs: {topk: {seed: 1}}", r"configs.topk: unknown or grid-set key\(s\) \['seed'\]"),
+    ("seeds: [0, 0]\nconfigs: {topk: {}}", "seeds: expected a non-empty list of distinct integers"),
+    ("seeds: 3\nconfigs: {topk: {}}", "seeds: expected a non-empty list of distinct integers"),
+    ("configs: {topk_s1: {}}", "configs: expected names of letters, digits"),
+    ("configs: {}", "configs: expected a mapping of configuration name"),
+    ("seed: [0]\nconfigs: {topk: {}}", "expected a mapping with keys among seeds, configs, from"),
+    ("from: ../nowhere", "from: expected another study's params folder"),
+])
+def test_bad_grids_name_what_is_wrong(tmp_path, text, message):
+    from saelib.config import grid_runs
+
+    with pytest.raises(ConfigError, match=message):
+        grid_runs(_grid(tmp_path, text))
+
+
+def test_a_run_defined_twice_or_nowhere_is_an_error(tmp_path):
+    study = _grid(tmp_path, "configs: {topk: {}}\n")
+    (study / "topk_s0.yaml").write_text("k: 16\n")
+    with pytest.raises(ConfigError, match="params_file: run 'topk_s0' is defined twice"):
+        build_config(params_file=study / "topk_s0.yaml")
+    with pytest.raises(ConfigError, match="params_file: no such file .*, nor a run 'topk_s9' of"):
+        build_config(params_file=study / "topk_s9.yaml")
 
 
 def test_training_key_leaves_out_parameters_the_architecture_does_not_take(tmp_path):
