@@ -47,8 +47,16 @@ def point_dir(run_dir: Path, tokens: int) -> Path:
     return Path(run_dir) / PLATEAU_DIR / f"{POINT_PREFIX}{tokens:010d}"
 
 
-def export_points(run_dir: Path, cache) -> list[Path]:
-    """One point folder per checkpoint, plus the finished SAE (already exported points are kept)."""
+def nearest_checkpoints(found: list[tuple[int, Path]], tokens: list[int]) -> list[tuple[int, Path]]:
+    """For each asked token count, the checkpoint nearest to it (each at most once, by tokens)."""
+    if not tokens:
+        return found
+    return sorted({min(found, key=lambda c: abs(c[0] - t)) for t in tokens}) if found else []
+
+
+def export_points(run_dir: Path, cache, tokens: list[int] | None = None) -> list[Path]:
+    """One point folder per checkpoint (or per checkpoint nearest to each of ``tokens``), plus the finished SAE
+    (already exported points are kept)."""
     from saelib.config import build_config
     from saelib.train import checkpoint_sae
 
@@ -58,9 +66,10 @@ def export_points(run_dir: Path, cache) -> list[Path]:
         raise FileNotFoundError(f"run_dir: expected a finished run (an SAE in {run_dir / run_files.SAE_DIR})")
     cfg = build_config({k: v for k, v in run_cfg.items() if not k.endswith("_used")})
     points = []
-    for tokens, ckpt in tqdm(checkpoints(run_dir), desc="export checkpoints", unit="ckpt"):
+    for seen, ckpt in tqdm(nearest_checkpoints(checkpoints(run_dir), tokens or []), desc="export checkpoints",
+                           unit="ckpt"):
         points.append(run_files.write_derived_run(
-            point_dir(run_dir, tokens), {**run_cfg, "training_tokens": tokens},
+            point_dir(run_dir, seen), {**run_cfg, "training_tokens": seen},
             lambda sae_dir, ckpt=ckpt: checkpoint_sae(cfg, cache, ckpt, sae_dir)))
     points.append(run_files.write_derived_run(point_dir(run_dir, run_cfg["training_tokens"]), run_cfg,
                                               lambda sae_dir: shutil.copytree(run_dir / run_files.SAE_DIR, sae_dir)))
@@ -112,6 +121,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("run_dir", type=Path, help="a finished run folder with checkpoints (runs/<study>/<run>)")
     parser.add_argument("--evals", nargs="+", default=["core", "absorption", "sparse_probing"],
                         help="evals run at every point (default: core absorption sparse_probing)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None,
+                        help="evaluate only the checkpoints nearest to these token counts (default: every one)")
     parser.add_argument("--smoke", action="store_true", help="the evals' fast smoke settings (for tests)")
     args = parser.parse_args(argv)
     try:
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         parser.error(f"run_dir: expected a run folder holding {run_files.RUN_CFG_FILE}, got {args.run_dir}")
     cfg = build_config({k: v for k, v in run_cfg.items() if not k.endswith("_used")})
     lm = load_model(cfg.model_name, device=cfg.device, precision=run_cfg.get("lm_precision_used", "float32"))
-    points = export_points(args.run_dir, cache_for_config(cfg, lm, "train"))  # the cache gives the centring mean
+    points = export_points(args.run_dir, cache_for_config(cfg, lm, "train"), args.tokens)  # cache: centring mean
     model = lm if str(lm.cfg.dtype) == "torch.float32" else load_model(cfg.model_name, device=cfg.device)
     del lm
     status = evaluate_points(points, model, evals, smoke=args.smoke)

@@ -51,6 +51,12 @@ def test_points_table_and_resume(tmp_path, tiny_cache):
     assert "absorption (mean fraction)" not in table  # no point has it
 
 
+def test_points_nearest_to_asked_tokens(tmp_path):
+    found = [(t, tmp_path / str(t)) for t in (512, 1024, 1536, 2048)]
+    assert plateau.nearest_checkpoints(found, [500, 1000, 2100, 1100]) == [found[0], found[1], found[3]]
+    assert plateau.nearest_checkpoints(found, []) == found
+
+
 def test_a_half_written_point_is_redone(tmp_path, tiny_cache):
     cfg = tiny_cfg(tmp_path, n_checkpoints=1)
     train_sae(cfg, tiny_cache)
