@@ -15,7 +15,7 @@ import pandas as pd
 from saelib import run_files
 from saelib.evals.results import HEADLINE, run_identity, study_results, wide
 from saelib.plots import headline_png
-from saelib.stats import mean_ci, paired_vs_baseline, verdict
+from saelib.stats import mde_table, mean_ci, paired_vs_baseline, verdict
 
 BASELINE = "topk"
 QUALITY = {k: v for k, v in HEADLINE.items() if v[1] != 0}
@@ -26,7 +26,8 @@ FIGURE_METRICS = ["absorption (mean fraction)", "sparse probing top-1", "unlearn
 QUESTIONS = {"penalty": "Does the penalty reach the weights?",
              "quality": "Does sparsity-guided orthogonality beat TopK, standard and other orthogonal SAEs?",
              "competition": "Which feature-competition patterns exist?",
-             "threshold": "How does the competition threshold τ matter?"}
+             "threshold": "How does the competition threshold τ matter?",
+             "power": "What could this study detect?"}
 FIGURE_LINK = "![paired differences from TopK]({figure})"
 BEGIN, END = "<!-- answers:{study}:begin -->", "<!-- answers:{study}:end -->"
 
@@ -179,12 +180,17 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
             else "No competition results for TopK.",
             "threshold": f"τ sweep at λ = {sweep_lambda:g}. {_counts(sweep)}" if sweep["config"].nunique() > 1 else
             "No τ sweep (SGO at one λ over several τ) in this study."}
+    power = mde_table(results, QUALITY, baseline=BASELINE)
+    text["power"] = ("Minimum detectable paired difference from TopK (95 %, 80 % power) with the seeds each comparison "
+                     "has, from the per-seed differences pooled over every configuration; a null is a null only "
+                     "below it." if power["seeds"].ge(2).any() else "One seed: no paired spread, so no MDE.")
     tables = {"penalty": weights.merge(penalty, on="config", how="left"), "quality": quality,
-              "competition": patterns, "threshold": sweep}
+              "competition": patterns, "threshold": sweep, "power": power}
     md = {"penalty": table_markdown(penalty, order, weights) if len(penalty) else weights.to_markdown(index=False),
           "quality": table_markdown(quality, order), "competition": table_markdown(patterns, order),
           "threshold": table_markdown(sweep, order, runs.drop_duplicates("config")[["config", "tau"]])
-          if sweep["config"].nunique() > 1 else ""}
+          if sweep["config"].nunique() > 1 else "",
+          "power": power.set_index("metric").round(4).to_markdown() if power["seeds"].ge(2).any() else ""}
     figure = None if reports_dir is None else headline_png(
         pd.concat([quality, penalty]), FIGURE_METRICS, order, Path(reports_dir) / study / "headline.png")
     cfg = run_files.read_json(Path(study_dir) / runs["run"].iloc[0] / run_files.RUN_CFG_FILE)

@@ -108,8 +108,9 @@ def paired_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float
     mean ``effect`` and standard deviation ``sd`` (exact, from the noncentral t distribution)."""
     _check_power_args(sd, n, alpha)
     df, crit = n - 1, _st.t.ppf(1 - alpha / 2, n - 1)
-    nc = effect * math.sqrt(n) / sd
-    return float(_st.nct.sf(crit, df, nc) + _st.nct.cdf(-crit, df, nc))
+    nc = abs(effect) * math.sqrt(n) / sd  # the test is two-sided: the power is symmetric in the effect
+    lower = _st.nct.cdf(-crit, df, nc)  # the far tail; scipy returns NaN where it underflows (few seeds, large nc)
+    return float(_st.nct.sf(crit, df, nc) + (0.0 if math.isnan(lower) else lower))
 
 
 def minimum_detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:

@@ -66,6 +66,14 @@ def test_the_quality_table_holds_the_paired_differences_and_verdicts(tmp_path):
     assert (tmp_path / "fx" / "headline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![paired differences from TopK](headline.png)" in text
     assert max(map(len, text.splitlines())) < 1000  # tables, not paragraphs of numbers (was 3,207 characters)
+    power = pd.read_csv(tmp_path / "fx" / "answers_power.csv").set_index("metric")
+    from saelib.stats import mde_table
+
+    expected = mde_table(answers.study_results(FIXTURE), answers.QUALITY).set_index("metric")
+    pd.testing.assert_frame_equal(power, expected, check_dtype=False)
+    assert (power["seeds"] == 2).all()
+    for metric in ("explained variance", "sparse probing top-1"):  # the markdown table shows the CSV's numbers
+        assert float(_md_cell(text, metric, "mde")) == pytest.approx(power.loc[metric, "mde"], abs=5e-5)
 
 
 @pytest.mark.parametrize("shift, expected", [(-0.05, "better"), (+0.05, "worse"), (0.0, "no detectable difference")])

@@ -52,7 +52,7 @@ def test_paired_verdicts_use_per_seed_differences():
         paired_vs_baseline(tidy(rows), {"e/ev": ("EV", 1)}, baseline="standard")
 
 
-@pytest.mark.parametrize("n,sd", [(3, 0.04), (5, 1.3), (10, 0.01)])
+@pytest.mark.parametrize("n,sd", [(2, 1e-5), (3, 0.04), (5, 1.3), (10, 0.01)])
 def test_mde_is_the_difference_detected_with_80_percent_power_in_a_direct_simulation(n, sd):
     from scipy import stats as st
 
@@ -67,9 +67,9 @@ def test_mde_is_the_difference_detected_with_80_percent_power_in_a_direct_simula
     assert rejected == pytest.approx(0.80, abs=4 * math.sqrt(0.8 * 0.2 / trials))  # ≈ ±0.008
     assert paired_power(mde, sd, n) == pytest.approx(0.8)
     assert paired_power(0.0, sd, n) == pytest.approx(0.05)  # no effect: the test's own level
-    # the rough normal-quantile formula is close, and below the exact value for few seeds
+    # the usual shortcut (t quantiles added) is within 10 % from three seeds on, and falls short with two
     rough = (st.t.ppf(0.975, n - 1) + st.t.ppf(0.8, n - 1)) * sd / math.sqrt(n)
-    assert rough == pytest.approx(mde, rel=0.1)
+    assert rough == pytest.approx(mde, rel=0.1) if n >= 3 else rough < 0.9 * mde
 
 
 def test_mde_table_pools_the_differences_of_every_comparison():
