@@ -45,11 +45,7 @@ def resample(run_dirs: list[Path], model, evals: list[str], seeds: list[int], sm
     ``run``, ``eval``, ``metric``, ``train_seed``, ``eval_seed``, ``value``."""
     from saelib.evals import evaluate_run
 
-    bad = [e for e in evals if e not in SEED_FIELD]
-    if bad:
-        raise ValueError(f"evals: expected evals with a sampling seed {sorted(SEED_FIELD)}, got {bad}")
-    if len(set(seeds)) < 2:
-        raise ValueError(f"seeds: expected at least two different eval seeds, got {seeds}")
+    check_request(evals, seeds)
     rows = []
     jobs = [(Path(r), e, s) for r in run_dirs for e in evals for s in seeds]
     for run_dir, eval_name, seed in tqdm(jobs, desc="resampled evals", unit="eval"):
@@ -64,6 +60,14 @@ def resample(run_dirs: list[Path], model, evals: list[str], seeds: list[int], sm
                 rows.append({"run": run_dir.name, "eval": eval_name, "metric": HEADLINE[key][0],
                              "train_seed": train_seed, "eval_seed": seed, "value": row["value"]})
     return pd.DataFrame(rows, columns=["run", "eval", "metric", "train_seed", "eval_seed", "value"])
+
+
+def check_request(evals: list[str], seeds: list[int]) -> None:
+    bad = [e for e in evals if e not in SEED_FIELD]
+    if bad:
+        raise ValueError(f"evals: expected evals with a sampling seed {sorted(SEED_FIELD)}, got {bad}")
+    if len(set(seeds)) < 2:
+        raise ValueError(f"seeds: expected at least two different eval seeds, got {seeds}")
 
 
 def noise_table(values: pd.DataFrame) -> pd.DataFrame:
@@ -89,14 +93,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     missing = [str(r) for r in args.run_dirs if not (r / run_files.RUN_CFG_FILE).exists()]
     if missing:
         parser.error(f"run_dirs: expected run folders holding {run_files.RUN_CFG_FILE}, got {missing}")
+    try:
+        check_request(args.evals, args.eval_seeds)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = build_config({k: v for k, v in run_files.read_json(args.run_dirs[0] / run_files.RUN_CFG_FILE).items()
                         if not k.endswith("_used")})
-    try:
-        values = resample(args.run_dirs, load_model(cfg.model_name, device=cfg.device), args.evals,
-                          args.eval_seeds, smoke=args.smoke)
-    except ValueError as exc:
-        parser.error(str(exc))
+    values = resample(args.run_dirs, load_model(cfg.model_name, device=cfg.device), args.evals, args.eval_seeds,
+                      smoke=args.smoke)
     table = noise_table(values)
     run_files.write_text_atomic(args.run_dirs[0].parent / "noise.csv", table.to_csv(index=False))
     with pd.option_context("display.width", 250, "display.max_columns", 50):

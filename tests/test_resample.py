@@ -56,3 +56,13 @@ def test_bad_inputs_name_the_parameter(runs, tmp_path):
         resample.resample(runs, None, ["absorption"], [3, 3])
     with pytest.raises(FileNotFoundError, match="run_dir: expected a finished run"):
         resample.resampled_run(tmp_path / "nope", "absorption", 1)
+
+
+def test_command_line_bad_input_is_one_line_naming_the_parameter(runs, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        resample.main([str(tmp_path / "nope")])
+    assert "run_dirs: expected run folders holding cfg.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        resample.main([str(runs[0]), "--evals", "core"])
+    assert "evals: expected evals with a sampling seed" in capsys.readouterr().err
+    assert not (runs[0] / "resample").exists()  # nothing written
