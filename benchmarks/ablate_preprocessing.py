@@ -31,14 +31,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--training-tokens", type=int, default=307_200)
     args = parser.parse_args()
-    base = build_config(params_file="params/default/topk.yaml")
+    base = build_config(params_file="params/default/topk_s0.yaml")
     model = load_model(base.model_name)
     train_cache, eval_cache = cache_for_config(base, model, "train"), cache_for_config(base, model, "eval")
     print(f"{'variant':36s} {'EV':>7s} {'L0':>6s} {'dead':>6s} {'dense':>6s}   ({args.training_tokens:,} tokens)")
     with tempfile.TemporaryDirectory() as runs:
         for name, overrides in VARIANTS.items():
             cfg = build_config({**overrides, "training_tokens": args.training_tokens, "runs_dir": runs,
-                                "n_checkpoints": 0}, params_file="params/default/topk.yaml")
+                                "n_checkpoints": 0}, params_file="params/default/topk_s0.yaml")
             m = reconstruction_metrics(train_sae(cfg, train_cache, cfg.run_dir / name.replace(" ", "_")), eval_cache)
             print(f"{name:36s} {m['explained_variance']:7.4f} {m['l0']:6.1f} {m['frac_dead']:6.3f} "
                   f"{m['frac_dense']:6.3f}", flush=True)

@@ -51,12 +51,13 @@ ARCH_PARAMS = {
 
 
 #: How the SGO penalty may average over competing pairs (``competition_normalisation``).
-NORMALISATIONS = ("pairs", "latents")
+COMPETITION_NORMALISATIONS = ["pairs", "latents"]
 #: Values of ``device`` and ``dtype`` that torch and sae_lens take.
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 SEED_NAME = re.compile(r"_s\d+$")
+"""Runs that differ only by seed are named ``<config>_s<seed>`` (grids name them so)."""
 #: Named profiles a notebook run can start from (``profile`` parameter or ``$SAELIB_PROFILE``): ``default`` is
 #: ``RunConfig``'s own defaults; ``smoke`` (a one-minute pipeline check for tests and CI) is ``params/smoke/_study.yaml``.
 PROFILES = ("default", "smoke")
@@ -226,8 +227,8 @@ class RunConfig:
                f"a positive integer, got {self.competition_window}")
         _check(self.competition_stat_tokens >= 0, "competition_stat_tokens",
                f"an integer >= 0 (0 = every token), got {self.competition_stat_tokens}")
-        _check(self.competition_normalisation in NORMALISATIONS, "competition_normalisation",
-               f"one of {NORMALISATIONS}, got {self.competition_normalisation!r}")
+        _check(self.competition_normalisation in COMPETITION_NORMALISATIONS, "competition_normalisation",
+               f"one of {COMPETITION_NORMALISATIONS}, got {self.competition_normalisation!r}")
         _check(self.orth_chunk_size >= 2, "orth_chunk_size", f"an integer >= 2, got {self.orth_chunk_size}")
         n_steps = self.training_tokens // self.batch_size
         _check(self.n_checkpoints < n_steps, "n_checkpoints",
@@ -245,8 +246,9 @@ class RunConfig:
 
     # ---- derived names ----------------------------------------------------------------------------
     def label(self) -> str:
-        """The run's name when none is given: the architecture, its own parameters and the seed, e.g.
-        ``topk_s0``, ``sgo_t0.05_l0.02_s0`` (``sgo_t0.05_l1_perlatent_s0`` with per-latent normalisation), ``ortsae_l1_s0``, ``standard_l1_3_s0`` (the params files' convention)."""
+        """The run's name when none is given: the architecture, its own parameters and the seed, e.g. ``topk_s0``,
+        ``sgo_t0.05_l0.02_s0`` (``sgo_t0.05_l1_perlatent_s0`` with per-latent normalisation), ``ortsae_l1_s0``,
+        ``standard_l1_3_s0`` (the grids' convention)."""
         name = {
             "sgo_topk": f"sgo_t{self.competition_threshold:g}_l{self.orth_pen:g}"
                         + ("_perlatent" if self.competition_normalisation == "latents" else ""),
@@ -296,6 +298,12 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def with_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded cfg.json's fields, each field it predates filled with its default: a run recorded before a field
+    existed was trained as that field's default says."""
+    return {**{f.name: f.default for f in dataclasses.fields(RunConfig)}, **recorded}
 
 
 def load_params_file(path: str | Path) -> dict[str, Any]:
@@ -351,12 +359,18 @@ def grid_runs(study_params: str | Path) -> dict[str, dict[str, Any]]:
         if "from" in base:
             raise ConfigError(f"{where}: from: {data['from']!r} takes its own grid from elsewhere; point at that")
     seeds = data.get("seeds", base.get("seeds", [0]))
-    configs = {**(base.get("configs") or {}), **(data.get("configs") or {})}
     _check_seeds(seeds, f"{where}: seeds")
-    if not configs or not isinstance(configs, dict):
-        raise ConfigError(f"{where}: configs: expected a mapping of configuration name: overrides, got {configs!r}")
+    configs: dict[str, Any] = {}
+    for part in (base.get("configs"), data.get("configs")):
+        if part is not None and not isinstance(part, dict):
+            raise ConfigError(f"{where}: configs: expected a mapping of configuration name: overrides, got {part!r}")
+        configs.update(part or {})
+    if not configs:
+        raise ConfigError(f"{where}: configs: expected a mapping of configuration name: overrides, got none")
     runs: dict[str, dict[str, Any]] = {}
     for name, overrides in configs.items():
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(f"{where}: configs.{name}: expected a mapping of parameter: value, got {overrides!r}")
         overrides = dict(overrides or {})
         own_seeds = overrides.pop("seeds", seeds)
         _check_seeds(own_seeds, f"{where}: configs.{name}.seeds")
@@ -373,8 +387,8 @@ def grid_runs(study_params: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def _check_seeds(seeds: Any, where: str) -> None:
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds) \
-            or len(set(seeds)) != len(seeds):
+    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) \
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
         raise ConfigError(f"{where}: expected a non-empty list of distinct integers >= 0, got {seeds!r}")
 
 

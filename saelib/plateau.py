@@ -2,7 +2,8 @@
 
     .venv/bin/python -m saelib.plateau runs/plateau/topk16k_s0 --evals core absorption sparse_probing
 
-Each checkpoint of the run (``<run>/checkpoints/<tokens>``) becomes a point folder ``<run>/plateau/t<tokens>`` holding
+Each checkpoint of the run (``<run>/checkpoints/<tokens>``) becomes a point folder ``<run>/plateau/t<tokens>`` (tokens
+zero-padded to 10 digits, so folders sort by tokens) holding
 the run's ``cfg.json`` and the SAE as it stood then, finished as training finishes (``saelib.train.checkpoint_sae``),
 so the evals treat it like any run folder; the run's own final SAE is the last point. The learning rate is constant
 after warm-up (no decay), so a checkpoint at T tokens is the run that would have stopped at T. Points already
@@ -30,17 +31,11 @@ METRICS = [
     "core/sparsity.l0",
     "absorption/mean.mean_absorption_fraction_score",
     "absorption/mean.mean_full_absorption_score",
+    "absorption/firing.mean_main_silent_rate",
     "sparse_probing/sae.sae_top_1_test_accuracy",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """``(tokens, folder)`` of every complete checkpoint of a run, by tokens."""
-    folder = Path(run_dir) / run_files.CHECKPOINTS_DIR
-    found = [(int(p.name), p) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
-    return sorted((t, p) for t, p in found if (p / "trainer_state.pt").exists())
 
 
 def point_dir(run_dir: Path, tokens: int) -> Path:
@@ -66,10 +61,10 @@ def export_points(run_dir: Path, cache, tokens: list[int] | None = None) -> list
         raise FileNotFoundError(f"run_dir: expected a finished run (an SAE in {run_dir / run_files.SAE_DIR})")
     cfg = build_config({k: v for k, v in run_cfg.items() if not k.endswith("_used")})
     points = []
-    for seen, ckpt in tqdm(nearest_checkpoints(checkpoints(run_dir), tokens or []), desc="export checkpoints",
+    for seen, ckpt in tqdm(nearest_checkpoints(run_files.checkpoints(run_dir), tokens or []), desc="export checkpoints",
                            unit="ckpt"):
         points.append(run_files.write_derived_run(
-            point_dir(run_dir, seen), {**run_cfg, "training_tokens": seen},
+            point_dir(run_dir, seen), {**run_cfg, "training_tokens": seen, "n_checkpoints": 0},
             lambda sae_dir, ckpt=ckpt: checkpoint_sae(cfg, cache, ckpt, sae_dir)))
     points.append(run_files.write_derived_run(point_dir(run_dir, run_cfg["training_tokens"]), run_cfg,
                                               lambda sae_dir: shutil.copytree(run_dir / run_files.SAE_DIR, sae_dir)))

@@ -46,6 +46,7 @@ def resample(run_dirs: list[Path], model, evals: list[str], seeds: list[int], sm
     from saelib.evals import evaluate_run
 
     check_request(evals, seeds)
+    check_runs(run_dirs)
     rows = []
     jobs = [(Path(r), e, s) for r in run_dirs for e in evals for s in seeds]
     for run_dir, eval_name, seed in tqdm(jobs, desc="resampled evals", unit="eval"):
@@ -66,8 +67,18 @@ def check_request(evals: list[str], seeds: list[int]) -> None:
     bad = [e for e in evals if e not in SEED_FIELD]
     if bad:
         raise ValueError(f"evals: expected evals with a sampling seed {sorted(SEED_FIELD)}, got {bad}")
-    if len(set(seeds)) < 2:
-        raise ValueError(f"seeds: expected at least two different eval seeds, got {seeds}")
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: expected at least two distinct eval seeds, got {seeds}")
+
+
+def check_runs(run_dirs: list[Path]) -> None:
+    """The runs must be one configuration trained under distinct seeds (the spread between them is training's)."""
+    cfgs = [run_files.read_json(Path(r) / run_files.RUN_CFG_FILE) for r in run_dirs]
+    seeds = [c.get("seed") for c in cfgs]
+    same = [{k: v for k, v in c.items() if k not in ("seed", "run_name")} for c in cfgs]
+    if len(set(seeds)) != len(seeds) or any(c != same[0] for c in same):
+        raise ValueError(f"run_dirs: expected runs of one configuration under distinct seeds, got seeds {seeds} "
+                         f"from {[str(r) for r in run_dirs]}")
 
 
 def noise_table(values: pd.DataFrame) -> pd.DataFrame:
@@ -95,6 +106,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         parser.error(f"run_dirs: expected run folders holding {run_files.RUN_CFG_FILE}, got {missing}")
     try:
         check_request(args.evals, args.eval_seeds)
+        check_runs(args.run_dirs)
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(message)s")

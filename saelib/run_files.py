@@ -49,19 +49,25 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict, training_key: dict) -> bool:
 
 def changed_fields(run_dir: Path, training_key: dict) -> dict[str, tuple[Any, Any]]:
     """``{field: (recorded, new)}`` for each training field that differs from the run folder's cfg.json (empty when
-    the folder records none)."""
+    the folder records none). A field the record predates counts as its default."""
+    from saelib.config import with_defaults
+
     cfg_path = Path(run_dir) / RUN_CFG_FILE
-    old = read_json(cfg_path) if cfg_path.exists() else None
+    old = with_defaults(read_json(cfg_path)) if cfg_path.exists() else None
     return {} if old is None else {k: (old.get(k), v) for k, v in training_key.items() if old.get(k) != v}
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(training samples, folder)`` of every checkpoint with a complete trainer state, by samples."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    found = [(int(p.name), p) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+    return sorted((n, p) for n, p in found if (p / TRAINER_STATE_FILE).exists())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint with the most training samples that has a complete trainer state, or None."""
-    folder = Path(run_dir) / CHECKPOINTS_DIR
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.iterdir() if p.name.isdigit() and (p / TRAINER_STATE_FILE).exists()]
-    return max(done, key=lambda p: int(p.name)) if done else None
+    done = checkpoints(run_dir)
+    return done[-1][1] if done else None
 
 
 def read_history(run_dir: Path) -> pd.DataFrame:

@@ -21,53 +21,62 @@ from sae_lens import register_sae_training_class
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from saelib.competition import CompetitionStats
-from saelib.config import NORMALISATIONS
-from saelib.sparse_step import SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig, _csr
+from saelib.config import COMPETITION_NORMALISATIONS
+from saelib.sparse_step import SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig, csr_matrix
 
 ORTH_LOSS = "orth_loss"
 
 
 # ---------------------------------------------------------------------------------------------- pair penalty
 def _pair_csr(i_P: torch.Tensor, j_P: torch.Tensor, v_P: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(order, M)``: the entries (i_p, j_p, v_p) as a CSR (n × n) matrix, pairs in ``order`` (by row; repeats
-    kept: a product with M sums them)."""
-    order = torch.argsort(i_P)
+    """``(inverse, M)``: the entries (i_p, j_p, v_p) as a canonical CSR (n × n) matrix — sorted by row then column,
+    repeated entries summed into one — and each entry's position among M's values (``inverse``)."""
+    keys, inverse = torch.unique(i_P * n + j_P, sorted=True, return_inverse=True)
+    values = torch.zeros(len(keys), dtype=v_P.dtype, device=v_P.device).index_add_(0, inverse, v_P)
     crow = torch.zeros(n + 1, dtype=torch.int64, device=i_P.device)
-    crow[1:] = torch.bincount(i_P, minlength=n).cumsum(0)
-    return order, _csr(crow, j_P[order], v_P[order], (n, n))
+    crow[1:] = torch.bincount(keys // n, minlength=n).cumsum(0)
+    return inverse, csr_matrix(crow, keys % n, values, (n, n))
+
+
+def _exact(W_FD: torch.Tensor) -> torch.Tensor:
+    """``W`` in a dtype the sparse products take (float32 or float64; a bf16/fp16 decoder is computed in float32)."""
+    return W_FD if W_FD.dtype in (torch.float32, torch.float64) else W_FD.float()
 
 
 def _pair_dots(W_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Tensor) -> torch.Tensor:
-    """``W_i · W_j`` of each pair: ``W Wᵀ`` sampled at the pairs, without gathering rows."""
-    order, pattern = _pair_csr(i_P, j_P, W_FD.new_zeros(len(i_P)), W_FD.shape[0])
-    dots = torch.empty(len(i_P), dtype=W_FD.dtype, device=W_FD.device)
-    dots[order] = torch.sparse.sampled_addmm(pattern, W_FD, W_FD.T, beta=0.0).values()
-    return dots
+    """``W_i · W_j`` of each pair: ``W Wᵀ`` sampled at the (distinct) pairs, without gathering rows."""
+    W_FD = _exact(W_FD)
+    inverse, pattern = _pair_csr(i_P, j_P, W_FD.new_zeros(len(i_P)), W_FD.shape[0])
+    return torch.sparse.sampled_addmm(pattern, W_FD, W_FD.T, beta=0.0).values()[inverse]
 
 
 class _PairCos2(torch.autograd.Function):
     """Σ_p w_p cos²(d_{i_p}, d_{j_p}) over pairs of rows of the raw decoder, as sparse products: the dots are
     ``W Wᵀ`` sampled at the pairs, and the gradient is a sparse (d_sae × d_sae) matrix of pair coefficients times
-    ``W`` plus one row-scaling pass. No row is gathered, so memory is O(pairs + d_sae·d_in) however many pairs,
-    and the sums run in a fixed order on CPU (a resumed run stays bit-identical). 16,384 pairs at 16k × 640,
-    forward and backward: 19 ms where gathering the rows took 30 ms (2 threads)."""
+    ``W`` plus one row-scaling pass over ``W``. No row is gathered, so memory is O(pairs + d_sae·d_in) however many
+    pairs; the sparse matrices are canonical (sorted, repeats summed), and the sums run in a fixed order on CPU (a
+    resumed run stays bit-identical). Computed in float32 for a lower-precision decoder. 16,384 pairs at
+    16k × 640, forward and backward: 19 ms where gathering the rows took 30 ms (2 threads)."""
 
     @staticmethod
     def forward(ctx, W_FD, i_P, j_P, w_P):
-        norm_F = torch.linalg.vector_norm(W_FD, dim=-1).clamp_min(1e-8)
-        cos_P = _pair_dots(W_FD, i_P, j_P) / (norm_F[i_P] * norm_F[j_P])
+        W = _exact(W_FD)
+        norm_F = torch.linalg.vector_norm(W, dim=-1).clamp_min(1e-8)
+        cos_P = _pair_dots(W, i_P, j_P) / (norm_F[i_P] * norm_F[j_P])
         ctx.save_for_backward(W_FD, i_P, j_P, w_P, norm_F, cos_P)
-        return (w_P * cos_P.square()).sum()
+        return (w_P * cos_P.square()).sum().to(W_FD.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         # cos = W_i·W_j / (n_i n_j): d/dW_i = W_j / (n_i n_j) − cos · W_i / n_i², and symmetrically for j
         W_FD, i_P, j_P, w_P, norm_F, cos_P = ctx.saved_tensors
+        W = _exact(W_FD)
         coef_P = 2 * w_P * cos_P * grad_out
         both_i, both_j = torch.cat([i_P, j_P]), torch.cat([j_P, i_P])
-        _, cross = _pair_csr(both_i, both_j, (coef_P / (norm_F[i_P] * norm_F[j_P])).repeat(2), W_FD.shape[0])
+        _, cross = _pair_csr(both_i, both_j, (coef_P / (norm_F[i_P] * norm_F[j_P])).repeat(2), W.shape[0])
         self_F = torch.zeros_like(norm_F).index_add_(0, both_i, (-coef_P * cos_P).repeat(2))
-        return (cross @ W_FD).addcmul_(W_FD, (self_F / norm_F.square())[:, None]), None, None, None
+        grad = (cross @ W).addcmul_(W, (self_F / norm_F.square())[:, None])
+        return grad.to(W_FD.dtype), None, None, None
 
 
 def weighted_pair_cos2(W_dec_FD: torch.Tensor, i_P: torch.Tensor, j_P: torch.Tensor, w_P: torch.Tensor):
@@ -201,8 +210,8 @@ class SGOTopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
                f"a positive integer, got {self.competition_window}")
         _check(self.competition_stat_tokens >= 0, "competition_stat_tokens",
                f"an integer >= 0 (0 = every token), got {self.competition_stat_tokens}")
-        _check(self.competition_normalisation in NORMALISATIONS, "competition_normalisation",
-               f"one of {NORMALISATIONS}, got {self.competition_normalisation!r}")
+        _check(self.competition_normalisation in COMPETITION_NORMALISATIONS, "competition_normalisation",
+               f"one of {COMPETITION_NORMALISATIONS}, got {self.competition_normalisation!r}")
 
 
 @dataclass
@@ -271,8 +280,8 @@ class SGOTopKTrainingSAE(_OrthTopKTrainingSAE):
     where d_i is row i of W_dec. Statistics are updated from each batch's TopK mask (no gradient); the loss
     reaches W_dec only through the rows of competing latents. When C holds more than M =
     ``competition_sample_pairs`` pairs, the weighted mean is estimated without bias from M pairs drawn with
-    probability ∝ s_ij (their plain mean cos²), so a step costs O(M·d_in) however many pairs compete; M = 0
-    always uses every pair. Draws use a generator seeded by the step, never the global RNG, so λ = 0 stays
+    probability ∝ their weight (s_ij, or w_ij per latent; their plain mean cos²), so a step's pair work is O(M)
+    however many pairs compete (plus one pass over W_dec for norms and the gradient); M = 0 always uses every pair. Draws use a generator seeded by the step, never the global RNG, so λ = 0 stays
     bit-identical to TopK and a resumed run draws the same pairs. Logged metrics: ``n_competing_pairs`` and
     ``competing_mean_cos2`` (unweighted mean cos² over C, from a uniform sample of M pairs, before the step).
     """

@@ -2,11 +2,12 @@
 
 Same loss, same parameters and same saved form as sae_lens's ``TopKTrainingSAE``; only the arithmetic differs:
 
-* the encoder matmul stays dense (batch × d_sae pre-activations, no autograd graph), in bf16 where the device
-  has native bf16 (``sae_precision``), fp32 otherwise;
-* TopK then picks k latents per row; everything after it is sparse: the decoder is an ``embedding_bag`` over the
-  k active rows of ``W_dec``, and the encoder's backward touches only the active columns (a sparse × dense
-  product for ``W_enc``, an ``index_add_`` for ``b_enc``), so no dense batch × d_sae gradient is ever formed;
+* the encoder matmul stays dense (batch × d_sae pre-activations, no autograd graph, the bias and the decoder-norm
+  scale folded into it), in bf16 where the device has native bf16 (``sae_precision``), fp32 otherwise;
+* TopK then picks k latents per row; everything after it is sparse: the decoder's forward is an ``embedding_bag``
+  over the k active rows of ``W_dec`` and its backward two sparse products (CSR × dense for ``W_dec``, a sampled
+  product for the activations), and the encoder's backward touches only the active columns (a CSR × dense product
+  for ``W_enc``, an ``index_add_`` for ``b_enc``), so no dense batch × d_sae gradient is ever formed;
 * the TopK auxiliary loss gathers only the dead latents' columns;
 * ``feature_acts`` reach sae_lens's trainer as a coalesced sparse COO tensor, which its statistics accept.
 
@@ -106,22 +107,24 @@ class _GatheredPreacts(torch.autograd.Function):
             # W_enc.grad[:, j] = Σ over chosen (r, j) of grad · x_r: a CSR (d_sae × B) matrix, rows sorted by
             # latent, times x
             order, crow = _by_latent(cols_N, F_)
-            grad_W_enc = (_csr(crow, rows_N[order], grad_N[order], (F_, sae_in_BD.shape[0])) @ sae_in_BD).T
+            grad_W_enc = (csr_matrix(crow, rows_N[order], grad_N[order], (F_, sae_in_BD.shape[0])) @ sae_in_BD).T
         grad_b_dec = -(W_enc_DF @ grad_b_enc) if ctx.has_b_dec else None  # sae_in = x − b_dec
         return (None, None, None, None, grad_W_enc, grad_b_enc if ctx.needs_input_grad[5] else None, grad_b_dec)
 
 
-def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+def csr_matrix(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A CSR tensor built without torch's invariant check (callers build it sorted) or its beta warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 def _by_latent(cols_N: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(order, crow)`` that lay flat (row, latent) entries out as a CSR (d_sae × B) matrix, rows by latent."""
+    """``(order, crow)`` that lay flat (row, latent) entries, sorted by row, out as a CSR (d_sae × B) matrix, rows by
+    latent (a stable sort keeps each latent's batch rows ascending, as CSR wants its columns)."""
     crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=cols_N.device)
     crow[1:] = torch.bincount(cols_N, minlength=n_latents).cumsum(0)
-    return torch.argsort(cols_N), crow
+    return torch.argsort(cols_N, stable=True), crow
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -144,11 +147,11 @@ class _SparseDecode(torch.autograd.Function):
         grad_w = grad_W = None
         if ctx.needs_input_grad[3]:
             crow = torch.cat([offsets_B, offsets_B.new_tensor([len(cols_N)])])
-            pattern = _csr(crow, cols_N, grad_BD.new_zeros(len(cols_N)), (B, F_))
+            pattern = csr_matrix(crow, cols_N, grad_BD.new_zeros(len(cols_N)), (B, F_))
             grad_w = torch.sparse.sampled_addmm(pattern, grad_BD, W_dec_FD.T, beta=0.0).values()
         if ctx.needs_input_grad[4]:
             order, crow = _by_latent(cols_N, F_)
-            grad_W = _csr(crow, rows_N[order], weights_N[order], (F_, B)) @ grad_BD
+            grad_W = csr_matrix(crow, rows_N[order], weights_N[order], (F_, B)) @ grad_BD
         return None, None, None, grad_w, grad_W
 
 
@@ -341,6 +344,8 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         dead_F = dead_neuron_mask.nonzero().squeeze(1)
         with torch.no_grad():
             top_BA, pos_BA = state.hidden_pre_BF.index_select(1, dead_F).topk(k_aux, dim=-1, sorted=False)
+            pos_BA, order = pos_BA.sort(dim=-1)  # ascending within rows (dead_F is ascending): a canonical CSR
+            top_BA = top_BA.gather(-1, order)
         idx_BA = dead_F[pos_BA]
         hidden_BA = self._hidden_at(top_BA.float(), idx_BA, state.sae_in_BD, state.W_dec_norm_F)
         recons_BD = self._sparse_decode(idx_BA, hidden_BA, state.W_dec_norm_F)

@@ -105,8 +105,10 @@ def verdict(ci: Interval, direction: int) -> str:
 # ---------------------------------------------------------------------------------------------- power
 def paired_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
     """Power of the two-sided paired t-test at level ``alpha`` with ``n`` seeds, when the per-seed differences have
-    mean ``effect`` and standard deviation ``sd`` (exact, from the noncentral t distribution)."""
+    mean ``effect`` and standard deviation ``sd`` > 0 (exact, from the noncentral t distribution)."""
     _check_power_args(sd, n, alpha)
+    if sd == 0:
+        raise ValueError("sd: expected a standard deviation > 0 (with no spread the t-test is undefined)")
     df, crit = n - 1, _st.t.ppf(1 - alpha / 2, n - 1)
     nc = abs(effect) * math.sqrt(n) / sd  # the test is two-sided: the power is symmetric in the effect
     lower = _st.nct.cdf(-crit, df, nc)  # the far tail; scipy returns NaN where it underflows (few seeds, large nc)

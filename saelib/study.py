@@ -1,4 +1,4 @@
-"""The study runner: every params file of a study through the train and evaluate notebooks, in parallel.
+"""The study runner: every run of a study (its grid and params files) through the train and evaluate notebooks.
 
 ``python -m saelib.study params/<study>`` (or ``make study STUDY=<study>``):
 
@@ -41,7 +41,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from saelib import run_files
-from saelib.config import GRID_FILE, ConfigError, RunConfig, build_config, grid_runs
+from saelib.config import GRID_FILE, ConfigError, RunConfig, build_config, grid_runs, with_defaults
 from saelib.evals.results import SEED_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,14 @@ def stamp_path(run: Run, notebook: Path) -> Path:
 
 
 def is_current(run: Run, notebook: Path, parameters: dict[str, Any]) -> bool:
+    """The notebook finished for this run's config, source and parameters (a config field the stamp predates counts
+    as its default)."""
     path = stamp_path(run, notebook)
-    return path.exists() and run_files.read_json(path) == json.loads(json.dumps(stamp(run, notebook, parameters)))
+    if not path.exists():
+        return False
+    recorded = run_files.read_json(path)
+    recorded["config"] = with_defaults(recorded.get("config", {}))
+    return recorded == json.loads(json.dumps(stamp(run, notebook, parameters)))
 
 
 def pending(runs: list[Run], settings: RunnerSettings) -> list[tuple[Run, list[Path]]]:

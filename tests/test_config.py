@@ -214,6 +214,9 @@ def test_a_grid_expands_into_configurations_times_seeds(tmp_path):
     ("configs: {}", "configs: expected a mapping of configuration name"),
     ("seed: [0]\nconfigs: {topk: {}}", "expected a mapping with keys among seeds, configs, from"),
     ("from: ../nowhere", "from: expected another study's params folder"),
+    ("configs: [topk]", "configs: expected a mapping of configuration name: overrides"),
+    ("configs: {topk: [1]}", r"configs.topk: expected a mapping of parameter: value"),
+    ("seeds: [true]\nconfigs: {topk: {}}", "seeds: expected a non-empty list of distinct integers"),
 ])
 def test_bad_grids_name_what_is_wrong(tmp_path, text, message):
     from saelib.config import grid_runs
@@ -243,6 +246,17 @@ def test_training_key_leaves_out_parameters_the_architecture_does_not_take(tmp_p
     topk.run_dir.mkdir(parents=True)
     run_files.write_json_atomic(topk.run_dir / run_files.RUN_CFG_FILE, recorded)
     assert run_files.changed_fields(topk.run_dir, topk.training_key()) == {}
+    # an SGO run recorded before one of its own fields existed was trained as that field's default says
+    sgo_run = build_config({"runs_dir": str(tmp_path), "orth_pen": 0.02})
+    sgo_run.run_dir.mkdir(parents=True)
+    run_files.write_json_atomic(sgo_run.run_dir / run_files.RUN_CFG_FILE, {
+        k: v for k, v in {**sgo_run.to_dict(), **sgo_run.resolved_precisions()}.items()
+        if k != "competition_normalisation"})
+    assert run_files.changed_fields(sgo_run.run_dir, sgo_run.training_key()) == {}
+    per_latent = build_config({"runs_dir": str(tmp_path), "orth_pen": 0.02, "run_name": sgo_run.run_name,
+                               "competition_normalisation": "latents"})
+    assert run_files.changed_fields(sgo_run.run_dir, per_latent.training_key()) == {
+        "competition_normalisation": ("pairs", "latents")}
     sgo = build_config({"orth_pen": 0.02}).training_key()
     assert {"orth_pen", "competition_threshold", "competition_stat_tokens"} <= set(sgo)
     assert sgo != build_config({"orth_pen": 0.02, "competition_stat_tokens": 512}).training_key()

@@ -57,6 +57,15 @@ def test_results_are_written_reused_and_redone_when_settings_change(fake_evals, 
     assert set(run_results(run)) == {"fake"}
 
 
+def test_a_result_from_an_older_version_of_the_eval_is_redone(fake_evals, tiny_model, tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    assert evaluate_run(run, tiny_model, ["fake"]).loc[0, "status"] == "done"
+    monkeypatch.setitem(suite.EVALS, "fake", suite.EvalSpec("tests.test_eval_suite", "FakeSettings", "run_fake",
+                                                            version=2))
+    assert evaluate_run(run, tiny_model, ["fake"]).loc[0, "status"] == "done" and len(CALLS) == 2
+    assert evaluate_run(run, tiny_model, ["fake"]).loc[0, "status"] == "reused"
+
+
 def test_a_failing_eval_does_not_lose_the_others(fake_evals, tiny_model, tmp_path):
     run = make_run(tmp_path)
     status = evaluate_run(run, tiny_model, ["broken", "fake"]).set_index("eval")

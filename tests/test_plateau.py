@@ -16,7 +16,7 @@ def _state(path):
 def test_a_checkpoint_exports_as_the_run_that_stopped_there(tmp_path, tiny_cache):
     long_cfg = tiny_cfg(tmp_path, run_name="long", n_checkpoints=1)
     train_sae(long_cfg, tiny_cache)
-    [(tokens, ckpt)] = plateau.checkpoints(long_cfg.run_dir)
+    [(tokens, ckpt)] = run_files.checkpoints(long_cfg.run_dir)
     assert 0 < tokens < long_cfg.training_tokens
     short_cfg = tiny_cfg(tmp_path, run_name="short", training_tokens=tokens, n_checkpoints=0)
     train_sae(short_cfg, tiny_cache)
@@ -37,6 +37,7 @@ def test_points_table_and_resume(tmp_path, tiny_cache):
     tokens = [plateau.tokens_of(p) for p in points]
     assert tokens == sorted(tokens) and tokens[-1] == cfg.training_tokens and len(points) == 3
     assert run_files.read_json(points[0] / run_files.RUN_CFG_FILE)["training_tokens"] == tokens[0]
+    assert run_files.read_json(points[0] / run_files.RUN_CFG_FILE)["n_checkpoints"] == 0  # a run that stopped there
     before = (points[0] / run_files.SAE_DIR / "sae_weights.safetensors").stat().st_mtime_ns
     assert plateau.export_points(cfg.run_dir, tiny_cache) == points  # exported points are kept, not redone
     assert (points[0] / run_files.SAE_DIR / "sae_weights.safetensors").stat().st_mtime_ns == before
@@ -60,7 +61,7 @@ def test_points_nearest_to_asked_tokens(tmp_path):
 def test_a_half_written_point_is_redone(tmp_path, tiny_cache):
     cfg = tiny_cfg(tmp_path, n_checkpoints=1)
     train_sae(cfg, tiny_cache)
-    (tokens, _), = plateau.checkpoints(cfg.run_dir)
+    (tokens, _), = run_files.checkpoints(cfg.run_dir)
     partial = plateau.point_dir(cfg.run_dir, tokens).with_name(plateau.point_dir(cfg.run_dir, tokens).name + ".partial")
     partial.mkdir(parents=True)  # left by a killed export
     points = plateau.export_points(cfg.run_dir, tiny_cache)

@@ -52,8 +52,16 @@ def test_every_run_is_scored_under_every_eval_seed_in_its_own_folder(runs, monke
 def test_bad_inputs_name_the_parameter(runs, tmp_path):
     with pytest.raises(ValueError, match="evals: expected evals with a sampling seed"):
         resample.resample(runs, None, ["core"], [1, 2])
-    with pytest.raises(ValueError, match="seeds: expected at least two different eval seeds"):
-        resample.resample(runs, None, ["absorption"], [3, 3])
+    with pytest.raises(ValueError, match="seeds: expected at least two distinct eval seeds"):
+        resample.resample(runs, None, ["absorption"], [3, 3, 4])
+    with pytest.raises(ValueError, match="run_dirs: expected runs of one configuration under distinct seeds"):
+        resample.resample([runs[0], runs[0]], None, ["absorption"], [1, 2])
+    other = tmp_path / "other_s5"  # another configuration (k differs)
+    other.mkdir()
+    cfg = run_files.read_json(runs[1] / run_files.RUN_CFG_FILE)
+    run_files.write_json_atomic(other / run_files.RUN_CFG_FILE, {**cfg, "k": 7, "seed": 5})
+    with pytest.raises(ValueError, match="run_dirs: expected runs of one configuration"):
+        resample.resample([runs[0], other], None, ["absorption"], [1, 2])
     with pytest.raises(FileNotFoundError, match="run_dir: expected a finished run"):
         resample.resampled_run(tmp_path / "nope", "absorption", 1)
 

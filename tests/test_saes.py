@@ -79,6 +79,19 @@ def test_sgo_penalty_uses_the_chosen_normalisation(tmp_path, tiny_cache):
     assert not torch.equal(runs["pairs"].W_dec, runs["latents"].W_dec)
 
 
+def test_a_low_precision_decoder_gets_the_penalty_in_float32():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(20, 8, generator=g)
+    i, j, w = torch.tensor([0, 1, 2, 2]), torch.tensor([5, 6, 7, 7]), torch.rand(4, generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = W.to(dtype).requires_grad_(True)
+        ours = weighted_pair_cos2(low, i, j, w)
+        ref = eager_pair_cos2(low.detach().float().requires_grad_(True), i, j, w)
+        (grad,) = torch.autograd.grad(ours, low)
+        assert grad.dtype == dtype and grad.shape == low.shape
+        torch.testing.assert_close(ours.float(), ref, atol=1e-2, rtol=1e-2)
+
+
 def test_gram_penalty_matches_its_definition_and_is_zero_for_orthonormal_rows():
     W = torch.randn(6, 10, dtype=torch.float64)
     W_hat = W / W.norm(dim=-1, keepdim=True)

@@ -88,6 +88,11 @@ def test_mde_table_pools_the_differences_of_every_comparison():
         minimum_detectable_difference(-1.0, 3)
     with pytest.raises(ValueError, match="n: expected at least 2 seeds"):
         minimum_detectable_difference(1.0, 1)
+    from saelib.stats import paired_power
+
+    assert minimum_detectable_difference(0.0, 3) == 0.0
+    with pytest.raises(ValueError, match="sd: expected a standard deviation > 0"):
+        paired_power(0.1, 0.0, 3)
 
 
 def test_noise_components_recover_known_variances():

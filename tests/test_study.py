@@ -90,6 +90,12 @@ def test_study_runs_in_parallel_then_does_nothing(study, caplog):
     assert list(run_study(study, fixed)["status"]) == ["done"] * 3  # a fixed parameter is part of the stamp
     assert json.loads((runs / "topk_s0" / ".runner" / "evaluate.json").read_text())["parameters"] == {
         "eval_profile": "default", "extra": 1}
+    # a stamp written before a config field existed is still current (the field had its default then)
+    stamp_file = runs / "topk_s0" / ".runner" / "evaluate.json"
+    old = json.loads(stamp_file.read_text())
+    del old["config"]["competition_normalisation"]
+    stamp_file.write_text(json.dumps(old))
+    assert list(run_study(study, fixed).set_index("run")["status"]) == ["current"] * 3
 
 
 def test_a_killed_run_resumes_and_a_failing_run_does_not_stop_the_others(study):

@@ -11,13 +11,13 @@ per-τ numbers). Every run folder under the study folder counts. Only finite num
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
 
 from saelib import run_files
+from saelib.config import SEED_NAME
 from saelib.evals.common import EVALS_DIR
 
 #: The numbers the study reports: "eval/metric" → (display name, +1 higher is better / −1 lower is better / 0 neither)
@@ -38,7 +38,7 @@ HEADLINE: dict[str, tuple[str, int]] = {
 }
 
 COLUMNS = ["run", "config", "architecture", "tau", "lambda", "seed", "eval", "metric", "value"]
-SEED_SUFFIX = re.compile(r"_s\d+$")
+SEED_SUFFIX = SEED_NAME
 """Runs that differ only by seed are named ``<config>_s<seed>``; ``config`` drops that suffix."""
 
 _TAU_ARCHS = {"sgo_topk"}

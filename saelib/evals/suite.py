@@ -33,6 +33,7 @@ class EvalSpec:
     function: str
     fixed: tuple[tuple[str, Any], ...] = ()  # settings this eval name pins (e.g. the unlearning mode)
     takes_run_dir: bool = False  # the function also reads the run folder (``run_dir=``)
+    version: int = 1  # raised when saelib's result gains or changes a number: older stored results are redone
 
     def load(self):
         mod = importlib.import_module(self.module if "." in self.module else f"saelib.evals.{self.module}")
@@ -42,7 +43,7 @@ class EvalSpec:
 #: Every eval saelib runs, by the name used in notebooks, params and result files.
 EVALS: dict[str, EvalSpec] = {
     "core": EvalSpec("core", "CoreSettings", "run_core_eval"),
-    "absorption": EvalSpec("absorption", "AbsorptionSettings", "run_absorption"),
+    "absorption": EvalSpec("absorption", "AbsorptionSettings", "run_absorption", version=2),  # 2: firing-based
     "sparse_probing": EvalSpec("sparse_probing", "SparseProbingSettings", "run_sparse_probing"),
     "competition": EvalSpec("competition", "CompetitionSettings", "run_competition", takes_run_dir=True),
     "unlearning_proxy": EvalSpec("unlearning", "UnlearningSettings", "run_unlearning", (("mode", "proxy"),)),
@@ -120,6 +121,8 @@ DEPENDS_ON = {"competition": "absorption"}
 def _inputs(name: str, settings, run_dir: Path) -> dict[str, Any]:
     """What a stored result must match to be reused: the settings, plus the id of any result it reads."""
     inputs = common.settings_dict(settings)
+    if EVALS[name].version > 1:
+        inputs["saelib_result_version"] = EVALS[name].version
     upstream = DEPENDS_ON.get(name)
     if upstream and common.result_path(run_dir, upstream).exists():
         inputs[f"{upstream}_eval_id"] = run_files.read_json(common.result_path(run_dir, upstream)).get("eval_id")
