@@ -300,6 +300,14 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(RunConfig)]
 
 
+def config_of_run(run_dir: str | Path) -> RunConfig:
+    """The config a run folder's cfg.json records (the resolved precisions it also records are left out)."""
+    from saelib import run_files
+
+    recorded = run_files.read_json(Path(run_dir) / run_files.RUN_CFG_FILE)
+    return build_config({k: v for k, v in recorded.items() if not k.endswith("_used")})
+
+
 def with_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
     """A recorded cfg.json's fields, each field it predates filled with its default: a run recorded before a field
     existed was trained as that field's default says."""

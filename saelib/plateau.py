@@ -52,14 +52,14 @@ def nearest_checkpoints(found: list[tuple[int, Path]], tokens: list[int]) -> lis
 def export_points(run_dir: Path, cache, tokens: list[int] | None = None) -> list[Path]:
     """One point folder per checkpoint (or per checkpoint nearest to each of ``tokens``), plus the finished SAE
     (already exported points are kept)."""
-    from saelib.config import build_config
+    from saelib.config import config_of_run
     from saelib.train import checkpoint_sae
 
     run_dir = Path(run_dir)
     run_cfg = run_files.read_json(run_dir / run_files.RUN_CFG_FILE)
     if not (run_dir / run_files.SAE_DIR / "cfg.json").exists():
         raise FileNotFoundError(f"run_dir: expected a finished run (an SAE in {run_dir / run_files.SAE_DIR})")
-    cfg = build_config({k: v for k, v in run_cfg.items() if not k.endswith("_used")})
+    cfg = config_of_run(run_dir)
     points = []
     for seen, ckpt in tqdm(nearest_checkpoints(run_files.checkpoints(run_dir), tokens or []), desc="export checkpoints",
                            unit="ckpt"):
@@ -107,7 +107,7 @@ def plateau_table(run_dir: Path, metrics: list[str] = METRICS) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     from saelib.activations import cache_for_config
-    from saelib.config import build_config
+    from saelib.config import config_of_run
     from saelib.evals.common import EvalError
     from saelib.evals.suite import check_eval_names
     from saelib.models import load_model
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if (args.run_dir / run_files.RUN_CFG_FILE).exists() else None
     if run_cfg is None:
         parser.error(f"run_dir: expected a run folder holding {run_files.RUN_CFG_FILE}, got {args.run_dir}")
-    cfg = build_config({k: v for k, v in run_cfg.items() if not k.endswith("_used")})
+    cfg = config_of_run(args.run_dir)
     lm = load_model(cfg.model_name, device=cfg.device, precision=run_cfg.get("lm_precision_used", "float32"))
     points = export_points(args.run_dir, cache_for_config(cfg, lm, "train"), args.tokens)  # cache: centring mean
     model = lm if str(lm.cfg.dtype) == "torch.float32" else load_model(cfg.model_name, device=cfg.device)

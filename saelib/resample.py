@@ -90,7 +90,7 @@ def noise_table(values: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    from saelib.config import build_config
+    from saelib.config import config_of_run
     from saelib.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = build_config({k: v for k, v in run_files.read_json(args.run_dirs[0] / run_files.RUN_CFG_FILE).items()
-                        if not k.endswith("_used")})
+    cfg = config_of_run(args.run_dirs[0])
     values = resample(args.run_dirs, load_model(cfg.model_name, device=cfg.device), args.evals, args.eval_seeds,
                       smoke=args.smoke)
     table = noise_table(values)

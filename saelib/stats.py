@@ -64,23 +64,32 @@ def paired_vs_baseline(results: pd.DataFrame, metrics: dict[str, tuple[str, int]
     0 when neither (descriptive: the verdict then says "higher"/"lower"). The verdict is "better"/"worse" when the
     95 % interval of the mean paired difference excludes 0, else "no detectable difference"; NO_INTERVAL with one
     shared seed, NO_SPREAD when every seed gave the same non-zero difference (a zero-width interval)."""
+    _, diffs = _paired_differences(results, metrics, baseline, by)
+    rows = []
+    for (group, key), diff in diffs.items():
+        name, direction = metrics[key]
+        ci = mean_ci(diff.values)
+        rows.append({by: group, "metric": name, "seeds": ci.n, "difference": ci.mean, "low": ci.low,
+                     "high": ci.high, "verdict": verdict(ci, direction)})
+    return pd.DataFrame(rows, columns=[by, "metric", "seeds", "difference", "low", "high", "verdict"])
+
+
+def _paired_differences(results: pd.DataFrame, metrics: dict, baseline: str, by: str):
+    """``(baseline values by seed, {(group, metric key): per-seed differences from the baseline})``, groups sorted,
+    then metrics in ``metrics``' order; metrics the results lack are left out."""
     keyed = results.assign(key=results["eval"] + "/" + results["metric"])
     keyed = keyed[keyed["key"].isin(metrics)]
     if baseline not in set(keyed[by]):
         raise ValueError(f"baseline: expected one of the study's {by}s {sorted(set(keyed[by]))}, got {baseline!r}")
     table = keyed.pivot_table(index=[by, "seed"], columns="key", values="value", aggfunc="first")
     base = table.xs(baseline, level=by)
-    rows = []
+    diffs = {}
     for group in sorted(set(keyed[by]) - {baseline}):
         own = table.xs(group, level=by)
-        for key, (name, direction) in metrics.items():
-            if key not in table.columns:
-                continue
-            diff = (own[key] - base[key].reindex(own.index)).dropna()
-            ci = mean_ci(diff.values)
-            rows.append({by: group, "metric": name, "seeds": ci.n, "difference": ci.mean, "low": ci.low,
-                         "high": ci.high, "verdict": verdict(ci, direction)})
-    return pd.DataFrame(rows, columns=[by, "metric", "seeds", "difference", "low", "high", "verdict"])
+        for key in metrics:
+            if key in table.columns:
+                diffs[(group, key)] = (own[key] - base[key].reindex(own.index)).dropna()
+    return base, diffs
 
 
 NO_INTERVAL = "not enough seeds for an interval"
@@ -146,19 +155,13 @@ def mde_table(results: pd.DataFrame, metrics: dict[str, tuple[str, int]], baseli
     the study has. The per-seed differences' standard deviation is pooled over every group compared with the
     baseline (each group's variance weighted by its degrees of freedom); ``seeds`` is the typical (median) number
     of seeds a comparison has. Also the baseline's mean and the MDE relative to it."""
-    keyed = results.assign(key=results["eval"] + "/" + results["metric"])
-    keyed = keyed[keyed["key"].isin(metrics)]
-    if baseline not in set(keyed[by]):
-        raise ValueError(f"baseline: expected one of the study's {by}s {sorted(set(keyed[by]))}, got {baseline!r}")
-    table = keyed.pivot_table(index=[by, "seed"], columns="key", values="value", aggfunc="first")
-    base = table.xs(baseline, level=by)
+    base, diffs = _paired_differences(results, metrics, baseline, by)
     rows = []
     for key, (name, _) in metrics.items():
-        if key not in table.columns:
+        if key not in base.columns:
             continue
         ss, dof, ns = 0.0, 0, []
-        for group in sorted(set(keyed[by]) - {baseline}):
-            diff = (table.xs(group, level=by)[key] - base[key]).dropna()
+        for diff in (d for (_, k), d in diffs.items() if k == key):
             if len(diff) >= 2:
                 ss += float(diff.var(ddof=1)) * (len(diff) - 1)
                 dof += len(diff) - 1
