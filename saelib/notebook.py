@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from saelib.config import ConfigError, build_config
+from saelib.config import ConfigError, build_config, field_names
 
 log = logging.getLogger(__name__)
 REPORTS_DIR = Path("reports")
@@ -24,7 +24,8 @@ def run_notebook(notebook: str | Path, params_file: str | Path, reports_dir: Pat
     path: ``reports/<study>/<run>.html`` for train.ipynb, ``<run>.<notebook>.html`` for the others. Raises if the
     notebook fails (its executed copy, with the error, stays in the run folder)."""
     notebook, params_file = Path(notebook), Path(params_file)
-    cfg = build_config(params_file=params_file)  # validate before writing anything
+    # validate before writing anything; -p values that are config fields (run_name, runs_dir, ...) name the run
+    cfg = build_config({k: v for k, v in (parameters or {}).items() if k in field_names()}, params_file=params_file)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     executed = cfg.run_dir / notebook.name
     start = time.time()

@@ -153,6 +153,29 @@ def test_rejected_config_writes_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()
 
 
+def test_notebook_parameters_name_and_check_the_run(tmp_path, monkeypatch):
+    """-p values that are config fields count before anything is written: a bad one is refused, and run_name /
+    runs_dir place the run folder and the report (not the params file's own name)."""
+    import saelib.notebook as notebook_mod
+
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "params" / "s" / "r.yaml"
+    good.parent.mkdir(parents=True)
+    good.write_text("k: 8\n")
+    executed = []
+    monkeypatch.setattr(notebook_mod, "execute", lambda nb, out, params, progress_bar=False: executed.append(out))
+    monkeypatch.setattr(notebook_mod, "render_report", lambda executed_nb, html: html)
+    train = Path(__file__).parents[1] / "notebooks" / "train.ipynb"
+    with pytest.raises(ConfigError, match="^k: "):
+        notebook_mod.run_notebook(train, good, reports_dir=tmp_path / "reports", parameters={"k": 0})
+    assert not (tmp_path / "runs").exists() and not executed
+    html = notebook_mod.run_notebook(train, good, reports_dir=tmp_path / "reports",
+                                     parameters={"run_name": "other", "runs_dir": "elsewhere", "profile": ""})
+    assert executed == [Path("elsewhere") / "s" / "other" / "train.ipynb"]
+    assert html == tmp_path / "reports" / "s" / "other.html"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_study_defaults_apply_before_the_run_file(tmp_path):
     study = tmp_path / "params" / "s"
     study.mkdir(parents=True)
