@@ -25,10 +25,10 @@
 
 # %% tags=["parameters"]
 params_file = ""  # params/<study>/<run>.yaml: evaluates that run's folder (overrides run_dir)
-run_dir = ""  # "" = the folder the train notebook writes with the same -p values (any RunConfig field) and profile
-profile = ""  # "" = $SAELIB_PROFILE or "default"; "smoke" = the smoke run, evaluated at the smoke settings
+run_dir = ""  # empty: the folder the train notebook writes with the same -p values (any RunConfig field) and profile
+profile = ""  # empty: $SAELIB_PROFILE or "default"; "smoke": the smoke run, evaluated at the smoke settings
 evals = ["core", "absorption", "sparse_probing", "unlearning_proxy", "unlearning", "competition"]
-eval_profile = ""  # "smoke" (fast, for CI) or "default" (the measured profile); "" = follows profile
+eval_profile = ""  # "smoke" (fast, for CI) or "default" (the measured profile); empty: follows profile
 force = False  # re-run evals even when a current result exists
 
 # %%

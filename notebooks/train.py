@@ -24,10 +24,10 @@
 
 # %% tags=["parameters"]
 params_file = ""  # params/<study>/<run>.yaml: overrides; names the run <study>/<run>
-profile = ""  # "" = $SAELIB_PROFILE or "default"; "smoke" = a one-minute pipeline check (runs/smoke/)
+profile = ""  # empty: $SAELIB_PROFILE or "default"; "smoke": a one-minute pipeline check (runs/smoke/)
 competition_analysis = True  # held-out competition at this run's τ (a study leaves it to the competition eval)
 study = "single"
-run_name = ""  # "" = derived from the configuration, e.g. topk_s0, sgo_t0.05_l0.02_s0
+run_name = ""  # empty: derived from the configuration, e.g. topk_s0, sgo_t0.05_l0.02_s0
 runs_dir = "runs"
 model_name = "gemma-3-270m"
 hook_layer = 8
@@ -62,7 +62,7 @@ log_every = 10
 seed = 0
 device = "cpu"
 dtype = "float32"
-sae_precision = "auto"  # SAE encoder matmul: auto = bf16 where the CPU/GPU has it natively, else float32
+sae_precision = "auto"  # SAE encoder matmul: auto is bf16 where the CPU/GPU has it natively, else float32
 lm_precision = "auto"  # language model weights for activations and evals (same rule)
 
 # %%

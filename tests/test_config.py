@@ -141,6 +141,19 @@ def test_notebook_parameters_cell_mirrors_config_defaults(notebook):
     assert {k: namespace[k] for k in defaults} == defaults
 
 
+@pytest.mark.parametrize("notebook", sorted((Path(__file__).parents[1] / "notebooks").glob("*.py")), ids=lambda p: p.stem)
+def test_papermill_sees_every_parameter(notebook):
+    """papermill skips a parameters line holding a second "=" (a comment's "a = b") and then warns "Passed unknown
+    parameter" for a -p the notebook does take: every name in the cell must be one papermill recognises."""
+    import papermill
+
+    cell = next(c for c in jupytext.read(notebook).cells if "parameters" in c.metadata.get("tags", []))
+    namespace: dict = {}
+    exec(cell.source, namespace)
+    ipynb = Path(notebook).with_suffix(".ipynb")
+    assert set(papermill.inspect_notebook(str(ipynb))) == {k for k in namespace if not k.startswith("__")}
+
+
 def test_rejected_config_writes_nothing(tmp_path, monkeypatch):
     from saelib.notebook import run_notebook
 
