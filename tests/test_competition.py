@@ -140,3 +140,47 @@ def test_merge_of_sorted_tables_equals_a_unique_over_both():
     empty = torch.zeros(0, dtype=torch.int64)
     assert torch.equal(_merge_sorted(empty, torch.zeros(0), b, rb)[0], b)
     assert torch.equal(_counts(torch.tensor([5, 3, 5, 5], dtype=torch.int32))[1], torch.tensor([1, 3]))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device on this machine"))]
+
+
+def _fed_stats(device, max_pairs=100_000):
+    stats = CompetitionStats(40, decay=0.9, max_pairs=max_pairs, window=3, device=device)
+    for seed in range(7):
+        stats.update(random_topk_acts(seed=seed).to(device), k=5)
+    stats.flush()
+    return stats
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_competition_statistics_stay_on_the_sae_device(device):
+    stats = _fed_stats(device)
+    i_C, j_C, s_C = stats.competing(0.1)
+    tensors = [stats.freq_F, stats.pair_keys, stats.pair_rates, stats._pending_counts_F, i_C, j_C, s_C,
+               stats.scores(), *stats.state_dict().values()]
+    assert {t.device.type for t in tensors} == {torch.device(device).type}
+    reference = _fed_stats("cpu")
+    assert torch.equal(stats.pair_keys.cpu(), reference.pair_keys)
+    torch.testing.assert_close(stats.pair_rates.cpu(), reference.pair_rates)
+
+
+def test_the_device_path_never_copies_to_the_host(monkeypatch):
+    """The branch every non-CPU device takes (torch.unique / topk where the tensors live), run here on the CPU with
+    numpy forbidden: it gives the numpy path's table (and caps it: which of tied pairs survive may differ)."""
+    import saelib.competition as competition
+
+    monkeypatch.setattr(competition, "_host_numpy", lambda t: False)
+
+    def host_copy(self, *args, **kwargs):
+        raise AssertionError("Tensor.numpy() on the device path: a host round trip on a GPU")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", host_copy)
+    stats = _fed_stats("cpu", max_pairs=60)
+    assert len(stats.pair_keys) == 60 and bool((stats.pair_keys.diff() > 0).all())
+    uncapped = _fed_stats("cpu")
+    monkeypatch.undo()
+    full = _fed_stats("cpu")
+    assert torch.equal(uncapped.pair_keys, full.pair_keys)
+    torch.testing.assert_close(uncapped.pair_rates, full.pair_rates)

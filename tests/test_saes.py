@@ -239,3 +239,58 @@ def test_statistics_read_only_the_evenly_spaced_tokens_asked_for():
     assert sampled.competition.n_updates == 1
     for name, value in full.competition.state_dict().items():
         assert torch.equal(sampled.competition.state_dict()[name], value), name
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device on this machine"))]
+
+
+def _orth_steps(architecture: str, device: str, steps: int = 4):
+    """A few sparse training steps of an orthogonal SAE on ``device``: (sae, losses, W_dec gradient of the last)."""
+    from sae_lens.registry import get_sae_training_class
+
+    extra = {"sgo_topk": dict(competition_threshold=0.05, competition_warmup_steps=0, competition_decay=0.5,
+                              competition_window=2, competition_sample_pairs=64),
+             "ortsae_topk": dict(orth_chunk_size=16), "gram_topk": {}}[architecture]
+    sae_cls, cfg_cls = get_sae_training_class(architecture)
+    torch.manual_seed(0)
+    sae = sae_cls(cfg_cls(d_in=16, d_sae=64, k=4, orth_pen=1.0, device=device, **extra))
+    g = torch.Generator().manual_seed(1)
+    losses, grad = [], None
+    for step in range(steps):
+        sae.zero_grad()
+        x = torch.randn(32, 16, generator=g).to(device)
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"orth_pen": 1.0},
+                                                       dead_neuron_mask=None, n_training_steps=step,
+                                                       is_logging_step=False))
+        out.loss.backward()
+        losses.append(out.losses[ORTH_LOSS].detach())
+        grad = sae.W_dec.grad
+    return sae, losses, grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("architecture", ["sgo_topk", "ortsae_topk", "gram_topk"])
+def test_orthogonal_penalties_run_on_the_sae_device(architecture, device):
+    sae, losses, grad = _orth_steps(architecture, device)
+    kind = torch.device(device).type
+    tensors = [*losses, *(p for p in sae.parameters()), *(p.grad for p in sae.parameters())]
+    if architecture == "sgo_topk":
+        stats = sae.competition
+        tensors += [stats.freq_F, stats.pair_keys, stats.pair_rates, *stats.competing(0.05)]
+        assert len(stats.competing(0.05)[0]) > 0
+    assert {t.device.type for t in tensors} == {kind}
+    assert losses[-1].item() > 0 and grad.abs().sum() > 0
+
+
+def test_sgo_device_path_on_the_cpu_equals_the_numpy_path(monkeypatch):
+    """The whole SGO step along the branch a GPU takes (no numpy, no host copy), run on the CPU: same penalty and
+    decoder gradient as the CPU's numpy branch."""
+    import saelib.competition as competition
+
+    _, ref_losses, ref_grad = _orth_steps("sgo_topk", "cpu")
+    monkeypatch.setattr(competition, "_host_numpy", lambda t: False)
+    monkeypatch.setattr(torch.Tensor, "numpy", lambda self, *a, **k: pytest.fail("Tensor.numpy() on the device path"))
+    _, losses, grad = _orth_steps("sgo_topk", "cpu")
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses))
+    torch.testing.assert_close(grad, ref_grad)
