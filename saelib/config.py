@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from saelib.models import MODELS
-from saelib.sparse_step import resolve_precision
+from saelib.sparse_step import PRECISIONS, require_device, resolve_precision
 
 #: Architectures that train through sae_lens's TrainingSAE registry. ``sgo_topk`` and the orthogonal
 #: variants are registered by ``saelib.saes``; the rest are sae_lens's own.
@@ -201,9 +201,14 @@ class RunConfig:
             _check(_FOLDER_NAME.fullmatch(getattr(self, name)) is not None, name,
                    f"a folder name of letters, digits and _ . + - (not starting with '.'), got {getattr(self, name)!r}")
         _check(self.lr_warm_up_steps >= 0, "lr_warm_up_steps", f">= 0, got {self.lr_warm_up_steps}")
+        here = _device_here(self.device)  # a GPU profile stays declarable on a CPU machine; running it is checked
         for name in ("sae_precision", "lm_precision"):
             try:
-                resolve_precision(getattr(self, name), self.device, name)
+                if here:
+                    resolve_precision(getattr(self, name), self.device, name)
+                else:
+                    _check(getattr(self, name) in PRECISIONS, name,
+                           f"one of {list(PRECISIONS)}, got {getattr(self, name)!r}")
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         self._validate_arch_params()
@@ -284,6 +289,14 @@ class RunConfig:
         key = {k: v for k, v in self.to_dict().items() if k not in ("study", "run_name", "runs_dir")
                and self.architecture in ARCH_PARAMS.get(k, (self.architecture,))}
         return {**key, **self.resolved_precisions()}
+
+
+def _device_here(device: str) -> bool:
+    try:
+        require_device(device)
+    except ValueError:
+        return False
+    return True
 
 
 def _check(ok: bool, name: str, expected: str) -> None:

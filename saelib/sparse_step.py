@@ -71,9 +71,23 @@ def bf16_native(device: str | torch.device = "cpu") -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def require_device(device: str | torch.device) -> torch.device:
+    """``device`` if this machine has it; else a ValueError naming the ``device`` field and the CPU default (so a
+    GPU profile run on a machine without one stops at once instead of deep inside torch)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device: {str(device)!r} was asked for, but torch sees "
+                         f"{torch.cuda.device_count()} CUDA device(s) here; the CPU default is device: cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device: 'mps' was asked for, but this machine has no MPS backend; the CPU default is "
+                         "device: cpu")
+    return dev
+
+
 def resolve_precision(precision: str, device: str | torch.device, field: str = "sae_precision") -> str:
     """``auto`` → ``bfloat16`` where native on ``device``, else ``float32``. Forcing ``bfloat16`` where it is
-    not native raises a ValueError naming ``field``."""
+    not native raises a ValueError naming ``field``; a device this machine lacks raises one naming ``device``."""
+    require_device(device)
     if precision not in PRECISIONS:
         raise ValueError(f"{field}: expected one of {list(PRECISIONS)}, got {precision!r}")
     native = bf16_native(device)

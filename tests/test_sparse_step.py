@@ -177,3 +177,25 @@ def test_batchtopk_two_stage_selection_is_the_flat_topk(row_scale):
     torch.testing.assert_close(values, hidden.flatten()[expected])
     per_row = torch.bincount(rows, minlength=B)
     assert (per_row.max() > sae.CANDIDATES_PER_K * K) == (row_scale == "uneven")  # the fallback was needed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_gpu_is_one_clear_error_before_anything_is_written(tmp_path):
+    """A GPU profile is a valid declaration here (its params files are checked in CI), but running it stops at once,
+    naming the field and the CPU default, before a run folder exists."""
+    from saelib.config import build_config
+    from saelib.models import load_model
+    from saelib.sparse_step import require_device
+    from saelib.train import train_sae
+
+    with pytest.raises(ValueError, match=r"^device: 'cuda' was asked for, .* the CPU default is device: cpu$"):
+        require_device("cuda")
+    cfg = build_config({"device": "cuda", "runs_dir": str(tmp_path), "d_sae": 64, "k": 4}, profile="smoke")
+    with pytest.raises(ValueError, match=r"^device: 'cuda'"):
+        cfg.resolved_precisions()
+    with pytest.raises(ValueError, match=r"^device: 'cuda:1'"):
+        load_model("tiny-random", device="cuda:1")
+    with pytest.raises(ValueError, match=r"^device: 'cuda'"):
+        train_sae(cfg, cache=None)
+    assert not any(tmp_path.iterdir())
+    assert require_device("cpu") == torch.device("cpu")
