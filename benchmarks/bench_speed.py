@@ -46,7 +46,7 @@ D_IN, BATCH, K = 640, 4096, 32
 
 
 # ---------------------------------------------------------------------------------------------- contenders
-def sae_lens_stepper(arch: str, d_sae: int, precision: str, steps: int, **extra):
+def sae_lens_stepper(arch: str, d_sae: int, precision: str, steps: int, device: str = "cpu", **extra):
     """A function running one training step through sae_lens's trainer (saelib's for saelib architectures)."""
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
@@ -56,20 +56,20 @@ def sae_lens_stepper(arch: str, d_sae: int, precision: str, steps: int, **extra)
     from saelib.train import HistoryTrainer
 
     trainer_cfg = SAETrainerConfig(total_training_samples=BATCH * steps, train_batch_size_samples=BATCH, lr=4e-4,
-                                   lr_end=4e-4, device="cpu", dead_feature_window=10_000, n_checkpoints=0,
+                                   lr_end=4e-4, device=device, dead_feature_window=10_000, n_checkpoints=0,
                                    checkpoint_path=None, save_final_checkpoint=False,
                                    autocast=(arch == "stock" and precision == "bfloat16"))
     torch.manual_seed(0)
     if arch == "stock":
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=d_sae, k=K))
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=d_sae, k=K, device=device))
         trainer = SAETrainer(trainer_cfg, sae, data_provider=iter(()))
     elif arch.startswith("stock_"):  # sae_lens's own BatchTopK / Matryoshka BatchTopK
         cls, cfg_cls = get_sae_training_class(arch.removeprefix("stock_"))
-        sae = cls(cfg_cls(d_in=D_IN, d_sae=d_sae, k=K, **extra))
+        sae = cls(cfg_cls(d_in=D_IN, d_sae=d_sae, k=K, device=device, **extra))
         trainer = SAETrainer(trainer_cfg, sae, data_provider=iter(()))
     else:
         cls, cfg_cls = get_sae_training_class(arch)
-        sae = cls(cfg_cls(d_in=D_IN, d_sae=d_sae, k=K, sae_precision=precision, **extra))
+        sae = cls(cfg_cls(d_in=D_IN, d_sae=d_sae, k=K, sae_precision=precision, device=device, **extra))
         history = Path(tempfile.mkdtemp()) / "history.jsonl"
         trainer = HistoryTrainer(trainer_cfg, sae, data_provider=iter(()), log_every=10**9, history_path=history)
 
@@ -109,17 +109,21 @@ def sparsify_available() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def time_interleaved(steppers: dict, steps: dict, batches: list, rounds: int, warmup: dict) -> dict[str, float]:
-    """Median over ``rounds`` of the mean seconds per step; each round runs every contender in turn."""
+def time_interleaved(steppers: dict, steps: dict, batches: list, rounds: int, warmup: dict,
+                     sync=lambda: None) -> dict[str, float]:
+    """Median over ``rounds`` of the mean seconds per step; each round runs every contender in turn. ``sync`` waits
+    for queued device work (``torch.cuda.synchronize`` on a GPU) before each clock read."""
     for name, step in steppers.items():
         for i in range(warmup[name]):
             step(batches[i % len(batches)])
     per_round: dict[str, list[float]] = {name: [] for name in steppers}
     for r in range(rounds):
         for name, step in steppers.items():
+            sync()
             start = time.perf_counter()
             for i in range(steps[name]):
                 step(batches[(r + i) % len(batches)])
+            sync()
             per_round[name].append((time.perf_counter() - start) / steps[name])
     return {name: statistics.median(ts) for name, ts in per_round.items()}
 
