@@ -65,6 +65,11 @@ class RunnerSettings:
     threads: int | None = None  # per run; None: cores // jobs
     parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Fixed papermill parameters per notebook stem, e.g. ``{train: {competition_analysis: false}}``."""
+    ray: str | None = None
+    """Address of a Ray cluster (``auto``, ``host:port``, ``ray://host:port``): each run becomes a Ray task there.
+    None: the local process pool (``jobs`` at once)."""
+    num_cpus: float | None = None  # per run on Ray; None: ``threads``, else 1
+    num_gpus: float | None = None  # per run on Ray; None: 1 for a run on cuda, else 0
 
     def validate(self) -> None:
         if not isinstance(self.jobs, int) or self.jobs < 1:
@@ -82,6 +87,12 @@ class RunnerSettings:
         if clash:
             raise ConfigError(f"parameters: {sorted(clash)} are runner settings (set them as such, so the command "
                               f"line can override them), not fixed notebook parameters")
+        for name in ("num_cpus", "num_gpus"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ConfigError(f"{name}: expected a number >= 0 (a Ray task's resources), got {value!r}")
+        if self.ray is not None and (not isinstance(self.ray, str) or not self.ray):
+            raise ConfigError(f"ray: expected a Ray cluster address such as 'auto' or 'host:6379', got {self.ray!r}")
         if self.evals is not None:
             from saelib.evals.suite import check_eval_names
 
@@ -197,6 +208,21 @@ def execute_notebook(run: Run, notebook: Path, parameters: dict[str, Any], threa
     return False, (lines[-1] if lines else f"exit code {code}; see {log_path}")[:300]
 
 
+def run_notebooks(run: Run, notebooks: list[Path], settings: RunnerSettings, threads: int) -> tuple[str, str, float]:
+    """A run's pending notebooks in order: ``(status, last error line, minutes)``. The one piece of work a run is,
+    wherever it runs (a local thread, a Ray task)."""
+    start = time.time()
+    status, error = "done", ""
+    for nb in notebooks:  # being redone, this one and the later ones: not finished until they finish again
+        stamp_path(run, nb).unlink(missing_ok=True)
+    for nb in notebooks:
+        ok, error = execute_notebook(run, nb, notebook_parameters(nb, settings), threads)
+        if not ok:
+            status = f"failed in {nb.stem}"
+            break
+    return status, error, (time.time() - start) / 60
+
+
 def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool = False) -> pd.DataFrame:
     """Run every pending notebook of a study; returns the summary (one row per run). ``reports_only``: run nothing,
     render the study's reports, answers and index from the runs finished so far (a look at a study part-way)."""
@@ -221,32 +247,33 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
     elif not todo:
         log.info("study %s: all %d runs are finished and current; nothing to do", study, len(runs))
     else:
-        threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.jobs)
-        log.info("study %s: %d of %d runs to do, %d at a time with %d thread(s) each",
-                 study, len(todo), len(runs), settings.jobs, threads)
+        if settings.ray:
+            from saelib.ray_runner import RayPool
+
+            pool = RayPool(settings, todo)  # connects and checks the cluster's resources before anything runs
+            threads = pool.threads
+        else:
+            threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.jobs)
+            pool = ThreadPoolExecutor(max_workers=settings.jobs)
+        log.info("study %s: %d of %d runs to do, %s with %d thread(s) each", study, len(todo), len(runs),
+                 f"as tasks on the Ray cluster at {settings.ray!r}" if settings.ray else f"{settings.jobs} at a time",
+                 threads)
         bar = tqdm(total=len(todo), desc=f"study {study}", unit="run")
         lock = threading.Lock()
 
-        def work(item: tuple[Run, list[Path]]) -> None:
-            run, notebooks = item
-            start = time.time()
-            status, error = "done", ""
-            for nb in notebooks:  # being redone, this one and the later ones: not finished until they finish again
-                stamp_path(run, nb).unlink(missing_ok=True)
-            for nb in notebooks:
-                ok, error = execute_notebook(run, nb, notebook_parameters(nb, settings), threads)
-                if not ok:
-                    status = f"failed in {nb.stem}"
-                    break
-            minutes = (time.time() - start) / 60
+        def finished(run: Run, status: str, error: str, minutes: float) -> None:
             with lock:
                 rows[run.name].update(status=status, minutes=round(minutes, 1), error=error)
                 bar.update(1)
                 bar.write(f"[{bar.n:>3}/{len(todo)}] {run.name}: {status} in {minutes:.1f} min"
                           + (f" — {error}" if error else ""))
 
-        with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
-            list(pool.map(work, todo))
+        with pool:
+            if settings.ray:
+                for run, (status, error, minutes) in pool.results():
+                    finished(run, status, error, minutes)
+            else:
+                list(pool.map(lambda item: finished(item[0], *run_notebooks(*item, settings, threads)), todo))
         bar.close()
     summary = pd.DataFrame(list(rows.values()))
     if todo:
@@ -343,13 +370,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-profile", choices=("smoke", "default"))
     parser.add_argument("--evals", nargs="+", help="evals to run (default: the evaluate notebook's list)")
     parser.add_argument("--notebooks", nargs="+", help="per-run notebooks, in order")
+    parser.add_argument("--ray", metavar="ADDRESS", default=os.environ.get("RAY_ADDRESS") or None,
+                        help="run each run as a task on the Ray cluster at ADDRESS ('auto', 'host:6379'; default: "
+                             "$RAY_ADDRESS if set, else the local process pool); runs/ and the caches must be on a "
+                             "filesystem every node shares")
     parser.add_argument("--reports-only", action="store_true",
                         help="run nothing; render the reports, answers and index from the runs finished so far")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         settings = load_runner_settings(Path(args.study), {
-            "jobs": args.jobs, "eval_profile": args.eval_profile, "evals": args.evals, "notebooks": args.notebooks})
+            "jobs": args.jobs, "eval_profile": args.eval_profile, "evals": args.evals, "notebooks": args.notebooks,
+            "ray": args.ray})
         summary = run_study(Path(args.study), settings, reports_only=args.reports_only)
     except ConfigError as err:
         log.error("%s", err)
