@@ -34,6 +34,8 @@ hook_layer = 8
 dataset = "saelib-offline"
 context_size = 128
 cache_tokens = 614_400
+activations = "cache"  # or "stream": produced as consumed through an in-memory mixing buffer (hub-scale runs)
+stream_buffer_tokens = 262_144
 eval_tokens = 32_768
 eval_ce_tokens = 4_096
 centre_activations = True
@@ -78,7 +80,7 @@ import torch
 from IPython.display import display
 
 from saelib import plots, run_files
-from saelib.activations import cache_for_config
+from saelib.activations import cache_for_config, training_activations
 from saelib.evals import competition_for_run, core_for_run
 from saelib.models import load_model
 from saelib.train import train_sae
@@ -91,7 +93,7 @@ plots.use_report_renderer()
 
 # %%
 lm = load_model(cfg.model_name, device=cfg.device, precision=cfg.lm_precision)  # bf16 where native: ≈ 3× faster
-train_cache = cache_for_config(cfg, lm, "train")
+train_cache = training_activations(cfg, lm)  # the shared cache, or a stream (activations: stream)
 eval_cache = cache_for_config(cfg, lm, "eval")
 # the evals below run the LM in float32: bf16 losses sit on a 1/32-nat grid (docs/speed.md)
 model = lm if lm.cfg.dtype == torch.float32 else load_model(cfg.model_name, device=cfg.device)

@@ -184,12 +184,17 @@ def _streamed_mean(acts_ND: np.ndarray, chunk: int = 65_536) -> torch.Tensor:
 
 
 def iter_training_batches(
-    cache: ActivationCache, batch_size: int, seed: int, start_step: int = 0, subtract_D: torch.Tensor | None = None,
+    cache: "ActivationCache | ActivationStream", batch_size: int, seed: int, start_step: int = 0,
+    subtract_D: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Endless shuffled batches: epoch ``e`` uses permutation ``seed + e``; an incomplete last batch is dropped.
 
-    ``start_step`` skips exactly the batches a resumed run has already seen, so resuming is deterministic.
+    ``start_step`` skips exactly the batches a resumed run has already seen, so resuming is deterministic. An
+    :class:`ActivationStream` serves the same rows from its mixing buffer instead.
     """
+    if isinstance(cache, ActivationStream):
+        yield from cache.batches(batch_size, seed, start_step, subtract_D)
+        return
     per_epoch = cache.n_rows // batch_size
     if per_epoch == 0:
         raise ValueError(f"batch_size: expected at most the cache size {cache.n_rows}, got {batch_size}")
@@ -202,6 +207,84 @@ def iter_training_batches(
             batch_BD = torch.from_numpy(cache.acts[idx].astype(np.float32, copy=False))
             yield batch_BD - subtract_D if subtract_D is not None else batch_BD
             step += 1
+
+
+class ActivationStream:
+    """Training rows produced by the LM as they are consumed, for hub-scale runs: nothing is written to disk.
+
+    The rows are the ones a cache of ``n_rows`` would hold (the split's sequences in order, special-token positions
+    dropped), served through an in-memory mixing buffer of ``buffer_rows``: the epoch's rows are cut into
+    consecutive chunks of that size; each chunk is computed, shuffled (epoch ``e`` draws one permutation per chunk,
+    in order, from ``seed + e``) and served in batches; a chunk's incomplete last batch is dropped. With a buffer
+    holding the whole epoch this is exactly :func:`iter_training_batches` over the cache, batch for batch. The
+    buffer lives on the LM's device. ``mean_D`` (for centring) is the mean of the first chunk.
+    """
+
+    def __init__(self, model, tokens_NS: np.ndarray, hook_name: str, n_rows: int, buffer_rows: int,
+                 special_ids: set[int], lm_batch_size: int = 16):
+        special = np.array(sorted(special_ids))
+        rows_per_seq = (~np.isin(tokens_NS, special)).sum(1)
+        self.cum_rows = np.concatenate([[0], np.cumsum(rows_per_seq)])
+        if self.cum_rows[-1] < n_rows:
+            raise ValueError(f"cache_tokens: the corpus split has {int(self.cum_rows[-1])} rows, fewer than the "
+                             f"{n_rows} asked for")
+        if buffer_rows <= 0:
+            raise ValueError(f"stream_buffer_tokens: expected a positive number of rows, got {buffer_rows}")
+        self.model, self.tokens_NS, self.hook_name, self.n_rows = model, tokens_NS, hook_name, n_rows
+        self.buffer_rows = min(buffer_rows, n_rows)
+        self.layer = int(hook_name.split(".")[1])
+        self.special = torch.tensor(sorted(special_ids), dtype=torch.long)
+        self.lm_batch_size = lm_batch_size
+        self.d_in = model.cfg.d_model
+        self._chunk: tuple[int, torch.Tensor] | None = None
+        self.mean_D = _streamed_mean(self.chunk(0).cpu().numpy())  # the cache's own arithmetic
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.buffer_rows)
+
+    def chunk(self, c: int) -> torch.Tensor:
+        """Rows ``[c·buffer, (c+1)·buffer)`` of the epoch, computed by the LM (the last chunk computed is kept)."""
+        if self._chunk is not None and self._chunk[0] == c:
+            return self._chunk[1]
+        lo, hi = c * self.buffer_rows, min((c + 1) * self.buffer_rows, self.n_rows)
+        s0 = int(np.searchsorted(self.cum_rows, lo, side="right")) - 1
+        s1 = int(np.searchsorted(self.cum_rows, hi, side="left"))
+        device = next(self.model.parameters()).device
+        parts = []
+        for b in tqdm(range(s0, s1, self.lm_batch_size), desc=f"streaming {self.hook_name} (chunk {c + 1})",
+                      unit="batch", leave=False):
+            batch = torch.from_numpy(np.asarray(self.tokens_NS[b: min(b + self.lm_batch_size, s1)], dtype=np.int64))
+            parts.append(_hook_acts(self.model, batch.to(device), self.hook_name, self.layer,
+                                    self.special.to(device)))
+        start = lo - int(self.cum_rows[s0])
+        rows = torch.cat(parts)[start: start + hi - lo]
+        self._chunk = (c, rows)
+        return rows
+
+    def batches(self, batch_size: int, seed: int, start_step: int = 0,
+                subtract_D: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        sizes = [min(self.buffer_rows, self.n_rows - c * self.buffer_rows) for c in range(self.n_chunks)]
+        per_chunk = [n // batch_size for n in sizes]
+        per_epoch = sum(per_chunk)
+        if per_epoch == 0:
+            raise ValueError(f"batch_size: expected at most the stream's buffer ({self.buffer_rows} rows), "
+                             f"got {batch_size}")
+        epoch, offset = divmod(start_step, per_epoch)
+        while True:
+            rng = np.random.default_rng(seed + epoch)
+            for c, n in enumerate(sizes):
+                order = rng.permutation(n)  # drawn for every chunk, so a resumed epoch draws the same ones
+                if offset >= per_chunk[c]:
+                    offset -= per_chunk[c]
+                    continue
+                rows = self.chunk(c)
+                for i in range(offset, per_chunk[c]):
+                    idx = torch.from_numpy(np.sort(order[i * batch_size: (i + 1) * batch_size])).to(rows.device)
+                    batch_BD = rows[idx]
+                    yield batch_BD - subtract_D.to(rows.device) if subtract_D is not None else batch_BD
+                offset = 0
+            epoch += 1
 
 
 def special_token_ids(model) -> set[int]:
@@ -228,6 +311,14 @@ def cache_for_config(cfg, model, split: str = "train") -> ActivationCache:
     key = CacheKey(cfg.model_name, cfg.hook_name, f"{cfg.dataset}/{CORPUS_VERSION}/{split}", n_rows,
                    cfg.context_size, "float32", str(model.cfg.dtype).removeprefix("torch."))
     return build_activation_cache(model, tokens_NS, key, cache_root() / "activations", special_token_ids(model))
+
+
+def training_activations(cfg, model) -> ActivationCache | ActivationStream:
+    """What a run trains on, by ``cfg.activations``: the shared on-disk cache, or a stream from ``model``."""
+    if cfg.activations == "stream":
+        return ActivationStream(model, split_tokens(cfg, model, "train"), cfg.hook_name, cfg.cache_tokens,
+                                cfg.stream_buffer_tokens, special_token_ids(model))
+    return cache_for_config(cfg, model, "train")
 
 
 def split_tokens(cfg, model, split: str) -> np.ndarray:

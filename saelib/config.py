@@ -61,6 +61,7 @@ SEED_NAME = re.compile(r"_s\d+$")
 #: Named profiles a notebook run can start from (``profile`` parameter or ``$SAELIB_PROFILE``): ``default`` is
 #: ``RunConfig``'s own defaults; ``smoke`` (a one-minute pipeline check for tests and CI) is ``params/smoke/_study.yaml``.
 PROFILES = ("default", "smoke")
+ACTIVATION_SOURCES = ("cache", "stream")
 PROFILE_ENV = "SAELIB_PROFILE"
 
 
@@ -93,7 +94,13 @@ class RunConfig:
     context_size: int = 128
     """Tokens per sequence, BOS included."""
     cache_tokens: int = 614_400
-    """Activations cached for training (special-token positions excluded)."""
+    """Activations cached for training (special-token positions excluded); one epoch of the stream."""
+    activations: str = "cache"
+    """Where training reads activations: ``cache``, one LM pass written to disk and reused by every run (on a CPU the
+    LM pass is the bottleneck); ``stream``, produced as they are consumed through an in-memory mixing buffer of
+    ``stream_buffer_tokens`` rows, nothing on disk (hub-scale runs on a GPU)."""
+    stream_buffer_tokens: int = 262_144
+    """Rows in the stream's mixing buffer (``activations: stream``), on the LM's device."""
     eval_tokens: int = 32_768
     """Held-out tokens for reconstruction metrics (explained variance, MSE, L0, dead latents)."""
     eval_ce_tokens: int = 4_096
@@ -185,6 +192,10 @@ class RunConfig:
                f"at least one batch (batch_size={self.batch_size}), got {self.training_tokens}")
         _check(self.cache_tokens >= self.batch_size, "cache_tokens",
                f"at least one batch (batch_size={self.batch_size}), got {self.cache_tokens}")
+        _check(self.activations in ACTIVATION_SOURCES, "activations",
+               f"one of {list(ACTIVATION_SOURCES)}, got {self.activations!r}")
+        _check(self.activations != "stream" or self.stream_buffer_tokens >= self.batch_size, "stream_buffer_tokens",
+               f"a mixing buffer of at least one batch (batch_size={self.batch_size}), got {self.stream_buffer_tokens}")
         _check(self.eval_tokens > 0 and self.eval_ce_tokens > 0, "eval_tokens",
                f"positive eval_tokens and eval_ce_tokens, got {self.eval_tokens}, {self.eval_ce_tokens}")
         _check(self.normalize_activations in NORMALIZATIONS, "normalize_activations",

@@ -23,7 +23,7 @@ from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from sae_lens.training.optim import get_lr_scheduler
 
 from saelib import run_files
-from saelib.activations import ActivationCache, iter_training_batches
+from saelib.activations import ActivationCache, ActivationStream, iter_training_batches
 from saelib.config import ARCH_PARAMS, ORTHOGONAL, RunConfig
 from saelib.sparse_step import keep_freed_memory
 
@@ -149,7 +149,7 @@ def trainer_config(cfg: RunConfig, run_dir: Path) -> SAETrainerConfig:
     )
 
 
-def train_sae(cfg: RunConfig, cache: ActivationCache, run_dir: Path | None = None) -> TrainingSAE:
+def train_sae(cfg: RunConfig, cache: ActivationCache | ActivationStream, run_dir: Path | None = None) -> TrainingSAE:
     """Train (or resume from the latest checkpoint) and save the inference SAE to ``run_dir/sae``.
 
     A run folder that already holds a finished SAE for the same configuration is loaded, not retrained.

@@ -166,3 +166,77 @@ def test_a_bf16_lm_pass_is_cached_apart_and_close_to_fp32(tmp_path, monkeypatch)
     assert fp32.folder != bf16.folder and bf16.lm_dtype == "bfloat16" and fp32.lm_dtype == "float32"
     a, b = fp32.rows(), bf16.rows()
     assert b.dtype == torch.float32 and 0 < float((a - b).norm() / a.norm()) < 0.02
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+HOOK = "blocks.0.hook_resid_post"
+
+
+def tiny_stream(tiny_model, buffer_rows, n_rows=1500):
+    from saelib.activations import ActivationStream
+
+    return ActivationStream(tiny_model, synthetic_tokens(), HOOK, n_rows, buffer_rows, {1}, lm_batch_size=8)
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_a_stream_with_a_whole_epoch_buffer_serves_the_cache_batch_for_batch(tiny_model, tiny_cache):
+    stream = tiny_stream(tiny_model, buffer_rows=10_000)
+    assert torch.equal(stream.mean_D, tiny_cache.mean_D)
+    for start in (0, 7, 25):  # across epochs (11 batches each), and resumed part-way
+        cached = take(iter_training_batches(tiny_cache, 128, 3, start, tiny_cache.mean_D), 15)
+        streamed = take(iter_training_batches(stream, 128, 3, start, stream.mean_D), 15)
+        assert all(torch.equal(a, b) for a, b in zip(cached, streamed))
+
+
+def test_a_small_buffer_mixes_within_chunks_covers_the_epoch_and_resumes(tiny_model, tiny_cache):
+    stream = tiny_stream(tiny_model, buffer_rows=400)  # chunks of 400, 400, 400, 300 rows: 3 + 3 + 3 + 2 batches
+    index = {row.tobytes(): i for i, row in enumerate(np.asarray(tiny_cache.acts))}
+    batches = take(iter_training_batches(stream, 128, 5), 22)
+    rows = [[index[r.numpy().tobytes()] for r in b] for b in batches]
+    chunk_of = [{i // 400 for i in b} for b in rows]
+    assert chunk_of[:11] == [{0}] * 3 + [{1}] * 3 + [{2}] * 3 + [{3}] * 2  # each batch from one chunk, in order
+    first_epoch = [i for b in rows[:11] for i in b]
+    assert len(set(first_epoch)) == len(first_epoch) == 11 * 128  # no row twice in an epoch
+    assert rows[11] != rows[0]  # the next epoch draws new permutations
+    resumed = take(iter_training_batches(stream, 128, 5, start_step=13), 9)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, batches[13:]))
+
+
+def test_training_on_the_stream_equals_training_on_the_cache(tmp_path, tiny_model, tiny_cache):
+    from saelib.train import train_sae
+    from tests.test_train import tiny_cfg
+
+    from_cache = train_sae(tiny_cfg(tmp_path / "cache"), tiny_cache)
+    stream_cfg = tiny_cfg(tmp_path / "stream", activations="stream", stream_buffer_tokens=10_000)
+    from_stream = train_sae(stream_cfg, tiny_stream(tiny_model, stream_cfg.stream_buffer_tokens))
+    for name, value in from_cache.state_dict().items():
+        assert torch.equal(from_stream.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("overrides, field", [({"activations": "disk"}, "activations"),
+                                              ({"activations": "stream", "stream_buffer_tokens": 100}, "stream_buffer_tokens")])
+def test_bad_streaming_settings_name_the_field(overrides, field):
+    from saelib.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=f"^{field}: expected"):
+        build_config({"batch_size": 256, **overrides})
+
+
+@pytest.mark.real_model
+def test_the_embedded_model_streams_what_it_caches_and_writes_nothing(real_model, tmp_path):
+    from saelib.activations import cache_for_config, training_activations
+    from saelib.config import build_config
+    from saelib.models import cache_root
+
+    cfg = build_config({"cache_tokens": 2048, "batch_size": 256, "runs_dir": str(tmp_path), "activations": "stream",
+                        "stream_buffer_tokens": 4096})
+    before = set((cache_root() / "activations").glob("*"))
+    stream = training_activations(cfg, real_model)
+    streamed = take(iter_training_batches(stream, 256, 0, 3, stream.mean_D), 6)
+    assert set((cache_root() / "activations").glob("*")) == before  # a stream leaves nothing on disk
+    cache = cache_for_config(cfg, real_model, "train")
+    cached = take(iter_training_batches(cache, 256, 0, 3, cache.mean_D), 6)
+    assert all(torch.equal(a, b) for a, b in zip(cached, streamed))

@@ -48,7 +48,8 @@ def test_gemma_2_2b_profile_walks_end_to_end_on_meta(run, gemma_2_2b_meta):
     assert acts.shape == (2, 8, model.cfg.d_model) == (2, 8, 2304)
 
     # the SAE of the profile's size, on the CPU (no GPU here), fed activations of the LM's shape
-    sae = build_training_sae(dataclasses.replace(cfg, device="cpu"), d_in=acts.shape[-1])
+    assert (cfg.activations, cfg.lm_precision) == ("stream", "bfloat16")  # the profile streams, its LM in bf16
+    sae = build_training_sae(dataclasses.replace(cfg, device="cpu", lm_precision="auto"), d_in=acts.shape[-1])
     assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.metadata.hook_name) == (2304, cfg.d_sae, cfg.hook_name)
     from sae_lens.saes.sae import TrainStepInput
 
