@@ -124,20 +124,32 @@ def competition_rows(n_rows: int, n_tokens: int, device: torch.device | str = "c
 
 
 def chunked_max_cos2(W_dec_FD: torch.Tensor, chunk_size: int, generator: torch.Generator) -> torch.Tensor:
-    """OrtSAE-style: mean over latents of the max squared cosine to another latent of the same random chunk."""
+    """OrtSAE-style: mean over latents of the max squared cosine to another latent of the same random chunk.
+
+    The max's gradient reaches only its argmax, so the chunks' cosines are computed without a graph (one batched
+    matmul, float32) to find each latent's partner, and the penalty is then the mean cos² over those F pairs with the
+    sparse pair products: same value and gradient as autograd through the max (ties aside), in ≈ 1/10 the time and
+    memory at 16k latents (no F × chunk graph kept)."""
     F = W_dec_FD.shape[0]
-    W_hat_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     perm = torch.randperm(F, generator=generator).to(W_dec_FD.device)
-    total = W_dec_FD.new_zeros(())
-    for s in range(0, F, chunk_size):
-        idx = perm[s:s + chunk_size]
-        if len(idx) < 2:
-            continue
-        block = W_hat_FD[idx]
-        cos2 = (block @ block.T).square()
-        cos2 = cos2 - torch.diag_embed(cos2.diagonal())
-        total = total + cos2.max(dim=-1).values.sum()
-    return total / F
+    partner_F = torch.full((F,), -1, dtype=torch.long, device=W_dec_FD.device)
+    with torch.no_grad():
+        W = _exact(W_dec_FD)
+        W_hat_FD = W / torch.linalg.vector_norm(W, dim=-1, keepdim=True).clamp_min(1e-8)
+        n_full = F // chunk_size
+        groups = [perm[:n_full * chunk_size].view(n_full, chunk_size), perm[n_full * chunk_size:].view(1, -1)]
+        for idx_NC in groups:
+            if idx_NC.shape[1] < 2:
+                continue
+            block_NCD = W_hat_FD[idx_NC]
+            cos2_NCC = torch.bmm(block_NCD, block_NCD.transpose(1, 2)).square_()
+            cos2_NCC.diagonal(dim1=1, dim2=2).fill_(-1.0)  # never its own partner
+            partner_F[idx_NC] = idx_NC.gather(1, cos2_NCC.argmax(dim=-1))
+    i_P = torch.nonzero(partner_F >= 0).squeeze(1)
+    if len(i_P) == 0:
+        return W_dec_FD.new_zeros(())
+    j_P = partner_F[i_P]
+    return _PairCos2.apply(W_dec_FD, i_P, j_P, torch.ones(len(i_P), dtype=torch.float32, device=W_dec_FD.device)) / F
 
 
 def gram_offdiag_cos2(W_dec_FD: torch.Tensor) -> torch.Tensor:
