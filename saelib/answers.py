@@ -16,6 +16,7 @@ from saelib import run_files
 from saelib.evals.results import HEADLINE, run_identity, study_results, wide
 from saelib.plots import headline_png
 from saelib.stats import mde_table, mean_ci, paired_vs_baseline, verdict
+from saelib.summary import positive_controls, study_summary
 
 BASELINE = "topk"
 QUALITY = {k: v for k, v in HEADLINE.items() if v[1] != 0}
@@ -23,7 +24,8 @@ QUALITY = {k: v for k, v in HEADLINE.items() if v[1] != 0}
 OWN_TAU = "penalised pairs' weighted cos² (own τ)"
 FIGURE_METRICS = ["absorption (mean fraction)", "sparse probing top-1", "unlearning proxy score",
                   "CE-loss recovered", OWN_TAU]
-QUESTIONS = {"penalty": "Does the penalty reach the weights?",
+QUESTIONS = {"controls": "Do the positive controls reproduce (Matryoshka, OrtSAE against TopK, as their papers claim)?",
+             "penalty": "Does the penalty reach the weights?",
              "quality": "Does sparsity-guided orthogonality beat TopK, standard and other orthogonal SAEs?",
              "competition": "Which feature-competition patterns exist?",
              "threshold": "How does the competition threshold τ matter?",
@@ -38,6 +40,7 @@ class Answers:
     markdown: str
     figure: Path | None
     tables: dict[str, pd.DataFrame]
+    summary: dict
 
 
 def _num(x: float, sign: str = "") -> str:
@@ -181,12 +184,19 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
             "threshold": f"τ sweep at λ = {sweep_lambda:g}. {_counts(sweep)}" if sweep["config"].nunique() > 1 else
             "No τ sweep (SGO at one λ over several τ) in this study."}
     power = mde_table(results, QUALITY, baseline=BASELINE)
+    controls = positive_controls(quality, runs)
+    text["controls"] = (f"{int(controls['reproduces'].sum())} of {len(controls)} claimed effects reproduce (the 95 % "
+                        "interval of the paired difference excludes 0 on the claimed side)." if len(controls)
+                        else "No Matryoshka or OrtSAE runs in this study.")
     text["power"] = ("Minimum detectable paired difference from TopK (95 %, 80 % power) with the seeds each comparison "
                      "has, from the per-seed differences pooled over every configuration; a null is a null only "
                      "below it." if power["seeds"].ge(2).any() else "One seed: no paired spread, so no MDE.")
-    tables = {"penalty": weights.merge(penalty, on="config", how="left"), "quality": quality,
+    tables = {"controls": controls, "penalty": weights.merge(penalty, on="config", how="left"), "quality": quality,
               "competition": patterns, "threshold": sweep, "power": power}
-    md = {"penalty": table_markdown(penalty, order, weights) if len(penalty) else weights.to_markdown(index=False),
+    md = {"controls": controls.assign(difference=[cell(r) for r in controls.rename(columns={
+              "ci_low": "low", "ci_high": "high"}).assign(verdict="").itertuples()]).drop(
+              columns=["ci_low", "ci_high", "seeds", "source"]).to_markdown(index=False) if len(controls) else "",
+          "penalty": table_markdown(penalty, order, weights) if len(penalty) else weights.to_markdown(index=False),
           "quality": table_markdown(quality, order), "competition": table_markdown(patterns, order),
           "threshold": table_markdown(sweep, order, runs.drop_duplicates("config")[["config", "tau"]])
           if sweep["config"].nunique() > 1 else "",
@@ -204,7 +214,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     if runs["seed"].nunique() == 1:  # said once instead of in every cell
         markdown = markdown.replace(" (1 seed)", "").replace("._\n", ". One seed: single measurements, no "
                                                                        "intervals, no verdicts._\n", 1)
-    return Answers(markdown, figure, tables)
+    return Answers(markdown, figure, tables, study_summary(study_dir, results, runs, quality, power, controls))
 
 
 def absorbing_pairs(study_dir: Path) -> pd.DataFrame:
@@ -237,6 +247,7 @@ def write_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports
     folder.mkdir(parents=True, exist_ok=True)
     for key, table in answers.tables.items():
         table.to_csv(folder / f"answers_{key}.csv", index=False)
+    run_files.write_json_atomic(folder / "summary.json", answers.summary)
     out = folder / "answers.md"
     tmp = out.with_name("answers.md.tmp")
     tmp.write_text(answers.markdown.replace(FIGURE_LINK, FIGURE_LINK.format(figure="headline.png")), encoding="utf-8")

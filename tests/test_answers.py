@@ -200,3 +200,43 @@ def test_a_one_seed_study_says_so_once_instead_of_in_every_cell(tmp_path):
     row = _cell(one.tables["quality"], "sgo_t0.02_l0.02", "explained variance")
     assert _md_cell(one.markdown, "sgo_t0.02_l0.02", "explained variance") == f"{row.difference:+.3g}"
     assert "One seed" not in answers.study_answers("fx", FIXTURE, reports_dir=None).markdown
+
+
+@pytest.mark.parametrize("shift, reproduces", [(-0.03, True), (+0.03, False), (-0.0005, False)])
+def test_a_positive_control_reproduces_only_when_its_interval_is_on_the_claimed_side(shift, reproduces):
+    from saelib.summary import positive_controls
+
+    base = {0: 0.10, 1: 0.12, 2: 0.11}
+    rows = _rows("topk", "topk", np.nan, np.nan, base, ABSORPTION)
+    rows += _rows("mat", "matryoshka_batchtopk", np.nan, np.nan,
+                  {s: v + shift + 0.001 * s for s, v in base.items()}, ABSORPTION)
+    results = pd.DataFrame(rows, columns=COLUMNS)
+    quality = paired_vs_baseline(results, answers.QUALITY, baseline="topk")
+    controls = positive_controls(quality, results.drop_duplicates("run"))
+    row = controls.set_index(["config", "metric"]).loc[("mat", "absorption (mean fraction)")]
+    assert row["claimed"] == "lower" and row["seeds"] == 3 and row["reproduces"] == reproduces
+    assert row["difference"] == pytest.approx(shift + 0.001)
+    ci = mean_ci(np.array([shift + 0.001 * s for s in base]))
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((ci.low, ci.high))
+
+
+def test_summary_json_holds_what_a_checker_needs(tmp_path):
+    study = tmp_path / "runs" / "fixture"
+    shutil.copytree(FIXTURE, study)
+    answers.write_answers("fixture", study, tmp_path / "reports", readme=None)
+    summary = json.loads((tmp_path / "reports" / "fixture" / "summary.json").read_text())
+    cfg = json.loads((FIXTURE / "topk_s0" / "cfg.json").read_text())
+    assert (summary["d_sae"], summary["training_tokens"], summary["seeds"]) == (cfg["d_sae"], cfg["training_tokens"],
+                                                                                 [0, 1])
+    power = pd.read_csv(tmp_path / "reports" / "fixture" / "answers_power.csv").set_index("metric")
+    assert summary["mde"]["explained variance"] == pytest.approx(power.loc["explained variance", "mde"])
+    assert summary["positive_controls"] == {}  # the fixture has no Matryoshka or OrtSAE runs
+    frontier = {e["config"]: e for e in summary["sgo_frontier"]}
+    assert set(frontier) == {"topk", "sgo_t0.02_l0.02", "sgo_t0.05_l0.02"}
+    quality = pd.read_csv(tmp_path / "reports" / "fixture" / "answers_quality.csv")
+    q = quality[(quality["config"] == "sgo_t0.05_l0.02") & (quality["metric"] == "absorption (mean fraction)")].iloc[0]
+    assert frontier["sgo_t0.05_l0.02"]["absorption_vs_topk"] == pytest.approx(q["difference"])
+    assert (frontier["sgo_t0.05_l0.02"]["lambda"], frontier["sgo_t0.05_l0.02"]["tau"]) == (0.02, 0.05)
+    ev = [json.loads((FIXTURE / f"topk_s{s}" / "evals" / "core.json").read_text())["eval_result_metrics"]
+          ["reconstruction_quality"]["explained_variance"] for s in (0, 1)]
+    assert frontier["topk"]["ev"] == pytest.approx(np.mean(ev))

@@ -1,0 +1,91 @@
+"""The study's machine-readable summary (``reports/<study>/summary.json``) and its positive controls: architectures
+whose papers report an effect against TopK, checked in the direction claimed before any null about SGO counts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from saelib import run_files
+from saelib.stats import mean_ci
+
+#: architecture → (what its paper claims, {metric: direction claimed against TopK: -1 lower, +1 higher})
+CONTROLS = {
+    "matryoshka_batchtopk": ("Bussmann et al. 2025 (arXiv 2503.17547), SAEBench 2025: less absorption, better probing",
+                             {"absorption (mean fraction)": -1, "full absorption": -1,
+                              "main latents silent (firing-based absorption)": -1, "sparse probing top-1": +1}),
+    "ortsae_topk": ("Korznikov et al. 2025 (arXiv 2509.22033): absorption −65 %, probing on par",
+                    {"absorption (mean fraction)": -1, "full absorption": -1,
+                     "main latents silent (firing-based absorption)": -1}),
+}
+FRONTIER = {"explained variance": "ev", "absorption (mean fraction)": "absorption",
+            "main latents silent (firing-based absorption)": "firing_absorption", "sparse probing top-1": "probing"}
+FRONTIER_ARCHS = ("topk", "sgo_topk", "ortsae_topk")
+
+
+def positive_controls(quality: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per control configuration and claimed metric: the paired difference from TopK [95 %], the direction
+    claimed, and whether it reproduces (the interval excludes 0 on the claimed side; needs ≥ 2 seeds)."""
+    arch = runs.drop_duplicates("config").set_index("config")["architecture"]
+    rows = []
+    for row in quality.itertuples():
+        source, claims = CONTROLS.get(arch.get(row.config), ("", {}))
+        if row.metric in claims:
+            direction = claims[row.metric]
+            seen = row.seeds >= 2 and (row.high < 0 if direction < 0 else row.low > 0)
+            rows.append({"config": row.config, "metric": row.metric, "claimed": "lower" if direction < 0 else "higher",
+                         "seeds": row.seeds, "difference": row.difference, "ci_low": row.low, "ci_high": row.high,
+                         "reproduces": bool(seen), "source": source})
+    return pd.DataFrame(rows, columns=["config", "metric", "claimed", "seeds", "difference", "ci_low", "ci_high",
+                                       "reproduces", "source"])
+
+
+def frontier(results: pd.DataFrame, runs: pd.DataFrame, quality: pd.DataFrame) -> list[dict]:
+    """Per TopK / SGO / OrtSAE configuration: λ, τ, each frontier metric's mean [95 %] over seeds and its paired
+    difference from TopK [95 %]."""
+    from saelib.evals.results import HEADLINE
+
+    key_of = {name: key for key, (name, _) in HEADLINE.items()}
+    out = []
+    for c in runs[runs["architecture"].isin(FRONTIER_ARCHS)].drop_duplicates("config").to_dict("records"):
+        entry = {"config": c["config"], "architecture": c["architecture"], "lambda": _finite(c["lambda"]),
+                 "tau": _finite(c["tau"]), "seeds": int((runs["config"] == c["config"]).sum())}
+        for metric, short in FRONTIER.items():
+            eval_name, _, metric_key = key_of[metric].partition("/")
+            values = results[(results["config"] == c["config"]) & (results["eval"] == eval_name)
+                             & (results["metric"] == metric_key)]["value"]
+            ci = mean_ci(np.asarray(values, dtype=float)) if len(values) else None
+            entry.update({short: _finite(ci.mean) if ci else None, f"{short}_ci_low": _finite(ci.low) if ci else None,
+                          f"{short}_ci_high": _finite(ci.high) if ci else None})
+            diff = quality[(quality["config"] == c["config"]) & (quality["metric"] == metric)]
+            if len(diff):
+                d = diff.iloc[0]
+                entry.update({f"{short}_vs_topk": _finite(d.difference), f"{short}_vs_topk_ci_low": _finite(d.low),
+                              f"{short}_vs_topk_ci_high": _finite(d.high)})
+        out.append(entry)
+    return out
+
+
+def study_summary(study_dir: Path, results: pd.DataFrame, runs: pd.DataFrame, quality: pd.DataFrame,
+                  power: pd.DataFrame, controls: pd.DataFrame) -> dict:
+    cfg = run_files.read_json(Path(study_dir) / runs["run"].iloc[0] / run_files.RUN_CFG_FILE)
+    return {
+        "model": cfg["model_name"], "hook_layer": cfg["hook_layer"], "d_sae": cfg["d_sae"], "k": cfg["k"],
+        "training_tokens": cfg["training_tokens"], "seeds": sorted(int(s) for s in runs["seed"].unique()),
+        "runs": int(len(runs)),
+        "mde": {r.metric: _finite(r.mde) for r in power.itertuples()},
+        "mde_relative_to_topk": {r.metric: _finite(r.mde_relative) for r in power.itertuples()},
+        "positive_controls": {f"{r.config}/{r.metric}": {
+            "metric": r.metric, "claimed": r.claimed, "seeds": int(r.seeds), "difference": _finite(r.difference),
+            "ci_low": _finite(r.ci_low), "ci_high": _finite(r.ci_high), "reproduces": bool(r.reproduces)}
+            for r in controls.itertuples()},
+        "sgo_frontier": frontier(results, runs, quality),
+    }
+
+
+def _finite(x) -> float | None:
+    """JSON has no NaN: None instead."""
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
