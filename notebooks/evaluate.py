@@ -32,7 +32,7 @@ eval_profile = ""  # "smoke" (fast, for CI) or "default" (the measured profile);
 force = False  # re-run evals even when a current result exists
 
 # %%
-from saelib.config import evaluation_target
+from saelib.config import evaluation_target, run_device
 
 run_dir, eval_profile = evaluation_target(globals(), params_file, run_dir, profile, eval_profile)
 
@@ -54,7 +54,8 @@ print(f"{run_dir}: {sae_cfg.architecture()} d_sae={sae_cfg.d_sae} on {sae_cfg.me
       f"{sae_cfg.metadata.hook_name}; evals {evals} at the {eval_profile} profile")
 
 # %%
-model = load_model(sae_cfg.metadata.model_name)
+# on the run's device (a GPU run is evaluated on the GPU), the LM in float32 (bf16 losses sit on a 1/32-nat grid)
+model = load_model(sae_cfg.metadata.model_name, device=run_device(run_dir))
 
 # %% [markdown]
 # ## Run the evals

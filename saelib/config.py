@@ -332,6 +332,14 @@ def config_of_run(run_dir: str | Path) -> RunConfig:
     return build_config({k: v for k, v in recorded.items() if not k.endswith("_used")})
 
 
+def run_device(run_dir: str | Path) -> str:
+    """The device a run folder was trained on (its cfg.json), ``cpu`` for a folder without one."""
+    from saelib import run_files
+
+    path = Path(run_dir) / run_files.RUN_CFG_FILE
+    return run_files.read_json(path).get("device", "cpu") if path.exists() else "cpu"
+
+
 def with_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
     """A recorded cfg.json's fields, each field it predates filled with its default: a run recorded before a field
     existed was trained as that field's default says."""

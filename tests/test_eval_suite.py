@@ -127,3 +127,30 @@ def test_evals_that_read_the_run_folder_say_so_in_the_registry():
     for name, spec in EVALS.items():
         _, _, run = spec.load()
         assert ("run_dir" in inspect.signature(run).parameters) == spec.takes_run_dir, name
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="no CUDA device on this machine"))])
+def test_the_sae_side_of_the_evals_runs_on_the_lms_device(fake_evals, tmp_path, device, monkeypatch):
+    import torch
+
+    from saelib.models import tiny_random_model
+
+    load, asked, seen = suite.common.load_run_sae, [], []
+
+    def load_run_sae(run_dir, device=None):  # records what evaluate_run asks for (None: it did not say)
+        asked.append(device)
+        return load(run_dir, device=device or "cpu")
+
+    monkeypatch.setattr(suite.common, "load_run_sae", load_run_sae)
+    monkeypatch.setattr(suite.common, "check_model_matches", lambda sae, model: seen.append(sae.W_dec.device.type))
+    model = tiny_random_model(device=device)
+    assert evaluate_run(make_run(tmp_path), model, ["fake"]).loc[0, "status"] == "done"
+    assert asked == [str(model.cfg.device)] and seen == [torch.device(device).type]
+
+
+def test_the_evaluate_notebook_loads_the_lm_on_the_runs_device(tmp_path):
+    from saelib.config import run_device
+
+    (tmp_path / "cfg.json").write_text(json.dumps({"device": "cuda"}))
+    assert run_device(tmp_path) == "cuda" and run_device(tmp_path / "missing") == "cpu"

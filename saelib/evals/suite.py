@@ -88,7 +88,7 @@ def evaluate_run(run_dir: Path, model, evals=tuple(EVALS), settings: dict[str, A
         raise EvalError(f"settings: expected keys among the evals being run {names}, got {sorted(unexpected)}")
     run_dir = Path(run_dir)
     keep_freed_memory()
-    sae = common.load_run_sae(run_dir)
+    sae = common.load_run_sae(run_dir, device=str(model.cfg.device))  # the SAE side runs where the LM runs
     common.check_model_matches(sae, model)
     fingerprint = common.sae_fingerprint(sae)
     _fold_decoder_norms(sae)
