@@ -20,7 +20,10 @@ machine noise hits all alike; a row's time is the median over rounds of the mean
   τ 0.02 with its statistics already filled, and whole 10-batch windows timed so the fold is included; Gram only at
   4,096: it is quadratic in d_sae). SGO runs its defaults (statistics from 1,024 tokens a batch, 16,384 sampled
   penalty pairs); ``sgo/M8192`` halves the sampled pairs, which costs gradient fidelity
-  (``benchmarks/ablate_competition_sampling.py``).
+  (``benchmarks/ablate_competition_sampling.py``);
+* ``saelib/dead10``: saelib's step with 10 % of the latents dead, so sae_lens's aux-k loss runs (k_aux = d_in / 2 =
+  320 entries a row, 10× the main decode), as it does in real training once latents die (12–22 % at 16k here);
+  the other rows have no dead latent.
 
 Batches are synthetic activations with a low-rank structure (latents specialise and co-fire unevenly, as on real
 data), generated before timing. The LM rows run the embedded Gemma 3 270M up to block 8 (batch 16 × 128) with fp32
@@ -46,8 +49,10 @@ D_IN, BATCH, K = 640, 4096, 32
 
 
 # ---------------------------------------------------------------------------------------------- contenders
-def sae_lens_stepper(arch: str, d_sae: int, precision: str, steps: int, device: str = "cpu", **extra):
-    """A function running one training step through sae_lens's trainer (saelib's for saelib architectures)."""
+def sae_lens_stepper(arch: str, d_sae: int, precision: str, steps: int, device: str = "cpu", dead: float = 0.0,
+                     **extra):
+    """A function running one training step through sae_lens's trainer (saelib's for saelib architectures).
+    ``dead``: that fraction of the latents counts as dead at every step, so TopK's aux-k loss runs as in training."""
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.registry import get_sae_training_class
@@ -73,7 +78,11 @@ def sae_lens_stepper(arch: str, d_sae: int, precision: str, steps: int, device: 
         history = Path(tempfile.mkdtemp()) / "history.jsonl"
         trainer = HistoryTrainer(trainer_cfg, sae, data_provider=iter(()), log_every=10**9, history_path=history)
 
+    n_dead = int(dead * d_sae)
+
     def step(batch):
+        if n_dead:
+            trainer.n_forward_passes_since_fired[:n_dead] = 10**9
         trainer.step(batch)
         trainer.n_training_steps += 1
 
@@ -190,6 +199,8 @@ def main() -> None:
                     sparsify_stepper(d_sae, p), 5, 2
             steppers[f"saelib/{p}"], steps[f"saelib/{p}"], warmup[f"saelib/{p}"] = \
                 sae_lens_stepper("saelib_topk", d_sae, p, 10**6), 10, 2
+        steppers["saelib/dead10"], steps["saelib/dead10"], warmup["saelib/dead10"] = \
+            sae_lens_stepper("saelib_topk", d_sae, best, 10**6, dead=0.1), 10, 2
         sgo = dict(orth_pen=0.02, competition_threshold=0.02, competition_warmup_steps=0, competition_window=10)
         steppers["sgo"], steps["sgo"], warmup["sgo"] = sae_lens_stepper("sgo_topk", d_sae, best, 10**6, **sgo), 10, 10
         steppers["sgo/M8192"], steps["sgo/M8192"], warmup["sgo/M8192"] = sae_lens_stepper(
@@ -209,7 +220,7 @@ def main() -> None:
         t = time_interleaved(steppers, steps, batches, rounds, warmup)
         stock32 = t["stock/float32"]
         for name, sec in t.items():
-            orth = name.split("/")[0] in ("sgo", "ortsae", "gram")
+            orth = name.split("/")[0] in ("sgo", "ortsae", "gram") or name == "saelib/dead10"
             ref = t[f"saelib/{best}"] if orth else stock32
             note = (f"overhead {sec / ref - 1:+.1%} vs saelib/{best}" if orth
                     else f"{t[name.replace('saelib', 'stock')] / sec:.2f}× its stock fp32 ({best})"
@@ -227,6 +238,7 @@ def main() -> None:
         for family in ("batchtopk", "matryoshka_batchtopk"):
             results[f"{family}_speedup_{tag}"] = t[f"stock {family}"] / t[f"saelib {family}"]
         results[f"ortsae_overhead_{tag}"] = t["ortsae"] / t[f"saelib/{best}"] - 1
+        results[f"aux_dead10_overhead_{tag}"] = t["saelib/dead10"] / t[f"saelib/{best}"] - 1
         del steppers
     print(f"\n{'d_sae':>6}  {'step':<30} {'s/step':>8} {'tokens/s':>9}  note")
     for d_sae, name, sec, tps, note in rows:
