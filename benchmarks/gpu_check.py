@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sgo import synthetic_batches  # noqa: E402
-from bench_speed import D_IN, K, sae_lens_stepper, time_interleaved  # noqa: E402
+from bench_speed import D_IN, sae_lens_stepper, time_interleaved  # noqa: E402
 
 
 class FellBackToCPU(RuntimeError):

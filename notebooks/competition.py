@@ -31,7 +31,7 @@ import pandas as pd
 from IPython.display import display
 
 from saelib import plots, run_files
-from saelib.answers import absorbing_pairs
+from saelib.analysis import absorbing_pair_flags
 from saelib.evals.results import study_results
 from saelib.evals.suite import run_results
 from saelib.stats import summarise
@@ -107,7 +107,7 @@ for config, run in shown.items():
     for tau in runs[run]["competition"]["eval_config"]["taus"]:
         frame[f"flagged at τ={tau:g}"] = frame["score"] > tau
     display(frame.head(20))
-flagged = absorbing_pairs(study)
+flagged = absorbing_pair_flags(study)
 if not flagged.empty:
     print("Distinct (absorbed, absorbing) latent pairs flagged as competing, vs the base rate over all co-firing "
           "pairs (mean ± 95 % CI over seeds):")

@@ -2,16 +2,24 @@
 
 The same competition score as training (``saelib.competition``), but from exact firing rates over the whole
 held-out set instead of moving averages, so every architecture — TopK, SGO, ReLU — is measured alike.
-This module trains nothing and writes nothing.
+Across a study's finished runs: the competition patterns the answers report. This module trains nothing and writes
+nothing.
 """
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+import pandas as pd
 import torch
 
+from saelib import run_files
 from saelib.activations import ActivationCache
 from saelib.competition import CompetitionStats
+from saelib.evals.results import run_identity, wide
 from saelib.saes import pair_cos2_values
+from saelib.stats import ci_row
 
 
 #: At most this many fired-pair events are listed at once (int64 keys: 8 bytes each → 128 MB; the count table holds them all until one fold: ≤ 0.8 GB at MAX_PAIR_EVENTS). TopK with k = 32
@@ -70,3 +78,48 @@ def competing_cos2(sae, stats: CompetitionStats, threshold: float) -> dict[str, 
         "noncompeting_mean_cos2": cos2_P[~comp].mean().item() if (~comp).any() else nan,
         "n_cofiring_pairs": len(i_P),
     }
+
+
+# ---------------------------------------------------------------------------------------------- across a study
+def competition_patterns(study_dir: Path, results: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration, on held-out text at the competition eval's reference τ: levels of the competition counts,
+    decoder overlaps and graph (mean [CI]), and two within-run differences with verdicts: competing − non-competing
+    pairs' mean cos², and the % of absorbing pairs flagged as competing − the % of all co-firing pairs."""
+    tau = next((run_files.read_json(p)["eval_config"].get("reference_tau") for p in
+                sorted(Path(study_dir).glob("*/evals/competition.json"))), 0.02)
+    t = f"competition/tau_{tau:g}."
+    names = {t + "n_cofiring_pairs": "co-firing pairs", t + "n_competing_pairs": f"competing at τ {tau:g}",
+             t + "competing_mean_cos2": "competing cos²", t + "noncompeting_mean_cos2": "non-competing cos²",
+             "competition/graph.n_latents_competing": "latents in graph",
+             "competition/graph.mean_degree": "mean degree", "competition/graph.largest_cluster": "largest cluster"}
+    per_run = wide(results, names).set_index("run").reindex(columns=["config", *names.values()])
+    derived = {"competing − non-competing cos²": per_run["competing cos²"] - per_run["non-competing cos²"]}
+    absorbing = absorbing_pair_flags(study_dir).query("tau == @tau").set_index("run")
+    derived["absorbing flagged − base rate (points)"] = 100 * (absorbing["flagged"] - absorbing["base_rate"])
+    per_run = per_run.join(pd.DataFrame(derived))
+    rows = [{"config": config, "metric": name, **ci_row(part[name].dropna(), 0 if name in derived else None)}
+            for name in [*names.values(), *derived] for config, part in per_run.groupby("config")
+            if part[name].notna().any()]
+    return pd.DataFrame(rows, columns=["config", "metric", "seeds", "mean", "low", "high", "difference", "verdict"])
+
+
+def absorbing_pair_flags(study_dir: Path) -> pd.DataFrame:
+    """Per run and τ: the distinct (absorbed, absorbing) latent pairs the absorption eval found, how many co-fire on
+    held-out text (score > 0), the fraction of those flagged as competing at τ, and the base rate (fraction of all
+    co-firing pairs flagged) — both over co-firing pairs, so they compare."""
+    rows = []
+    for run_dir in sorted(p for p in Path(study_dir).iterdir() if (p / "evals" / "competition.json").exists()):
+        result = run_files.read_json(run_dir / "evals" / "competition.json")
+        pairs = result.get("eval_result_unstructured", {}).get("absorption_vs_competition") or []
+        if not pairs:
+            continue
+        distinct = pd.DataFrame(pairs).drop_duplicates(["main_latent", "absorbing_latent"])
+        cofiring = distinct[distinct["score"] > 0]
+        for tau in result["eval_config"]["taus"]:
+            per_tau = result["eval_result_metrics"].get(f"tau_{tau:g}") or {}
+            if per_tau.get("n_cofiring_pairs"):
+                rows.append({"run": run_dir.name, "config": run_identity(run_dir)["config"], "tau": float(tau),
+                             "pairs": len(distinct), "cofiring": len(cofiring),
+                             "flagged": float((cofiring["score"] > tau).mean()) if len(cofiring) else math.nan,
+                             "base_rate": per_tau["n_competing_pairs"] / per_tau["n_cofiring_pairs"]})
+    return pd.DataFrame(rows, columns=["run", "config", "tau", "pairs", "cofiring", "flagged", "base_rate"])

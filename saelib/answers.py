@@ -9,13 +9,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from saelib import run_files
-from saelib.evals.results import HEADLINE, run_identity, study_results, wide
+from saelib.evals.results import HEADLINE, study_results
 from saelib.plots import headline_png
-from saelib.stats import mde_table, mean_ci, paired_vs_baseline, verdict
+from saelib.stats import mde_table, paired_vs_baseline
+from saelib.analysis import competition_patterns
 from saelib.summary import positive_controls, study_summary
 
 BASELINE = "topk"
@@ -75,13 +75,6 @@ def config_order(runs: pd.DataFrame) -> list[str]:
     return list(first.sort_values(["base", "sgo", "architecture", "tau", "lambda", "config"])["config"])
 
 
-def _ci_row(values, direction: int | None) -> dict:
-    """Mean and 95 % interval over seeds; with a ``direction``, as a difference with its verdict."""
-    ci = mean_ci(np.asarray(values, dtype=float))
-    value = {"mean": ci.mean} if direction is None else {"difference": ci.mean, "verdict": verdict(ci, direction)}
-    return {"seeds": ci.n, "low": ci.low, "high": ci.high, **value}
-
-
 def own_tau(results: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Each SGO configuration against TopK on the held-out score-weighted decoder cos² of the pairs competing at the
     configuration's own τ (those its penalty acts on); descriptive, so the verdict says higher/lower."""
@@ -134,28 +127,6 @@ def _counts(long: pd.DataFrame) -> str:
     n = tested["verdict"].value_counts()
     return (f"{n.get('better', 0)} better, {n.get('worse', 0)} worse, {n.get('no detectable difference', 0)} "
             f"no detectable difference of {len(tested)} comparisons (≈ {0.05 * len(tested):.1f} expected by chance).")
-
-
-def competition_patterns(study_dir: Path, results: pd.DataFrame) -> pd.DataFrame:
-    """Per configuration, on held-out text at the competition eval's reference τ: levels of the competition counts,
-    decoder overlaps and graph (mean [CI]), and two within-run differences with verdicts: competing − non-competing
-    pairs' mean cos², and the % of absorbing pairs flagged as competing − the % of all co-firing pairs."""
-    tau = next((run_files.read_json(p)["eval_config"].get("reference_tau") for p in
-                sorted(Path(study_dir).glob("*/evals/competition.json"))), 0.02)
-    t = f"competition/tau_{tau:g}."
-    names = {t + "n_cofiring_pairs": "co-firing pairs", t + "n_competing_pairs": f"competing at τ {tau:g}",
-             t + "competing_mean_cos2": "competing cos²", t + "noncompeting_mean_cos2": "non-competing cos²",
-             "competition/graph.n_latents_competing": "latents in graph",
-             "competition/graph.mean_degree": "mean degree", "competition/graph.largest_cluster": "largest cluster"}
-    per_run = wide(results, names).set_index("run").reindex(columns=["config", *names.values()])
-    derived = {"competing − non-competing cos²": per_run["competing cos²"] - per_run["non-competing cos²"]}
-    absorbing = absorbing_pairs(study_dir).query("tau == @tau").set_index("run")
-    derived["absorbing flagged − base rate (points)"] = 100 * (absorbing["flagged"] - absorbing["base_rate"])
-    per_run = per_run.join(pd.DataFrame(derived))
-    rows = [{"config": config, "metric": name, **_ci_row(part[name].dropna(), 0 if name in derived else None)}
-            for name in [*names.values(), *derived] for config, part in per_run.groupby("config")
-            if part[name].notna().any()]
-    return pd.DataFrame(rows, columns=["config", "metric", "seeds", "mean", "low", "high", "difference", "verdict"])
 
 
 def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("reports")) -> Answers:
@@ -215,28 +186,6 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
         markdown = markdown.replace(" (1 seed)", "").replace("._\n", ". One seed: single measurements, no "
                                                                        "intervals, no verdicts._\n", 1)
     return Answers(markdown, figure, tables, study_summary(study_dir, results, runs, quality, power, controls))
-
-
-def absorbing_pairs(study_dir: Path) -> pd.DataFrame:
-    """Per run and τ: the distinct (absorbed, absorbing) latent pairs the absorption eval found, how many co-fire on
-    held-out text (score > 0), the fraction of those flagged as competing at τ, and the base rate (fraction of all
-    co-firing pairs flagged) — both over co-firing pairs, so they compare."""
-    rows = []
-    for run_dir in sorted(p for p in Path(study_dir).iterdir() if (p / "evals" / "competition.json").exists()):
-        result = run_files.read_json(run_dir / "evals" / "competition.json")
-        pairs = result.get("eval_result_unstructured", {}).get("absorption_vs_competition") or []
-        if not pairs:
-            continue
-        distinct = pd.DataFrame(pairs).drop_duplicates(["main_latent", "absorbing_latent"])
-        cofiring = distinct[distinct["score"] > 0]
-        for tau in result["eval_config"]["taus"]:
-            per_tau = result["eval_result_metrics"].get(f"tau_{tau:g}") or {}
-            if per_tau.get("n_cofiring_pairs"):
-                rows.append({"run": run_dir.name, "config": run_identity(run_dir)["config"], "tau": float(tau),
-                             "pairs": len(distinct), "cofiring": len(cofiring),
-                             "flagged": float((cofiring["score"] > tau).mean()) if len(cofiring) else math.nan,
-                             "base_rate": per_tau["n_competing_pairs"] / per_tau["n_cofiring_pairs"]})
-    return pd.DataFrame(rows, columns=["run", "config", "tau", "pairs", "cofiring", "flagged", "base_rate"])
 
 
 def write_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports"),

@@ -79,7 +79,7 @@ def require_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"device: {str(device)!r} was asked for, but torch sees "
                          f"{torch.cuda.device_count()} CUDA device(s) here; the CPU default is device: cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device: 'mps' was asked for, but this machine has no MPS backend; the CPU default is "
+        raise ValueError("device: 'mps' was asked for, but this machine has no MPS backend; the CPU default is "
                          "device: cpu")
     return dev
 

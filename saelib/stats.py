@@ -112,6 +112,13 @@ def verdict(ci: Interval, direction: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- power
+def ci_row(values, direction: int | None) -> dict:
+    """Mean and 95 % interval over seeds; with a ``direction``, as a difference with its verdict."""
+    ci = mean_ci(np.asarray(values, dtype=float))
+    value = {"mean": ci.mean} if direction is None else {"difference": ci.mean, "verdict": verdict(ci, direction)}
+    return {"seeds": ci.n, "low": ci.low, "high": ci.high, **value}
+
+
 def paired_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
     """Power of the two-sided paired t-test at level ``alpha`` with ``n`` seeds, when the per-seed differences have
     mean ``effect`` and standard deviation ``sd`` > 0 (exact, from the noncentral t distribution)."""

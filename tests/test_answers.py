@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from saelib import answers
+from saelib.analysis import absorbing_pair_flags, competition_patterns
 from saelib.evals.results import COLUMNS
 from saelib.stats import NO_INTERVAL, mean_ci, paired_vs_baseline
 
@@ -139,7 +140,7 @@ def test_the_lambda_zero_control_is_compared_tensor_for_tensor(tmp_path):
 
 
 def test_competition_patterns_are_the_measured_levels_and_within_run_gaps():
-    table = answers.competition_patterns(FIXTURE, answers.study_results(FIXTURE))
+    table = competition_patterns(FIXTURE, answers.study_results(FIXTURE))
     values = [json.loads((FIXTURE / r / "evals" / "competition.json").read_text())["eval_result_metrics"]["tau_0.02"]
               for r in ("topk_s0", "topk_s1")]
     ci = mean_ci([v["n_competing_pairs"] for v in values])
@@ -151,7 +152,7 @@ def test_competition_patterns_are_the_measured_levels_and_within_run_gaps():
 
 
 def test_absorbing_pairs_match_a_direct_count():
-    table = answers.absorbing_pairs(FIXTURE)
+    table = absorbing_pair_flags(FIXTURE)
     result = json.loads((FIXTURE / "topk_s0" / "evals" / "competition.json").read_text())
     distinct = pd.DataFrame(result["eval_result_unstructured"]["absorption_vs_competition"]).drop_duplicates(
         ["main_latent", "absorbing_latent"])
