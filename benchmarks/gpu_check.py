@@ -15,8 +15,8 @@ What it measures, all on ``--device``:
 * peak device memory.
 
 It fails loudly (non-zero exit, one line naming the tensor) if anything ran on the CPU when a GPU was asked for:
-every SAE parameter, the training batches, the LM weights and the activations are checked, and the device's
-allocator must have seen the work.
+the LM's weights and activations and the trained SAE's parameters are checked, and the device's allocator must
+have seen the work (sae_lens's trainer moves each training batch to the SAE's device itself).
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ def sae_steps(device: torch.device, d_sae: int, batch: int, rounds: int) -> dict
                 "saelib": sae_lens_stepper("saelib_topk", d_sae, best, 10**6, device=str(device)),
                 "sgo": sae_lens_stepper("sgo_topk", d_sae, best, 10**6, device=str(device), **sgo)}
     batches = [b.to(device) for b, _ in zip(synthetic_batches(D_IN, batch, seed=d_sae), range(4))]
-    on_device("a training batch", batches, device)
     t = time_interleaved(steppers, {"stock": 3, "saelib": 10, "sgo": 10}, batches, rounds,
                          {"stock": 1, "saelib": 2, "sgo": 10}, sync=sync_for(device))
     return {"sae_precision": best, "stock_topk_tokens_per_s": batch / t["stock"],

@@ -30,6 +30,7 @@ profile = ""  # empty: $SAELIB_PROFILE or "default"; "smoke": the smoke run, eva
 evals = ["core", "absorption", "sparse_probing", "unlearning_proxy", "unlearning", "competition"]
 eval_profile = ""  # "smoke" (fast, for CI) or "default" (the measured profile); empty: follows profile
 force = False  # re-run evals even when a current result exists
+device = ""  # empty: the device the run trained on (its cfg.json); "cpu" evaluates a GPU run on a CPU machine
 
 # %%
 from saelib.config import evaluation_target, run_device
@@ -55,7 +56,7 @@ print(f"{run_dir}: {sae_cfg.architecture()} d_sae={sae_cfg.d_sae} on {sae_cfg.me
 
 # %%
 # on the run's device (a GPU run is evaluated on the GPU), the LM in float32 (bf16 losses sit on a 1/32-nat grid)
-model = load_model(sae_cfg.metadata.model_name, device=run_device(run_dir))
+model = load_model(sae_cfg.metadata.model_name, device=device or run_device(run_dir))
 
 # %% [markdown]
 # ## Run the evals

@@ -95,12 +95,13 @@ plots.use_report_renderer()
 lm = load_model(cfg.model_name, device=cfg.device, precision=cfg.lm_precision)  # bf16 where native: ≈ 3× faster
 train_cache = training_activations(cfg, lm)  # the shared cache, or a stream (activations: stream)
 eval_cache = cache_for_config(cfg, lm, "eval")
-# the evals below run the LM in float32: bf16 losses sit on a 1/32-nat grid (docs/speed.md)
-model = lm if lm.cfg.dtype == torch.float32 else load_model(cfg.model_name, device=cfg.device)
-del lm
 
 # %%
 sae = train_sae(cfg, train_cache)
+del train_cache  # a stream's buffer (and its LM) are not needed past training
+# the evals below run the LM in float32: bf16 losses sit on a 1/32-nat grid (docs/speed.md)
+model = lm if lm.cfg.dtype == torch.float32 else load_model(cfg.model_name, device=cfg.device)
+del lm
 
 # %% [markdown]
 # Training curves. Orthogonal architectures add their penalty (`orth_loss`) and, for `sgo_topk`, the number of

@@ -251,14 +251,18 @@ class ActivationStream:
         s0 = int(np.searchsorted(self.cum_rows, lo, side="right")) - 1
         s1 = int(np.searchsorted(self.cum_rows, hi, side="left"))
         device = next(self.model.parameters()).device
-        parts = []
+        self._chunk = None  # the previous chunk goes before the next is built: one buffer in memory, not two
+        rows = torch.empty(hi - lo, self.d_in, dtype=torch.float32, device=device)
+        skip, filled = lo - int(self.cum_rows[s0]), 0  # rows of sequence s0 that belong to the chunk before
         for b in tqdm(range(s0, s1, self.lm_batch_size), desc=f"streaming {self.hook_name} (chunk {c + 1})",
                       unit="batch", leave=False):
             batch = torch.from_numpy(np.asarray(self.tokens_NS[b: min(b + self.lm_batch_size, s1)], dtype=np.int64))
-            parts.append(_hook_acts(self.model, batch.to(device), self.hook_name, self.layer,
-                                    self.special.to(device)))
-        start = lo - int(self.cum_rows[s0])
-        rows = torch.cat(parts)[start: start + hi - lo]
+            acts = _hook_acts(self.model, batch.to(device), self.hook_name, self.layer, self.special.to(device))
+            acts, skip = acts[skip:], 0
+            take = min(len(acts), len(rows) - filled)
+            rows[filled: filled + take] = acts[:take]
+            filled += take
+        assert filled == len(rows), (filled, len(rows))
         self._chunk = (c, rows)
         return rows
 

@@ -38,7 +38,7 @@ def heldout_competition(sae, cache: ActivationCache, batch_size: int = 4096,
     Memory is bounded for SAEs with a large L0 (the number of fired pairs grows as L0²): rows are listed in chunks
     of at most ``PAIR_EVENTS_PER_CHUNK`` pair events, and the sample stops after ``max_pair_events`` events
     (``stats.n_tokens`` says how many held-out tokens were counted)."""
-    stats = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs, window=10**9)
+    stats = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs, window=10**9, device=sae.device)
     events = 0
     tokens = 0
     for start in range(0, cache.n_rows, batch_size):

@@ -214,11 +214,12 @@ class CompetitionStats:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["freq_F"].shape != (self.d_sae,):
             raise ValueError(f"competition state: expected d_sae={self.d_sae}, got {tuple(state['freq_F'].shape)}")
-        self.freq_F = state["freq_F"].clone()
-        self.pair_keys = state["pair_keys"].clone()
-        self.pair_rates = state["pair_rates"].clone()
+        device = self.freq_F.device  # a checkpoint loads on the CPU; the statistics stay where the SAE is
+        self.freq_F = state["freq_F"].to(device, copy=True)
+        self.pair_keys = state["pair_keys"].to(device, copy=True)
+        self.pair_rates = state["pair_rates"].to(device, copy=True)
         self.n_updates = int(state["n_updates"])
-        self._pending_counts_F = state["pending_counts_F"].clone()
-        self._pending_keys = list(state["pending_keys"].split(state["pending_lengths"].tolist()))
+        self._pending_counts_F = state["pending_counts_F"].to(device, copy=True)
+        self._pending_keys = list(state["pending_keys"].to(device).split(state["pending_lengths"].tolist()))
         self._pending_tokens = int(state["pending_tokens"])
         self._competing_cache = None

@@ -298,7 +298,8 @@ class RunConfig:
         machine that resolves ``auto`` otherwise starts fresh. Run folder names and places are left out, and so are
         parameters the architecture does not take (``ARCH_PARAMS``): a TopK run is the same run whatever τ says."""
         key = {k: v for k, v in self.to_dict().items() if k not in ("study", "run_name", "runs_dir")
-               and self.architecture in ARCH_PARAMS.get(k, (self.architecture,))}
+               and self.architecture in ARCH_PARAMS.get(k, (self.architecture,))
+               and not (k == "stream_buffer_tokens" and self.activations == "cache")}  # a setting it did not use
         return {**key, **self.resolved_precisions()}
 
 

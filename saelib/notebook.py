@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from saelib.config import ConfigError, build_config, field_names
+from saelib.sparse_step import require_device
 
 log = logging.getLogger(__name__)
 REPORTS_DIR = Path("reports")
@@ -26,6 +27,10 @@ def run_notebook(notebook: str | Path, params_file: str | Path, reports_dir: Pat
     notebook, params_file = Path(notebook), Path(params_file)
     # validate before writing anything; -p values that are config fields (run_name, runs_dir, ...) name the run
     cfg = build_config({k: v for k, v in (parameters or {}).items() if k in field_names()}, params_file=params_file)
+    try:
+        require_device(cfg.device)  # a GPU profile is a valid declaration anywhere, but runs only where a GPU is
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     executed = cfg.run_dir / notebook.name
     start = time.time()

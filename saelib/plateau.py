@@ -106,7 +106,7 @@ def plateau_table(run_dir: Path, metrics: list[str] = METRICS) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    from saelib.activations import cache_for_config
+    from saelib.activations import training_activations
     from saelib.config import config_of_run
     from saelib.evals.common import EvalError
     from saelib.evals.suite import check_eval_names
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         parser.error(f"run_dir: expected a run folder holding {run_files.RUN_CFG_FILE}, got {args.run_dir}")
     cfg = config_of_run(args.run_dir)
     lm = load_model(cfg.model_name, device=cfg.device, precision=run_cfg.get("lm_precision_used", "float32"))
-    points = export_points(args.run_dir, cache_for_config(cfg, lm, "train"), args.tokens)  # cache: centring mean
+    # the run's own source (its cache, or its stream) gives the centring mean training folded
+    points = export_points(args.run_dir, training_activations(cfg, lm), args.tokens)
     model = lm if str(lm.cfg.dtype) == "torch.float32" else load_model(cfg.model_name, device=cfg.device)
     del lm
     status = evaluate_points(points, model, evals, smoke=args.smoke)

@@ -42,6 +42,12 @@ def _check_reachable(address: str) -> None:
                           "or run without --ray") from None
 
 
+def failure_message(err: Exception) -> str:
+    """One line for the summary: what the task raised (a RayTaskError wraps it; its own text is a coloured header)."""
+    cause = getattr(err, "cause", None)
+    return (f"{type(cause).__name__}: {cause}" if cause is not None else str(err).splitlines()[0])[:300]
+
+
 class RayPool:
     """Connects to the cluster at ``settings.ray``, checks its resources against one run's, then runs ``todo``."""
 
@@ -58,16 +64,18 @@ class RayPool:
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         self.settings = settings
         self.threads = max(1, int(settings.num_cpus or settings.threads or 1))
-        total = ray.cluster_resources()
+        # a task runs on one node: what counts is the largest node, not the cluster's sum
+        largest = {name: max((n["Resources"].get(name, 0) for n in ray.nodes() if n["Alive"]), default=0)
+                   for name in ("CPU", "GPU")}
         self.resources = {}
         for run, _ in todo:
             gpus = settings.num_gpus if settings.num_gpus is not None else float(run.cfg.device.startswith("cuda"))
             cpus = settings.num_cpus if settings.num_cpus is not None else self.threads
             for name, need in (("GPU", gpus), ("CPU", cpus)):
-                if need > total.get(name, 0):
+                if need > largest[name]:
                     ray.shutdown()
-                    raise ConfigError(f"num_{name.lower()}s: run {run.name} asks for {need:g} {name}(s), the Ray "
-                                      f"cluster at {settings.ray!r} has {total.get(name, 0):g}")
+                    raise ConfigError(f"num_{name.lower()}s: run {run.name} asks for {need:g} {name}(s), the "
+                                      f"largest node of the Ray cluster at {settings.ray!r} has {largest[name]:g}")
             self.resources[run.name] = {"num_cpus": cpus, "num_gpus": gpus}
 
     def __enter__(self) -> "RayPool":
@@ -90,7 +98,7 @@ class RayPool:
                 try:
                     yield run, ray.get(ref)
                 except ray.exceptions.RayError as err:
-                    yield run, ("failed in ray", str(err).splitlines()[0][:300], 0.0)
+                    yield run, ("failed in ray", failure_message(err), 0.0)
         finally:
             for ref in refs:  # interrupted: leave nothing running on the cluster
                 ray.cancel(ref, force=True)

@@ -184,3 +184,28 @@ def test_the_device_path_never_copies_to_the_host(monkeypatch):
     full = _fed_stats("cpu")
     assert torch.equal(uncapped.pair_keys, full.pair_keys)
     torch.testing.assert_close(uncapped.pair_rates, full.pair_rates)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_checkpoint_loaded_on_the_cpu_resumes_on_the_sae_device(device):
+    stats = _fed_stats(device)
+    state = {k: v.cpu() for k, v in stats.state_dict().items()}  # as safetensors loads a checkpoint
+    resumed = CompetitionStats(40, decay=0.9, max_pairs=100_000, window=3, device=device)
+    resumed.load_state_dict(state)
+    resumed.update(random_topk_acts(seed=9).to(device), k=5)
+    stats.update(random_topk_acts(seed=9).to(device), k=5)
+    resumed.flush(), stats.flush()
+    assert {t.device.type for t in (resumed.freq_F, resumed.pair_keys, resumed.pair_rates)} == {
+        torch.device(device).type}
+    assert torch.equal(resumed.pair_keys, stats.pair_keys)
+    torch.testing.assert_close(resumed.pair_rates, stats.pair_rates)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_heldout_competition_counts_on_the_sae_device(device, tiny_cache):
+    from saelib.analysis import heldout_competition
+    from tests.test_evals import tiny_sae
+
+    sae = tiny_sae(d_in=tiny_cache.d_in).to(device)
+    stats = heldout_competition(sae, tiny_cache, batch_size=256)
+    assert stats.pair_keys.device.type == torch.device(device).type and len(stats.pair_keys) > 0

@@ -296,3 +296,25 @@ def test_training_key_leaves_out_parameters_the_architecture_does_not_take(tmp_p
     sgo = build_config({"orth_pen": 0.02}).training_key()
     assert {"orth_pen", "competition_threshold", "competition_stat_tokens"} <= set(sgo)
     assert sgo != build_config({"orth_pen": 0.02, "competition_stat_tokens": 512}).training_key()
+
+
+def test_a_stream_setting_is_not_part_of_a_cache_runs_identity(tmp_path):
+    base = {"runs_dir": str(tmp_path)}
+    cache = build_config(base).training_key()
+    assert build_config({**base, "stream_buffer_tokens": 4096}).training_key() == cache  # unused by a cache run
+    stream = build_config({**base, "activations": "stream"}).training_key()
+    assert stream != cache and stream["stream_buffer_tokens"] == 262_144
+    assert build_config({**base, "activations": "stream", "stream_buffer_tokens": 4096}).training_key() != stream
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_gpu_run_on_a_cpu_machine_stops_before_the_notebook_writes_anything(tmp_path, monkeypatch):
+    from saelib.notebook import run_notebook
+
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params" / "s" / "r.yaml"
+    params.parent.mkdir(parents=True)
+    params.write_text("device: cuda\n")
+    with pytest.raises(ConfigError, match=r"^device: 'cuda' was asked for, .* the CPU default is device: cpu$"):
+        run_notebook(Path(__file__).parents[1] / "notebooks" / "train.ipynb", params, reports_dir=tmp_path / "reports")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()

@@ -61,8 +61,11 @@ def test_a_study_runs_on_ray_like_it_runs_locally(study, ray_head, caplog):  # n
 
 
 def test_a_cluster_without_the_gpus_a_run_asks_for_is_refused_before_anything_runs(study, ray_head):  # noqa: F811
-    with pytest.raises(ConfigError, match=r"^num_gpus: run topk_s0 asks for 1 GPU\(s\), the Ray cluster at .* has 0$"):
+    with pytest.raises(ConfigError, match=r"^num_gpus: run topk_s0 asks for 1 GPU\(s\), the largest node of the Ray "
+                                          r"cluster at .* has 0$"):
         run_study(study, settings(ray=ray_head, num_gpus=1))
+    with pytest.raises(ConfigError, match=r"^num_cpus: run topk_s0 asks for 3 CPU\(s\), the largest node .* has 2$"):
+        run_study(study, settings(ray=ray_head, num_cpus=3))  # the cluster's one node has 2
     assert not (study.parent.parent / "runs").exists()
 
 
@@ -81,3 +84,13 @@ def test_bad_ray_settings_name_the_field(field, value):
 
     with pytest.raises(ConfigError, match=f"^{field}: expected"):
         RunnerSettings(**{field: value}).validate()
+
+
+def test_a_task_that_raised_is_reported_by_its_cause():
+    from ray.exceptions import RayTaskError, WorkerCrashedError
+
+    from saelib.ray_runner import failure_message
+
+    err = RayTaskError("saelib:topk_s0", "Traceback ...", ValueError("cache_tokens: too few rows"))
+    assert failure_message(err) == "ValueError: cache_tokens: too few rows"
+    assert failure_message(WorkerCrashedError()).startswith("The worker died")

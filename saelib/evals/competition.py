@@ -108,7 +108,7 @@ def analyse(sae, cache, settings: CompetitionSettings, row_tokens=None, tokenize
     dense = freq > settings.dense_freq
     with_dense = dense[i_P] | dense[j_P]
     edges = competing & ~with_dense
-    graph = _graph(i_P[edges].numpy(), j_P[edges].numpy(), sae.cfg.d_sae, settings.n_clusters)
+    graph = _graph(i_P[edges].cpu().numpy(), j_P[edges].cpu().numpy(), sae.cfg.d_sae, settings.n_clusters)
     graph["dense_latents"] = int(dense.sum())
     graph["competing_pairs_with_dense_latent"] = int((competing & with_dense).sum())
     solid = edges & (cofire_P >= settings.min_cofirings)
@@ -125,7 +125,7 @@ def analyse(sae, cache, settings: CompetitionSettings, row_tokens=None, tokenize
         for pair, contexts in zip(chosen, found):
             pair["contexts"] = contexts
     hist_edges = np.concatenate([[0.0], np.logspace(-3, 0, 31)])
-    score_hist, _ = np.histogram(score_P.numpy(), bins=hist_edges)
+    score_hist, _ = np.histogram(score_P.cpu().numpy(), bins=hist_edges)
     metrics = {**at_tau, "graph": {k: v for k, v in graph.items() if not isinstance(v, list)},
                "n_cofiring_pairs": {"count": int(len(i_P))}}
     unstructured = {
@@ -200,8 +200,8 @@ def _absorption_pairs(absorption: dict, stats) -> list[dict]:
     pairs = raw.get("absorbing_pairs") or []
     if not pairs:
         return []
-    keys = stats.pair_keys.numpy()
-    scores = stats.scores().numpy()
+    keys = stats.pair_keys.cpu().numpy()
+    scores = stats.scores().cpu().numpy()
     out = []
     for item in pairs:
         a, m = int(item["absorbing_latent"]), int(item["main_latent"])
