@@ -137,26 +137,35 @@ def time_interleaved(steppers: dict, steps: dict, batches: list, rounds: int, wa
     return {name: statistics.median(ts) for name, ts in per_round.items()}
 
 
-def lm_pass(rounds: int) -> dict[str, float]:
+def lm_pass(rounds: int, device: str = "cpu", batch: int = 16, sync=lambda: None,
+            check=lambda what, tensors: None) -> dict[str, float]:
+    """The embedded model to block 8 on ``batch`` × 128 tokens, fp32 and (where native) bf16 weights: tokens/s
+    (median over ``rounds`` after a warm-up round) and the bf16 residual's relative error. ``check(what, tensors)``
+    sees the weights and activations (gpu_check: that they are on the GPU)."""
     from saelib.models import load_model
     from saelib.sparse_step import bf16_native
 
     hook, layer = "blocks.8.hook_resid_post", 8
-    tokens = torch.randint(3, 50_000, (16, 128), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(3, 50_000, (batch, 128), generator=torch.Generator().manual_seed(0))
     tokens[:, 0] = 2
-    models = {"float32": load_model("gemma-3-270m", precision="float32")}
-    if bf16_native("cpu"):
-        models["bfloat16"] = load_model("gemma-3-270m", precision="bfloat16")
+    tokens = tokens.to(device)
+    models = {p: load_model("gemma-3-270m", device=device, precision=p)
+              for p in (["float32", "bfloat16"] if bf16_native(device) else ["float32"])}
+    for name, model in models.items():
+        check(f"the LM's weights ({name})", model.parameters())
     out, acts = {}, {}
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
         for r in range(rounds + 1):
             for name, model in models.items():
+                sync()
                 start = time.perf_counter()
                 _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layer + 1)
+                sync()
                 if r > 0:  # the first round warms up
                     times[name].append(time.perf_counter() - start)
                 acts[name] = cache[hook][:, 1:].float()
+    check("the LM's activations", acts.values())
     for name in models:
         out[f"lm_{name}_tokens_per_s"] = tokens.numel() / statistics.median(times[name])
     if "bfloat16" in acts:

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sgo import synthetic_batches  # noqa: E402
-from bench_speed import D_IN, sae_lens_stepper, time_interleaved  # noqa: E402
+from bench_speed import D_IN, lm_pass, sae_lens_stepper, time_interleaved  # noqa: E402
 
 
 class FellBackToCPU(RuntimeError):
@@ -64,33 +64,6 @@ def sae_steps(device: torch.device, d_sae: int, batch: int, rounds: int) -> dict
     return {"sae_precision": best, "stock_topk_tokens_per_s": batch / t["stock"],
             "saelib_topk_tokens_per_s": batch / t["saelib"], "speedup_vs_stock": t["stock"] / t["saelib"],
             "sgo_overhead": t["sgo"] / t["saelib"] - 1}
-
-
-def lm_pass(device: torch.device, batch: int, rounds: int) -> dict[str, float]:
-    from saelib.models import load_model
-    from saelib.sparse_step import bf16_native
-
-    hook, layer = "blocks.8.hook_resid_post", 8
-    tokens = torch.randint(3, 50_000, (batch, 128), generator=torch.Generator().manual_seed(0))
-    tokens[:, 0] = 2
-    tokens = tokens.to(device)
-    out = {}
-    for precision in ["float32", "bfloat16"] if bf16_native(device) else ["float32"]:
-        model = load_model("gemma-3-270m", device=str(device), precision=precision)
-        on_device(f"the LM's weights ({precision})", model.parameters(), device)
-        times = []
-        with torch.no_grad():
-            for r in range(rounds + 1):
-                sync_for(device)()
-                start = time.perf_counter()
-                _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layer + 1)
-                sync_for(device)()
-                if r:
-                    times.append(time.perf_counter() - start)
-        on_device("the LM's activations", [cache[hook]], device)
-        out[f"lm_{precision}_tokens_per_s"] = tokens.numel() / sorted(times)[len(times) // 2]
-        del model, cache
-    return out
 
 
 def train_and_score(device: torch.device, d_sae: int, steps: int, smoke: bool) -> dict[str, float]:
@@ -144,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__}
     try:
         result.update(sae_steps(device, d_sae, batch, rounds=1 if args.smoke else 3))
-        result.update(lm_pass(device, batch=2 if args.smoke else 64, rounds=1 if args.smoke else 3))
+        result.update(lm_pass(1 if args.smoke else 3, device=str(device), batch=2 if args.smoke else 64,
+                              sync=sync_for(device), check=lambda what, tensors: on_device(what, tensors, device)))
         result.update(train_and_score(device, d_sae, steps=20 if args.smoke else 2_000, smoke=args.smoke))
     except FellBackToCPU as err:
         parser.exit(1, f"gpu_check: FAILED: {err}\n")
