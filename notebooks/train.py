@@ -54,6 +54,7 @@ competition_window = 10
 competition_stat_tokens = 1_024
 competition_normalisation = "pairs"  # or "latents": the SGO penalty as a mean over competing latents
 orth_chunk_size = 1024
+matryoshka_widths = "quarters"  # or "saebench": Matryoshka prefixes d/32, 3d/32, 7d/32, 15d/32, d
 training_tokens = 1_228_800
 batch_size = 1_024
 lr = 1e-3

@@ -46,10 +46,15 @@ ARCH_PARAMS = {
     "competition_stat_tokens": ("sgo_topk",),
     "competition_normalisation": ("sgo_topk",),
     "orth_chunk_size": ("ortsae_topk",),
+    "matryoshka_widths": ("matryoshka_batchtopk",),
     "sae_precision": ("topk", "batchtopk", "matryoshka_batchtopk", *ORTHOGONAL),
 }
 
 
+#: Matryoshka's nested prefix widths as fractions of d_sae (``matryoshka_widths``). ``quarters``: d/16, d/4, d.
+#: ``saebench``: the group fractions SAEBench's Matryoshka BatchTopK SAEs were trained with (dictionary_learning's
+#: demo config: groups of 1/32, 1/16, 1/8, 1/4 and 17/32 of d), i.e. prefixes d/32, 3d/32, 7d/32, 15d/32, d.
+MATRYOSHKA_WIDTHS = {"quarters": (1 / 16, 1 / 4, 1.0), "saebench": (1 / 32, 3 / 32, 7 / 32, 15 / 32, 1.0)}
 #: How the SGO penalty may average over competing pairs (``competition_normalisation``).
 COMPETITION_NORMALISATIONS = ["pairs", "latents"]
 #: Values of ``device`` and ``dtype`` that torch and sae_lens take.
@@ -144,6 +149,9 @@ class RunConfig:
     mean)."""
     orth_chunk_size: int = 1024
     """Latents per random chunk of the OrtSAE-style penalty (``ortsae_topk``)."""
+    matryoshka_widths: str = "quarters"
+    """Nested prefixes of ``matryoshka_batchtopk``, a key of ``MATRYOSHKA_WIDTHS``: ``quarters`` (d/16, d/4, d) or
+    ``saebench`` (d/32, 3d/32, 7d/32, 15d/32, d, as SAEBench's Matryoshka SAEs)."""
 
     # --- training
     training_tokens: int = 1_228_800
@@ -243,6 +251,8 @@ class RunConfig:
                f"a positive integer, got {self.competition_window}")
         _check(self.competition_stat_tokens >= 0, "competition_stat_tokens",
                f"an integer >= 0 (0 = every token), got {self.competition_stat_tokens}")
+        _check(self.matryoshka_widths in MATRYOSHKA_WIDTHS, "matryoshka_widths",
+               f"one of {list(MATRYOSHKA_WIDTHS)}, got {self.matryoshka_widths!r}")
         _check(self.competition_normalisation in COMPETITION_NORMALISATIONS, "competition_normalisation",
                f"one of {COMPETITION_NORMALISATIONS}, got {self.competition_normalisation!r}")
         _check(self.orth_chunk_size >= 2, "orth_chunk_size", f"an integer >= 2, got {self.orth_chunk_size}")
@@ -271,7 +281,8 @@ class RunConfig:
             "ortsae_topk": f"ortsae_l{self.orth_pen:g}",
             "gram_topk": f"gram_l{self.orth_pen:g}",
             "standard": f"standard_l1_{self.l1_coefficient:g}",
-            "matryoshka_batchtopk": "matryoshka",
+            "matryoshka_batchtopk": "matryoshka"
+                                    + ("" if self.matryoshka_widths == "quarters" else f"_{self.matryoshka_widths}"),
         }.get(self.architecture, self.architecture)
         return f"{name}_s{self.seed}"
 

@@ -24,7 +24,7 @@ from sae_lens.training.optim import get_lr_scheduler
 
 from saelib import run_files
 from saelib.activations import ActivationCache, ActivationStream, iter_training_batches
-from saelib.config import ARCH_PARAMS, ORTHOGONAL, RunConfig
+from saelib.config import ARCH_PARAMS, MATRYOSHKA_WIDTHS, ORTHOGONAL, RunConfig
 from saelib.sparse_step import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def sae_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
         return {"l1_coefficient": cfg.l1_coefficient}
     kwargs: dict[str, Any] = {"k": cfg.k}
     if cfg.architecture == "matryoshka_batchtopk":
-        kwargs["matryoshka_widths"] = matryoshka_widths(cfg.d_sae)
+        kwargs["matryoshka_widths"] = matryoshka_widths(cfg.d_sae, cfg.matryoshka_widths)
     if cfg.architecture in ORTHOGONAL:
         kwargs["orth_pen"] = cfg.orth_pen
     if cfg.architecture == "sgo_topk":
@@ -64,10 +64,10 @@ SPARSE_STEP = {"topk": "saelib_topk", "batchtopk": "saelib_batchtopk",
                "matryoshka_batchtopk": "saelib_matryoshka_batchtopk"}
 
 
-def matryoshka_widths(d_sae: int) -> list[int]:
-    """Nested prefixes d_sae/16, /4, full, as in the Matryoshka SAE paper's default spirit."""
-    widths = sorted({max(1, d_sae // 16), max(1, d_sae // 4), d_sae})
-    return widths
+def matryoshka_widths(d_sae: int, scheme: str = "quarters") -> list[int]:
+    """The nested prefix widths of ``scheme`` (a key of ``config.MATRYOSHKA_WIDTHS``) at ``d_sae`` latents, ascending,
+    the last one ``d_sae``: ``quarters`` gives d/16, d/4, d."""
+    return sorted({max(1, int(d_sae * f)) for f in MATRYOSHKA_WIDTHS[scheme]} | {d_sae})
 
 
 def build_training_sae(cfg: RunConfig, d_in: int) -> TrainingSAE:

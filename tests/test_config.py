@@ -36,6 +36,8 @@ BAD_VALUES = [
     ({"n_checkpoints": -1}, "n_checkpoints"),
     ({"n_checkpoints": 1200, "training_tokens": 1_228_800}, "n_checkpoints"),
     ({"log_every": 0}, "log_every"),
+    ({"architecture": "matryoshka_batchtopk", "matryoshka_widths": "halves"}, "matryoshka_widths"),
+    ({"matryoshka_widths": "saebench"}, "matryoshka_widths"),  # TopK has no nested prefixes
 ]
 
 
@@ -81,6 +83,7 @@ def test_params_file_names_the_run_and_explicit_params_win(tmp_path):
     ({"architecture": "gram_topk", "orth_pen": 10.0}, "gram_l10_s0"),
     ({"architecture": "standard", "l1_coefficient": 3.0}, "standard_l1_3_s0"),
     ({"architecture": "matryoshka_batchtopk"}, "matryoshka_s0"),
+    ({"architecture": "matryoshka_batchtopk", "matryoshka_widths": "saebench"}, "matryoshka_saebench_s0"),
     ({"run_name": "mine"}, "mine"),
 ])
 def test_unnamed_run_is_named_for_its_configuration(params, name):

@@ -9,7 +9,7 @@ from sae_lens import SAE
 from saelib import run_files
 from saelib.activations import ActivationCache, CacheKey, build_activation_cache
 from saelib.config import build_config
-from saelib.train import HistoryTrainer, NonFiniteLossError, fold_input_mean, train_sae
+from saelib.train import HistoryTrainer, NonFiniteLossError, build_training_sae, fold_input_mean, train_sae
 
 
 def tiny_cfg(tmp_path, **overrides):
@@ -127,6 +127,13 @@ def test_baseline_architectures_train_and_load(tmp_path, tiny_cache, architectur
     assert torch.isfinite(loaded(tiny_cache.rows(0, 64))).all()
     if saved_as == "jumprelu":  # the BatchTopK family trains on the sparse step, whose threshold reaches the save
         assert (loaded.threshold > 0).all()
+
+
+@pytest.mark.parametrize("scheme, widths", [("quarters", [64, 256, 1024]),
+                                            ("saebench", [32, 96, 224, 480, 1024])])
+def test_matryoshka_widths_reach_the_training_sae(scheme, widths):
+    cfg = build_config({"architecture": "matryoshka_batchtopk", "matryoshka_widths": scheme, "d_sae": 1024})
+    assert build_training_sae(cfg, d_in=16).cfg.matryoshka_widths == widths
 
 
 def test_a_finished_run_is_loaded_not_retrained(tmp_path, tiny_cache, monkeypatch):
