@@ -13,10 +13,10 @@ import pandas as pd
 
 from saelib import run_files
 from saelib.evals.results import HEADLINE, study_results
-from saelib.plots import headline_png
+from saelib.plots import frontier_png, headline_png
 from saelib.stats import mde_table, paired_vs_baseline
 from saelib.analysis import competition_patterns
-from saelib.summary import positive_controls, study_summary
+from saelib.summary import frontier_table, positive_controls, study_summary
 
 BASELINE = "topk"
 QUALITY = {k: v for k, v in HEADLINE.items() if v[1] != 0}
@@ -28,9 +28,11 @@ QUESTIONS = {"controls": "Do the positive controls reproduce (Matryoshka, OrtSAE
              "penalty": "Does the penalty reach the weights?",
              "quality": "Does sparsity-guided orthogonality beat TopK, standard and other orthogonal SAEs?",
              "competition": "Which feature-competition patterns exist?",
+             "frontier": "Where do the orthogonality penalties sit between absorption and reconstruction?",
              "threshold": "How does the competition threshold τ matter?",
              "power": "What could this study detect?"}
 FIGURE_LINK = "![paired differences from TopK]({figure})"
+FRONTIER_LINK = "![orthogonality frontier]({figure})"
 BEGIN, END = "<!-- answers:{study}:begin -->", "<!-- answers:{study}:end -->"
 
 
@@ -156,6 +158,13 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
             "No τ sweep (SGO at one λ over several τ) in this study."}
     power = mde_table(results, QUALITY, baseline=BASELINE)
     controls = positive_controls(quality, runs)
+    summary = study_summary(study_dir, results, runs, quality, power, controls)
+    front = frontier_table(summary["sgo_frontier"])
+    frontier_figure = None if reports_dir is None else frontier_png(
+        summary["sgo_frontier"], Path(reports_dir) / study / "frontier.png")
+    text["frontier"] = ("Seed means [95 % interval] of each TopK, SGO and OrtSAE configuration; a penalty acts where "
+                        "its points leave TopK's." + ("\n\n" + FRONTIER_LINK if frontier_figure else "")
+                        if len(front) > 1 else "No SGO or OrtSAE runs beside TopK in this study.")
     text["controls"] = (f"{int(controls['reproduces'].sum())} of {len(controls)} claimed effects reproduce (the 95 % "
                         "interval of the paired difference excludes 0 on the claimed side)." if len(controls)
                         else "No Matryoshka or OrtSAE runs in this study.")
@@ -163,12 +172,15 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
                      "has, from the per-seed differences pooled over every configuration; a null is a null only "
                      "below it." if power["seeds"].ge(2).any() else "One seed: no paired spread, so no MDE.")
     tables = {"controls": controls, "penalty": weights.merge(penalty, on="config", how="left"), "quality": quality,
-              "competition": patterns, "threshold": sweep, "power": power}
+              "frontier": pd.DataFrame(summary["sgo_frontier"]), "competition": patterns, "threshold": sweep,
+              "power": power}
     md = {"controls": controls.assign(difference=[cell(r) for r in controls.rename(columns={
               "ci_low": "low", "ci_high": "high"}).assign(verdict="").itertuples()]).drop(
               columns=["ci_low", "ci_high", "seeds", "source"]).to_markdown(index=False) if len(controls) else "",
           "penalty": table_markdown(penalty, order, weights) if len(penalty) else weights.to_markdown(index=False),
-          "quality": table_markdown(quality, order), "competition": table_markdown(patterns, order),
+          "quality": table_markdown(quality, order),
+          "frontier": front.to_markdown(index=False) if len(front) > 1 else "",
+          "competition": table_markdown(patterns, order),
           "threshold": table_markdown(sweep, order, runs.drop_duplicates("config")[["config", "tau"]])
           if sweep["config"].nunique() > 1 else "",
           "power": power.set_index("metric").round(4).to_markdown() if power["seeds"].ge(2).any() else ""}
@@ -185,7 +197,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     if runs["seed"].nunique() == 1:  # said once instead of in every cell
         markdown = markdown.replace(" (1 seed)", "").replace("._\n", ". One seed: single measurements, no "
                                                                        "intervals, no verdicts._\n", 1)
-    return Answers(markdown, figure, tables, study_summary(study_dir, results, runs, quality, power, controls))
+    return Answers(markdown, figure, tables, summary)
 
 
 def write_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports"),
@@ -199,11 +211,13 @@ def write_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports
     run_files.write_json_atomic(folder / "summary.json", answers.summary)
     out = folder / "answers.md"
     tmp = out.with_name("answers.md.tmp")
-    tmp.write_text(answers.markdown.replace(FIGURE_LINK, FIGURE_LINK.format(figure="headline.png")), encoding="utf-8")
+    tmp.write_text(answers.markdown.replace(FIGURE_LINK, FIGURE_LINK.format(figure="headline.png"))
+                   .replace(FRONTIER_LINK, FRONTIER_LINK.format(figure="frontier.png")), encoding="utf-8")
     tmp.replace(out)
     if readme is not None and Path(readme).exists():
         link = FIGURE_LINK.format(figure=f"{Path(reports_dir).as_posix()}/{study}/headline.png")
-        replace_block(Path(readme), study, answers.markdown.replace(FIGURE_LINK, link))
+        replace_block(Path(readme), study, answers.markdown.replace(FIGURE_LINK, link).replace(
+            FRONTIER_LINK, FRONTIER_LINK.format(figure=f"{Path(reports_dir).as_posix()}/{study}/frontier.png")))
     return out
 
 

@@ -313,6 +313,60 @@ def headline_png(paired: pd.DataFrame, metrics: list[str], order: list[str], pat
     return path
 
 
+#: frontier panels: y key of ``summary.frontier`` → axis title (x is always held-out explained variance)
+FRONTIER_PANELS = {"absorption": "absorption (mean fraction)", "firing_absorption": "main latents silent (firing)",
+                   "probing": "sparse probing top-1"}
+FRONTIER_COLOURS = {"topk": "#000000", "sgo_topk": "#1f77b4", "ortsae_topk": "#ff7f0e"}
+
+
+def frontier_png(entries: list[dict], path: Path) -> Path | None:
+    """The orthogonality frontier for the README and answers: per configuration of ``summary.frontier`` (TopK, SGO,
+    OrtSAE) its seed mean with 95 % intervals on both axes, absorption / firing-based absorption / probing against
+    held-out EV, one colour per architecture, penalised points labelled with λ (and τ for SGO). None when fewer than
+    two configurations have both values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def usable(e, key):
+        return e.get("ev") is not None and e.get(key) is not None
+
+    panels = [k for k in FRONTIER_PANELS if sum(usable(e, k) for e in entries) >= 2]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 0.4, 3.2), squeeze=False, sharex=True)
+    taus = {e.get("tau") for e in entries if e["architecture"] == "sgo_topk"}
+    for ax, key in zip(axes[0], panels):
+        for arch, colour in FRONTIER_COLOURS.items():
+            points = [e for e in entries if e["architecture"] == arch and usable(e, key)]
+            for e in points:
+                def span(name):  # an interval as error-bar lengths; a single seed has none
+                    lo, hi = e.get(f"{name}_ci_low"), e.get(f"{name}_ci_high")
+                    return [[e[name] - lo], [hi - e[name]]] if lo is not None and hi is not None else None
+                ax.errorbar(e["ev"], e[key], xerr=span("ev"), yerr=span(key), fmt="o", ms=4, color=colour, lw=0.9,
+                            capsize=2, mfc=colour if e.get("seeds", 1) >= 2 else "none")
+                if arch != "topk" and e.get("lambda") is not None:
+                    label = f"λ{e['lambda']:g}" + (f" τ{e['tau']:g}" if arch == "sgo_topk" and len(taus) > 1 else "")
+                    ax.annotate(label, (e["ev"], e[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            if points and key == panels[0]:
+                ax.plot([], [], "o", color=colour, label={"topk": "TopK", "sgo_topk": "SGO",
+                                                          "ortsae_topk": "OrtSAE"}[arch])
+        ax.set_ylabel(FRONTIER_PANELS[key], fontsize=8)
+        ax.set_xlabel("explained variance (held out)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(4))
+    axes[0, 0].legend(fontsize=7, frameon=False)
+    fig.suptitle("orthogonality frontier: seed means with 95 % intervals (hollow: one seed)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def log_log_lines(series: dict[str, tuple], title: str, x_title: str, y_title: str,
                   mode: str = "lines+markers") -> go.Figure:
     """One trace per ``series`` entry (name → (x, y)) on log–log axes labelled at whole decades only (plotly's

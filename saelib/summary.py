@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from saelib import run_files
+from saelib.plots import FRONTIER_PANELS
 from saelib.stats import mean_ci
 
 #: architecture → (what its paper claims, {metric: direction claimed against TopK: -1 lower, +1 higher})
@@ -89,3 +90,14 @@ def study_summary(study_dir: Path, results: pd.DataFrame, runs: pd.DataFrame, qu
 def _finite(x) -> float | None:
     """JSON has no NaN: None instead."""
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+
+
+def frontier_table(entries: list[dict]) -> pd.DataFrame:
+    """``summary.frontier`` as the answers show it: per configuration λ, τ, seeds and each metric's mean [95 %]."""
+    def value(e, key):
+        mean, lo, hi = e.get(key), e.get(f"{key}_ci_low"), e.get(f"{key}_ci_high")
+        return "" if mean is None else f"{mean:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if lo is not None else "")
+    columns = {"ev": "explained variance", **FRONTIER_PANELS}
+    return pd.DataFrame([{"config": e["config"], "λ": e["lambda"], "τ": e["tau"], "seeds": e["seeds"],
+                          **{title: value(e, key) for key, title in columns.items()}} for e in entries])
+

@@ -241,3 +241,28 @@ def test_summary_json_holds_what_a_checker_needs(tmp_path):
     ev = [json.loads((FIXTURE / f"topk_s{s}" / "evals" / "core.json").read_text())["eval_result_metrics"]
           ["reconstruction_quality"]["explained_variance"] for s in (0, 1)]
     assert frontier["topk"]["ev"] == pytest.approx(np.mean(ev))
+
+
+def test_the_frontier_figure_and_table_show_each_configuration_with_its_intervals(tmp_path):
+    out = answers.write_answers("fx", FIXTURE, tmp_path, readme=None)
+    text = out.read_text()
+    assert (tmp_path / "fx" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![orthogonality frontier](frontier.png)" in text
+    summary = json.loads((tmp_path / "fx" / "summary.json").read_text())
+    entry = next(e for e in summary["sgo_frontier"] if e["config"] == "sgo_t0.05_l0.02")
+    expected = f"{entry['absorption']:.4g} [{entry['absorption_ci_low']:.4g}, {entry['absorption_ci_high']:.4g}]"
+    section = text[text.index("![orthogonality frontier]"):]
+    row = next(ln for ln in section.splitlines() if ln.startswith("| sgo_t0.05_l0.02 "))
+    assert expected in row and f"{entry['ev']:.4g} [" in row
+    csv = pd.read_csv(tmp_path / "fx" / "answers_frontier.csv").set_index("config")
+    assert csv.loc["sgo_t0.05_l0.02", "ev"] == pytest.approx(entry["ev"])
+
+
+def test_no_frontier_figure_without_two_configurations_to_place(tmp_path):
+    from saelib.plots import frontier_png
+
+    one = [{"config": "topk", "architecture": "topk", "lambda": None, "tau": None, "seeds": 2, "ev": 0.9,
+            "absorption": 0.1}]
+    assert frontier_png(one, tmp_path / "f.png") is None and not (tmp_path / "f.png").exists()
+    two = one + [{**one[0], "config": "ortsae_l10", "architecture": "ortsae_topk", "lambda": 10.0, "seeds": 1}]
+    assert frontier_png(two, tmp_path / "f.png") == tmp_path / "f.png"  # one seed: points without intervals
