@@ -177,7 +177,7 @@ def lm_pass(rounds: int, device: str = "cpu", batch: int = 16, sync=lambda: None
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
     from saelib.sparse_step import bf16_native, keep_freed_memory
-    from saelib.train import matryoshka_widths
+    from saelib.settings import matryoshka_widths
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="d_sae 16,384 only and fewer rounds (≈ 3 minutes)")

@@ -20,12 +20,12 @@ from typing import Any
 import yaml
 
 from saelib.models import MODELS
+from saelib.settings import (ARCHITECTURES, SETTINGS_GROUPS, ConfigError, L1Settings,
+                             MatryoshkaSettings, OrthSettings, OrtSAESettings, PrecisionSettings, SGOSettings,
+                             arch_fields, check as _check, taken_by)
 from saelib.sparse_step import PRECISIONS, require_device, resolve_precision
 
-#: Architectures that train through sae_lens's TrainingSAE registry. ``sgo_topk`` and the orthogonal
-#: variants are registered by ``saelib.saes``; the rest are sae_lens's own.
-ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard", "sgo_topk", "ortsae_topk", "gram_topk")
-ORTHOGONAL = ("sgo_topk", "ortsae_topk", "gram_topk")
+#: Architectures, the SAE settings each takes and their one declaration: ``saelib.settings``.
 #: The offline corpus built by ``saelib.data``; any other value is treated as a hub dataset id ("org/name").
 OFFLINE_DATASET = "saelib-offline"
 NORMALIZATIONS = ("none", "expected_average_only_in")
@@ -33,30 +33,8 @@ NORMALIZATIONS = ("none", "expected_average_only_in")
 STUDY_DEFAULTS_FILE = "_study.yaml"
 #: A study's runs as configurations × seeds (see ``grid_runs``); params files beside it stay for one-off runs.
 GRID_FILE = "_grid.yaml"
-#: Parameters that only some architectures take: name -> architectures that accept a non-default value.
-ARCH_PARAMS = {
-    "l1_coefficient": ("standard",),
-    "orth_pen": ORTHOGONAL,
-    "competition_threshold": ("sgo_topk",),
-    "competition_warmup_steps": ("sgo_topk",),
-    "competition_decay": ("sgo_topk",),
-    "competition_max_pairs": ("sgo_topk",),
-    "competition_sample_pairs": ("sgo_topk",),
-    "competition_window": ("sgo_topk",),
-    "competition_stat_tokens": ("sgo_topk",),
-    "competition_normalisation": ("sgo_topk",),
-    "orth_chunk_size": ("ortsae_topk",),
-    "matryoshka_widths": ("matryoshka_batchtopk",),
-    "sae_precision": ("topk", "batchtopk", "matryoshka_batchtopk", *ORTHOGONAL),
-}
 
 
-#: Matryoshka's nested prefix widths as fractions of d_sae (``matryoshka_widths``). ``quarters``: d/16, d/4, d.
-#: ``saebench``: the group fractions SAEBench's Matryoshka BatchTopK SAEs were trained with (dictionary_learning's
-#: demo config: groups of 1/32, 1/16, 1/8, 1/4 and 17/32 of d), i.e. prefixes d/32, 3d/32, 7d/32, 15d/32, d.
-MATRYOSHKA_WIDTHS = {"quarters": (1 / 16, 1 / 4, 1.0), "saebench": (1 / 32, 3 / 32, 7 / 32, 15 / 32, 1.0)}
-#: How the SGO penalty may average over competing pairs (``competition_normalisation``).
-COMPETITION_NORMALISATIONS = ["pairs", "latents"]
 #: Values of ``device`` and ``dtype`` that torch and sae_lens take.
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -70,12 +48,8 @@ ACTIVATION_SOURCES = ("cache", "stream")
 PROFILE_ENV = "SAELIB_PROFILE"
 
 
-class ConfigError(ValueError):
-    """A run configuration value is invalid; the message names the field."""
-
-
 @dataclass
-class RunConfig:
+class RunConfig(PrecisionSettings, OrthSettings, SGOSettings, OrtSAESettings, L1Settings, MatryoshkaSettings):
     """Everything that determines one SAE run. Defaults are the single-run default profile: a healthy TopK SAE on the
     embedded model (d_sae 4,096, k 32, 1.23M tokens = 2 epochs of a 614,400-token cache). ``params/smoke/_study.yaml``
     holds the smoke profile the tests select."""
@@ -122,36 +96,7 @@ class RunConfig:
     """Number of latents."""
     k: int = 32
     """Active latents per token (TopK family)."""
-    l1_coefficient: float = 0.0
-    """L1 weight of the ``standard`` ReLU SAE (ignored by others; must be > 0 for ``standard``)."""
-    orth_pen: float = 0.0
-    """λ ≥ 0, weight of the orthogonality penalty (``sgo_topk``, ``ortsae_topk``, ``gram_topk``)."""
-    competition_threshold: float = 0.05
-    """τ ∈ [0, 1]: pairs whose competition score exceeds it are penalised (``sgo_topk``)."""
-    competition_warmup_steps: int = 20
-    """Steps of co-activation statistics before the SGO penalty starts (``sgo_topk``)."""
-    competition_decay: float = 0.99
-    """EMA factor per batch of the co-activation statistics (``sgo_topk``)."""
-    competition_max_pairs: int = 1_000_000
-    """Cap of the co-firing table, ≈ 12 bytes a pair (``sgo_topk``)."""
-    competition_sample_pairs: int = 16_384
-    """Competing pairs drawn per step (∝ score) to estimate the SGO penalty; 0 = every pair (``sgo_topk``)."""
-    competition_window: int = 10
-    """Batches pooled before the co-activation statistics and the competing set are refreshed (``sgo_topk``)."""
-    competition_stat_tokens: int = 1024
-    """Tokens of each batch (evenly spaced) whose TopK masks feed the co-activation statistics; 0 = every token
-    (``sgo_topk``). 1,024 cuts the statistics' cost at batch 4,096 from 40 to 15 ms a step (16k latents) without
-    changing the penalty's gradient beyond its own sampling noise (``benchmarks/ablate_competition_sampling.py``)."""
-    competition_normalisation: str = "pairs"
-    """How the SGO penalty averages cos² over competing pairs (``sgo_topk``): ``pairs``, the score-weighted mean over
-    pairs (a latent with many competitors weighs in many times); ``latents``, the mean over latents of each latent's
-    score-weighted mean cos² to its competitors (every competing latent weighs the same, like OrtSAE's per-latent
-    mean)."""
-    orth_chunk_size: int = 1024
-    """Latents per random chunk of the OrtSAE-style penalty (``ortsae_topk``)."""
-    matryoshka_widths: str = "quarters"
-    """Nested prefixes of ``matryoshka_batchtopk``, a key of ``MATRYOSHKA_WIDTHS``: ``quarters`` (d/16, d/4, d) or
-    ``saebench`` (d/32, 3d/32, 7d/32, 15d/32, d, as SAEBench's Matryoshka SAEs)."""
+    # the architecture's own settings (λ, τ, …) come from the settings groups among RunConfig's bases
 
     # --- training
     training_tokens: int = 1_228_800
@@ -170,9 +115,6 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
-    sae_precision: str = "auto"
-    """Encoder matmul of the sparse TopK step (TopK family): ``auto`` (bf16 where native), ``float32`` or
-    ``bfloat16``. Weights and Adam stay fp32."""
     lm_precision: str = "auto"
     """The language model's weights for activations and evals: ``auto`` (bf16 where native), ``float32`` or
     ``bfloat16``. Activations are cached as fp32 either way; the cache is keyed by this choice."""
@@ -221,54 +163,32 @@ class RunConfig:
                    f"a folder name of letters, digits and _ . + - (not starting with '.'), got {getattr(self, name)!r}")
         _check(self.lr_warm_up_steps >= 0, "lr_warm_up_steps", f">= 0, got {self.lr_warm_up_steps}")
         here = _device_here(self.device)  # a GPU profile stays declarable on a CPU machine; running it is checked
-        for name in ("sae_precision", "lm_precision"):
-            try:
-                if here:
-                    resolve_precision(getattr(self, name), self.device, name)
-                else:
-                    _check(getattr(self, name) in PRECISIONS, name,
-                           f"one of {list(PRECISIONS)}, got {getattr(self, name)!r}")
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+        try:
+            if here:
+                resolve_precision(self.lm_precision, self.device, "lm_precision")
+            else:
+                _check(self.lm_precision in PRECISIONS, "lm_precision",
+                       f"one of {list(PRECISIONS)}, got {self.lm_precision!r}")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self._validate_arch_params()
 
     def _validate_arch_params(self) -> None:
-        _check(math.isfinite(self.l1_coefficient) and self.l1_coefficient >= 0, "l1_coefficient",
-               f"a finite number >= 0, got {self.l1_coefficient}")
+        self.check_settings()  # every settings group validates its own fields (saelib.settings)
         if self.architecture == "standard":
             _check(self.l1_coefficient > 0, "l1_coefficient", "> 0 for architecture 'standard'")
-        _check(math.isfinite(self.orth_pen) and self.orth_pen >= 0, "orth_pen",
-               f"a finite number >= 0, got {self.orth_pen}")
-        _check(0.0 <= self.competition_threshold <= 1.0, "competition_threshold",
-               f"a number in [0, 1], got {self.competition_threshold}")
-        _check(0.0 <= self.competition_decay < 1.0, "competition_decay",
-               f"a number in [0, 1), got {self.competition_decay}")
-        _check(self.competition_max_pairs > 0, "competition_max_pairs",
-               f"a positive integer, got {self.competition_max_pairs}")
-        _check(self.competition_sample_pairs >= 0, "competition_sample_pairs",
-               f"an integer >= 0, got {self.competition_sample_pairs}")
-        _check(self.competition_window > 0, "competition_window",
-               f"a positive integer, got {self.competition_window}")
-        _check(self.competition_stat_tokens >= 0, "competition_stat_tokens",
-               f"an integer >= 0 (0 = every token), got {self.competition_stat_tokens}")
-        _check(self.matryoshka_widths in MATRYOSHKA_WIDTHS, "matryoshka_widths",
-               f"one of {list(MATRYOSHKA_WIDTHS)}, got {self.matryoshka_widths!r}")
-        _check(self.competition_normalisation in COMPETITION_NORMALISATIONS, "competition_normalisation",
-               f"one of {COMPETITION_NORMALISATIONS}, got {self.competition_normalisation!r}")
-        _check(self.orth_chunk_size >= 2, "orth_chunk_size", f"an integer >= 2, got {self.orth_chunk_size}")
         n_steps = self.training_tokens // self.batch_size
         _check(self.n_checkpoints < n_steps, "n_checkpoints",
                f"fewer checkpoints than training steps ({n_steps}), got {self.n_checkpoints}")
-        _check(self.competition_warmup_steps >= 0 and (self.architecture != "sgo_topk"
-                                                       or self.competition_warmup_steps < n_steps), "competition_warmup_steps",
+        _check(self.architecture != "sgo_topk" or self.competition_warmup_steps < n_steps, "competition_warmup_steps",
                f"an integer in [0, {n_steps}) (training has {n_steps} steps), got {self.competition_warmup_steps}")
         defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
-        for name, archs in ARCH_PARAMS.items():
-            if getattr(self, name) != defaults[name] and self.architecture not in archs:
-                raise ConfigError(
-                    f"{name}: architecture {self.architecture!r} takes no {name}; it is a parameter of "
-                    f"{' / '.join(archs)} (set architecture accordingly)"
-                )
+        for group in SETTINGS_GROUPS:
+            for name in group.own_fields():
+                if getattr(self, name) != defaults[name] and name not in arch_fields(self.architecture):
+                    raise ConfigError(
+                        f"{name}: architecture {self.architecture!r} takes no {name}; it is a parameter of "
+                        f"{' / '.join(taken_by(name))} (set architecture accordingly)")
 
     # ---- derived names ----------------------------------------------------------------------------
     def label(self) -> str:
@@ -297,7 +217,7 @@ class RunConfig:
     def resolved_precisions(self) -> dict[str, str]:
         """What ``auto`` means on this machine: ``{"sae_precision_used": ..., "lm_precision_used": ...}``.
         The SAE side is fp32 for architectures outside the sparse TopK step."""
-        sae = resolve_precision(self.sae_precision, self.device) if self.architecture in ARCH_PARAMS["sae_precision"] \
+        sae = resolve_precision(self.sae_precision, self.device) if "sae_precision" in arch_fields(self.architecture) \
             else "float32"
         return {"sae_precision_used": sae, "lm_precision_used": resolve_precision(self.lm_precision, self.device)}
 
@@ -307,11 +227,14 @@ class RunConfig:
     def training_key(self) -> dict[str, Any]:
         """The fields that determine the trained weights, with the precisions actually used: a run resumed on a
         machine that resolves ``auto`` otherwise starts fresh. Run folder names and places are left out, and so are
-        parameters the architecture does not take (``ARCH_PARAMS``): a TopK run is the same run whatever τ says."""
+        settings the architecture does not take (``saelib.settings``): a TopK run is the same run whatever τ says."""
         key = {k: v for k, v in self.to_dict().items() if k not in ("study", "run_name", "runs_dir")
-               and self.architecture in ARCH_PARAMS.get(k, (self.architecture,))
+               and (k in arch_fields(self.architecture) or k not in _SETTINGS_FIELDS)
                and not (k == "stream_buffer_tokens" and self.activations == "cache")}  # a setting it did not use
         return {**key, **self.resolved_precisions()}
+
+
+_SETTINGS_FIELDS = {name for group in SETTINGS_GROUPS for name in group.own_fields()}
 
 
 def _device_here(device: str) -> bool:
@@ -320,11 +243,6 @@ def _device_here(device: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _check(ok: bool, name: str, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: expected {expected}")
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -496,7 +414,8 @@ def profile_values(profile: str = "") -> dict[str, Any]:
 
 def _infer_architecture(values: dict[str, Any]) -> None:
     """``-p orth_pen 0.02`` (or τ) without an architecture means the method itself: ``sgo_topk``."""
-    if "architecture" not in values and any(name in values for name in ARCH_PARAMS if "sgo_topk" in ARCH_PARAMS[name]):
+    if "architecture" not in values and any(name in values for group in (OrthSettings, SGOSettings)
+                                            for name in group.own_fields()):
         values["architecture"] = "sgo_topk"
 
 

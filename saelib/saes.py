@@ -21,7 +21,7 @@ from sae_lens import register_sae_training_class
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from saelib.competition import CompetitionStats
-from saelib.config import COMPETITION_NORMALISATIONS
+from saelib.settings import OrthSettings, OrtSAESettings, SGOSettings
 from saelib.sparse_step import SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig, csr_matrix
 
 ORTH_LOSS = "orth_loss"
@@ -161,83 +161,28 @@ def gram_offdiag_cos2(W_dec_FD: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- configs
-def _check(ok: bool, name: str, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: expected {expected}")
-
-
+# Each config class inherits its settings group (declared, defaulted and validated once in saelib.settings) before
+# sae_lens's base, so the group's fields follow the base's.
 @dataclass
-class OrthTopKTrainingSAEConfig(SparseTopKTrainingSAEConfig):
+class OrthTopKTrainingSAEConfig(OrthSettings, SparseTopKTrainingSAEConfig):
     """Shared by the orthogonal TopK variants (on saelib's sparse TopK step). Saved for inference as a plain
     sae_lens TopK SAE."""
 
-    orth_pen: float = 0.0
-    """λ ≥ 0, weight of the orthogonality penalty (0 reproduces TopK exactly)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check(math.isfinite(self.orth_pen) and self.orth_pen >= 0, "orth_pen",
-               f"a finite number >= 0, got {self.orth_pen}")
-
 
 @dataclass
-class SGOTopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
+class SGOTopKTrainingSAEConfig(SGOSettings, OrthTopKTrainingSAEConfig):
     """Sparsity-guided orthogonality. Penalised pairs: competition score s_ij > τ (see ``saelib.competition``)."""
-
-    competition_threshold: float = 0.05
-    """τ ∈ [0, 1]."""
-    competition_decay: float = 0.99
-    """EMA factor per batch of the co-activation statistics (0.99 ≈ a 100-batch window)."""
-    competition_warmup_steps: int = 100
-    """Steps of statistics before the penalty starts (scores are noise before that)."""
-    competition_max_pairs: int = 1_000_000
-    """Cap of the co-firing table (least-supported pairs dropped first): ≈ 12 bytes a pair."""
-    competition_sample_pairs: int = 16_384
-    """Competing pairs drawn per step (∝ score) to estimate the penalty; 0 = use every competing pair."""
-    competition_window: int = 10
-    """Batches pooled before the statistics (and the competing set) are refreshed."""
-    competition_stat_tokens: int = 1024
-    """Tokens of each batch (evenly spaced) whose TopK masks feed the statistics; 0 = every token."""
-    competition_normalisation: str = "pairs"
-    """``pairs``: score-weighted mean cos² over competing pairs; ``latents``: mean over competing latents of each
-    one's score-weighted mean cos² to its competitors (see ``latent_balanced_weights``)."""
 
     @classmethod
     def architecture(cls) -> str:
         return "sgo_topk"
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check(0.0 <= self.competition_threshold <= 1.0, "competition_threshold",
-               f"a number in [0, 1], got {self.competition_threshold}")
-        _check(0.0 <= self.competition_decay < 1.0, "competition_decay",
-               f"a number in [0, 1), got {self.competition_decay}")
-        _check(self.competition_warmup_steps >= 0, "competition_warmup_steps",
-               f"an integer >= 0, got {self.competition_warmup_steps}")
-        _check(self.competition_max_pairs > 0, "competition_max_pairs",
-               f"a positive integer, got {self.competition_max_pairs}")
-        _check(self.competition_sample_pairs >= 0, "competition_sample_pairs",
-               f"an integer >= 0, got {self.competition_sample_pairs}")
-        _check(self.competition_window > 0, "competition_window",
-               f"a positive integer, got {self.competition_window}")
-        _check(self.competition_stat_tokens >= 0, "competition_stat_tokens",
-               f"an integer >= 0 (0 = every token), got {self.competition_stat_tokens}")
-        _check(self.competition_normalisation in COMPETITION_NORMALISATIONS, "competition_normalisation",
-               f"one of {COMPETITION_NORMALISATIONS}, got {self.competition_normalisation!r}")
-
 
 @dataclass
-class OrtSAETopKTrainingSAEConfig(OrthTopKTrainingSAEConfig):
-    orth_chunk_size: int = 1024
-    """Latents per random chunk; cost per step ∝ d_sae · chunk · d_in."""
-
+class OrtSAETopKTrainingSAEConfig(OrtSAESettings, OrthTopKTrainingSAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return "ortsae_topk"
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check(self.orth_chunk_size >= 2, "orth_chunk_size", f"an integer >= 2, got {self.orth_chunk_size}")
 
 
 @dataclass

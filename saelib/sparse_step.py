@@ -29,6 +29,8 @@ from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, Matryosh
                       register_sae_training_class)
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 
+from saelib.settings import PrecisionSettings
+
 PRECISIONS = ("auto", "float32", "bfloat16")
 _FREED_MEMORY_KEPT: bool | None = None
 
@@ -246,12 +248,9 @@ def sparse_feature_acts(idx: torch.Tensor, acts: torch.Tensor, d_sae: int, rows:
 
 # ---------------------------------------------------------------------------------------------- the SAE
 @dataclass
-class SparseTopKTrainingSAEConfig(TopKTrainingSAEConfig):
-    """sae_lens's TopK training config plus the step's precision. Saved for inference as a plain ``topk`` SAE."""
-
-    sae_precision: str = "auto"
-    """Encoder matmul precision: ``auto`` (bf16 where native on the device, else fp32), ``float32`` or
-    ``bfloat16`` (an error where not native). Weights and optimiser state are fp32 in every case."""
+class SparseTopKTrainingSAEConfig(PrecisionSettings, TopKTrainingSAEConfig):
+    """sae_lens's TopK training config plus the step's precision (``PrecisionSettings``). Saved for inference as a
+    plain ``topk`` SAE."""
 
     @classmethod
     def architecture(cls) -> str:
@@ -259,7 +258,7 @@ class SparseTopKTrainingSAEConfig(TopKTrainingSAEConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        resolve_precision(self.sae_precision, self.device)
+        self.check_settings()
 
     def get_inference_config_class(self) -> type[SAEConfig]:
         return TopKSAEConfig

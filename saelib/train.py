@@ -22,9 +22,9 @@ from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from sae_lens.training.optim import get_lr_scheduler
 
-from saelib import run_files
+from saelib import run_files, settings
 from saelib.activations import ActivationCache, ActivationStream, iter_training_batches
-from saelib.config import ARCH_PARAMS, MATRYOSHKA_WIDTHS, ORTHOGONAL, RunConfig
+from saelib.config import RunConfig
 from saelib.sparse_step import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -35,39 +35,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 def sae_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """Architecture-specific sae_lens config fields for ``cfg.architecture``."""
-    if cfg.architecture == "standard":
-        return {"l1_coefficient": cfg.l1_coefficient}
-    kwargs: dict[str, Any] = {"k": cfg.k}
-    if cfg.architecture == "matryoshka_batchtopk":
-        kwargs["matryoshka_widths"] = matryoshka_widths(cfg.d_sae, cfg.matryoshka_widths)
-    if cfg.architecture in ORTHOGONAL:
-        kwargs["orth_pen"] = cfg.orth_pen
-    if cfg.architecture == "sgo_topk":
-        kwargs.update(competition_threshold=cfg.competition_threshold, competition_decay=cfg.competition_decay,
-                      competition_warmup_steps=cfg.competition_warmup_steps,
-                      competition_max_pairs=cfg.competition_max_pairs,
-                      competition_sample_pairs=cfg.competition_sample_pairs,
-                      competition_window=cfg.competition_window,
-                      competition_stat_tokens=cfg.competition_stat_tokens,
-                      competition_normalisation=cfg.competition_normalisation)
-    if cfg.architecture == "ortsae_topk":
-        kwargs["orth_chunk_size"] = cfg.orth_chunk_size
-    if cfg.architecture in ARCH_PARAMS["sae_precision"]:
-        kwargs["sae_precision"] = cfg.sae_precision
-    return kwargs
+    """Architecture-specific sae_lens config fields for ``cfg.architecture``: k, and its settings groups' fields."""
+    return {**({} if cfg.architecture == "standard" else {"k": cfg.k}), **settings.sae_kwargs(cfg)}
 
 
 #: Architectures trained by saelib's sparse step under another registered training name (saved as sae_lens saves
 #: them: ``topk``, or ``jumprelu`` for the BatchTopK family); the orthogonal ones are built on that step already.
 SPARSE_STEP = {"topk": "saelib_topk", "batchtopk": "saelib_batchtopk",
                "matryoshka_batchtopk": "saelib_matryoshka_batchtopk"}
-
-
-def matryoshka_widths(d_sae: int, scheme: str = "quarters") -> list[int]:
-    """The nested prefix widths of ``scheme`` (a key of ``config.MATRYOSHKA_WIDTHS``) at ``d_sae`` latents, ascending,
-    the last one ``d_sae``: ``quarters`` gives d/16, d/4, d."""
-    return sorted({max(1, int(d_sae * f)) for f in MATRYOSHKA_WIDTHS[scheme]} | {d_sae})
 
 
 def build_training_sae(cfg: RunConfig, d_in: int) -> TrainingSAE:

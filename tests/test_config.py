@@ -321,3 +321,29 @@ def test_a_gpu_run_on_a_cpu_machine_stops_before_the_notebook_writes_anything(tm
     with pytest.raises(ConfigError, match=r"^device: 'cuda' was asked for, .* the CPU default is device: cpu$"):
         run_notebook(Path(__file__).parents[1] / "notebooks" / "train.ipynb", params, reports_dir=tmp_path / "reports")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()
+
+
+def test_every_sae_setting_is_declared_once_and_shared_by_the_run_and_sae_configs():
+    """RunConfig and the registered sae_lens training configs inherit each setting from its one declaration in
+    saelib.settings (the same dataclass Field): a redeclared copy, with its own default, fails here."""
+    from sae_lens.registry import get_sae_training_class
+
+    import saelib.saes  # noqa: F401  (registers saelib's architectures)
+    from saelib import settings
+    from saelib.train import SPARSE_STEP
+
+    for arch, groups in settings.ARCH_SETTINGS.items():
+        _, cfg_cls = get_sae_training_class(SPARSE_STEP.get(arch, arch))
+        for group in groups:
+            for name in group.own_fields():
+                declared = group.__dataclass_fields__[name]
+                assert RunConfig.__dataclass_fields__[name] is declared, name
+                if issubclass(cfg_cls, group):  # saelib's own classes; sae_lens's get the values handed through
+                    assert cfg_cls.__dataclass_fields__[name] is declared, (arch, name)
+    assert issubclass(get_sae_training_class("sgo_topk")[1], settings.SGOSettings)
+
+
+def test_a_setting_of_every_topk_architecture_does_not_make_a_run_sgo():
+    # sae_precision is taken by TopK and SGO alike: only λ or τ mean "the method" when no architecture is given
+    assert build_config({"sae_precision": "float32"}).architecture == "topk"
+    assert build_config({"competition_threshold": 0.02}).architecture == "sgo_topk"
