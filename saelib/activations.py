@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sae_lens.util import extract_layer_from_tlens_hook_name
 from tqdm.auto import tqdm
 
 from saelib.sparse_step import keep_freed_memory
@@ -121,7 +122,7 @@ def _fill_cache(model, tokens_NS, key: CacheKey, folder: Path, special_ids, lm_b
     acts = _open_acts_file(folder / ACTS_FILE, key.n_rows, d_in)
     progress = _read_progress(folder)
     rows, seq = progress["rows"], progress["seqs"]
-    layer = int(key.hook_name.split(".")[1])
+    layer = extract_layer_from_tlens_hook_name(key.hook_name)
     bar = tqdm(total=key.n_rows, initial=rows, desc=f"caching {key.hook_name}", unit="tok")
     special = torch.tensor(sorted(special_ids), dtype=torch.long)
     while rows < key.n_rows:
@@ -232,7 +233,7 @@ class ActivationStream:
             raise ValueError(f"stream_buffer_tokens: expected a positive number of rows, got {buffer_rows}")
         self.model, self.tokens_NS, self.hook_name, self.n_rows = model, tokens_NS, hook_name, n_rows
         self.buffer_rows = min(buffer_rows, n_rows)
-        self.layer = int(hook_name.split(".")[1])
+        self.layer = extract_layer_from_tlens_hook_name(hook_name)
         self.special = torch.tensor(sorted(special_ids), dtype=torch.long)
         self.lm_batch_size = lm_batch_size
         self.d_in = model.cfg.d_model

@@ -130,11 +130,12 @@ def iter_texts(dataset: str, split: str) -> Iterator[str]:
 
 
 def _hub_texts(dataset: str) -> Iterator[str]:
-    import os
+    from saelib.models import hub_problem
 
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise RuntimeError(f"dataset: {dataset!r} needs the Hugging Face hub (offline here); "
-                           f"use dataset={OFFLINE_DATASET!r}")
+    problem = hub_problem()
+    if problem:
+        raise RuntimeError(f"dataset: {dataset!r} needs the Hugging Face hub, which is not reachable from this machine "
+                           f"({problem}); use dataset={OFFLINE_DATASET!r}")
     from datasets import load_dataset
 
     for row in load_dataset(dataset, split="train", streaming=True):

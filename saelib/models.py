@@ -160,26 +160,30 @@ def _load_from_hub(spec: ModelSpec, device: str, dtype: torch.dtype = torch.floa
     """The ordinary hub path. Offline it fails at once with a message naming the offline default."""
     from transformer_lens import HookedTransformer
 
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-        raise RuntimeError(
-            f"model {spec.name!r} needs the Hugging Face hub, which is not reachable from this machine; "
-            f"use the offline default model_name={DEFAULT_MODEL!r}"
-        )
+    problem = hub_problem()
+    if problem:
+        raise RuntimeError(f"model {spec.name!r} needs the Hugging Face hub, which is not reachable from this machine "
+                           f"({problem}); use the offline default model_name={DEFAULT_MODEL!r}")
     model = HookedTransformer.from_pretrained_no_processing(spec.tl_name, device=device, dtype=dtype)
     model.eval()
     return model
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One short HEAD request to the hub; never retries."""
+def hub_problem(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be used from here (an offline variable is set, or one short HEAD request to
+    ``HF_ENDPOINT`` gets no answer; never retried), or None when it answers. Every hub path checks this first."""
     import urllib.request
 
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        value = os.environ.get(var, "").strip()
+        if value.lower() in ("1", "true", "yes", "on"):
+            return f"{var}={value} is set"
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
-    except OSError:
-        return False
-    return True
+    except OSError as err:
+        return f"{endpoint} is unreachable ({err})"
+    return None
 
 
 if __name__ == "__main__":  # `python -m saelib.models`: convert the embedded model once

@@ -35,6 +35,17 @@ def test_hub_model_fails_fast_when_the_hub_does_not_answer(monkeypatch):
     assert time.time() - start < 10
 
 
+def test_one_hub_check_says_why_the_hub_cannot_be_used(monkeypatch):
+    from saelib.models import hub_problem
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "true")
+    assert hub_problem() == "HF_DATASETS_OFFLINE=true is set"
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert hub_problem(timeout=2).startswith("http://127.0.0.1:9 is unreachable")
+
+
 def test_gemma_2_2b_profile_shapes_without_weights():
     """The GPU profile's hook and width exist in TL's hard-coded config (meta device: no memory, no hub)."""
     import torch

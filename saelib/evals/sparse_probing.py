@@ -60,7 +60,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -391,11 +390,12 @@ def _validate(settings: SparseProbingSettings, sae, model) -> tuple[str, ...]:
         for name in names:
             if name not in hub_names:
                 raise EvalError(f"dataset_names: expected SAEBench datasets among {hub_names}, got {name!r}")
-        from saelib.models import _hub_reachable
+        from saelib.models import hub_problem
 
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        problem = hub_problem()
+        if problem:
             raise EvalUnavailable("sparse_probing: dataset_source='hub' loads SAEBench's datasets from the "
-                                  "Hugging Face hub, which is not reachable from this machine; use "
+                                  f"Hugging Face hub, which is not reachable from this machine ({problem}); use "
                                   "dataset_source='offline'")
     return names
 

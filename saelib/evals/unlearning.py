@@ -55,7 +55,6 @@ import json
 import math
 import os
 import random
-import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -158,17 +157,6 @@ def forget_corpus_path(settings: UnlearningSettings, artifacts_dir: Path) -> Pat
     return Path(artifacts_dir) / "sae_bench_unlearning" / FORGET_CORPUS_FILE
 
 
-def _hub_problem(timeout: float = 3.0) -> str | None:
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"the Hugging Face hub (cais/wmdp, cais/mmlu, wikitext); {var}=1 is set"
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-    except OSError as err:
-        return f"the Hugging Face hub (cais/wmdp, cais/mmlu, wikitext); huggingface.co is unreachable ({err})"
-    return None
-
-
 def sae_bench_preconditions(model, settings: UnlearningSettings, artifacts_dir: Path) -> list[str]:
     """What sae_bench's unlearning eval needs and this machine lacks (empty list: it can run). Fast (≤ 3 s)."""
     missing = []
@@ -180,9 +168,11 @@ def sae_bench_preconditions(model, settings: UnlearningSettings, artifacts_dir: 
     if not path.is_file():
         missing.append(f"the gated WMDP bio forget corpus at {path} (request it via "
                        "https://huggingface.co/datasets/cais/wmdp-corpora, or set settings.forget_corpus_path)")
-    problem = _hub_problem()
+    from saelib.models import hub_problem
+
+    problem = hub_problem()
     if problem:
-        missing.append(problem)
+        missing.append(f"the Hugging Face hub (cais/wmdp, cais/mmlu, wikitext); {problem}")
     return missing
 
 
