@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from saelib.config import ConfigError, build_config, field_names
+from saelib.run_files import REPORTS_DIR
 from saelib.sparse_step import require_device
 
 log = logging.getLogger(__name__)
-REPORTS_DIR = Path("reports")
 
 
 def run_notebook(notebook: str | Path, params_file: str | Path, reports_dir: Path = REPORTS_DIR,

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from saelib.evals.results import HEADLINE, study_results, wide
+from saelib.run_files import REPORTS_DIR
 from saelib.stats import summarise
 
-REPORTS_DIR = Path("reports")
 INDEX_CSS = ("body {font-family: sans-serif; max-width: 1400px; margin: auto; padding: 0 1em} "
              "img {max-width: 100%} .wide {overflow-x: auto} "
              "table {border-collapse: collapse; font-size: 12px; margin: 0.5em 0} "

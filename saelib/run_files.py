@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+#: Where rendered reports go: ``reports/<study>/``.
+REPORTS_DIR = Path("reports")
 RUN_CFG_FILE = "cfg.json"
 SAE_DIR = "sae"
 CHECKPOINTS_DIR = "checkpoints"

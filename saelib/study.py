@@ -290,7 +290,8 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
 def render_study_reports(study: str, study_dir: Path, runs: list[Run], settings: RunnerSettings, force: bool) -> None:
     """The study notebooks' HTML reports, the answers and the index, from the finished runs only; ``force``: even
     when they exist (something ran, or a look part-way was asked for)."""
-    from saelib.notebook import REPORTS_DIR, failure_reason
+    from saelib.notebook import failure_reason
+    from saelib.run_files import REPORTS_DIR
 
     last = Path(settings.notebooks[-1])
     unfinished = [run for run in runs if not stamp_path(run, last).exists()]  # finished once, current or not
@@ -356,7 +357,8 @@ def study_timings(runs: list[Run], settings: RunnerSettings) -> pd.DataFrame:
 def run_study_notebook(notebook: Path, study_dir: Path, study: str, executed_dir: Path | None = None) -> Path:
     """A study-level notebook (compare, competition) over ``study_dir`` → ``reports/<study>/<notebook>.html``; the
     executed notebook is kept in ``executed_dir`` (default ``study_dir``)."""
-    from saelib.notebook import REPORTS_DIR, execute, render_report
+    from saelib.notebook import execute, render_report
+    from saelib.run_files import REPORTS_DIR
 
     executed = Path(executed_dir or study_dir) / notebook.name
     execute(notebook, executed, {"study_dir": str(study_dir)})

@@ -11,7 +11,7 @@ from sae_bench.evals.sparse_probing.eval_output import SparseProbingEvalOutput
 
 from saelib.evals.common import EvalError
 from saelib.evals.sparse_probing import (
-    OFFLINE_DATASETS, SMOKE, SparseProbingSettings, headline_metrics, offline_class_pools, offline_train_test,
+    OFFLINE_DATASETS, SMOKE, SparseProbingSettings, probing_headline, offline_class_pools, offline_train_test,
     run_sparse_probing, sae_bench_patched,
 )
 from tests.test_evals import tiny_sae as _unfolded_tiny_sae
@@ -76,7 +76,7 @@ def test_end_to_end_on_the_tiny_model_reuses_the_llm_side(tiny_text_model, tmp_p
         assert result["sae_lens_id"] == "saelib"
     # the LLM side is the same stored result; the SAE side differs between the two SAEs
     assert first["eval_result_metrics"]["llm"] == second["eval_result_metrics"]["llm"]
-    headline = headline_metrics(first)
+    headline = probing_headline(first)
     assert headline["sparse_probing_sae_top_1"] == first["eval_result_metrics"]["sae"]["sae_top_1_test_accuracy"]
     assert headline["sparse_probing_llm_full"] == first["eval_result_metrics"]["llm"]["llm_test_accuracy"]
     json.dumps(dataclasses.asdict(TINY))  # the lead stores the settings as JSON

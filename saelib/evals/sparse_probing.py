@@ -546,7 +546,7 @@ def run_sparse_probing(sae, model, settings: SparseProbingSettings, artifacts_di
     return result
 
 
-def headline_metrics(result: dict) -> dict[str, float]:
+def probing_headline(result: dict) -> dict[str, float]:
     """The flat summary: mean test accuracy over tasks, ``sparse_probing_{llm,sae}_{full,top_<k>}``."""
     out = {}
     for side in ("llm", "sae"):
