@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,9 +171,9 @@ def _read_progress(folder: Path) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     """Write-then-rename, so a crash never leaves a half-written progress or meta file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    from saelib.run_files import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data)))
 
 
 def _streamed_mean(acts_ND: np.ndarray, chunk: int = 65_536) -> torch.Tensor:

@@ -210,10 +210,8 @@ def write_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports
         table.to_csv(folder / f"answers_{key}.csv", index=False)
     run_files.write_json_atomic(folder / "summary.json", answers.summary)
     out = folder / "answers.md"
-    tmp = out.with_name("answers.md.tmp")
-    tmp.write_text(answers.markdown.replace(FIGURE_LINK, FIGURE_LINK.format(figure="headline.png"))
-                   .replace(FRONTIER_LINK, FRONTIER_LINK.format(figure="frontier.png")), encoding="utf-8")
-    tmp.replace(out)
+    run_files.write_text_atomic(out, answers.markdown.replace(FIGURE_LINK, FIGURE_LINK.format(figure="headline.png"))
+                                .replace(FRONTIER_LINK, FRONTIER_LINK.format(figure="frontier.png")))
     if readme is not None and Path(readme).exists():
         link = FIGURE_LINK.format(figure=f"{Path(reports_dir).as_posix()}/{study}/headline.png")
         replace_block(Path(readme), study, answers.markdown.replace(FIGURE_LINK, link).replace(
@@ -229,9 +227,7 @@ def replace_block(readme: Path, study: str, text: str) -> bool:
         return False
     head, rest = source.split(begin, 1)
     _, tail = rest.split(end, 1)
-    tmp = readme.with_name(readme.name + ".tmp")
-    tmp.write_text(f"{head}{begin}\n{text}{end}{tail}", encoding="utf-8")
-    tmp.replace(readme)
+    run_files.write_text_atomic(readme, f"{head}{begin}\n{text}{end}{tail}")
     return True
 
 

@@ -14,7 +14,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import random
 import re
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 from tqdm.auto import tqdm
 
 from saelib.config import OFFLINE_DATASET
+from saelib.run_files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +154,7 @@ def token_sequences(tokenizer, dataset: str, split: str, n_seqs: int, context_si
     if len(seqs) < n_seqs:
         raise ValueError(f"{dataset} {split} split holds only {len(seqs)} sequences of {context_size}; "
                          f"{n_seqs} were asked for")
-    tmp = path.with_name(f"{path.stem}.partial-{os.getpid()}.npy")  # parallel runs may tokenize at once
-    np.save(tmp, seqs)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: np.save(tmp, seqs))  # parallel runs may tokenize at once
     return np.load(path, mmap_mode="r")
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from saelib.run_files import atomic_write
 
 #: history column -> panel title, in display order; architecture-specific losses are added after these.
 CURVES = {
@@ -70,11 +71,7 @@ def _shared_file(name: str, content: bytes, html_path: Path) -> str:
     shared = Path(html_path).parent.parent / name
     if not shared.exists() or shared.stat().st_size != len(content):
         shared.parent.mkdir(parents=True, exist_ok=True)
-        # a temporary file of its own per writer: the runner renders several reports at once
-        fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".tmp", dir=shared.parent)
-        with os.fdopen(fd, "wb") as out:
-            out.write(content)
-        os.replace(tmp, shared)
+        atomic_write(shared, lambda tmp: tmp.write_bytes(content))  # the runner renders several reports at once
     return os.path.relpath(shared, Path(html_path).parent)
 
 
@@ -306,10 +303,8 @@ def headline_png(paired: pd.DataFrame, metrics: list[str], order: list[str], pat
                  "seed)", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -360,10 +355,8 @@ def frontier_png(entries: list[dict], path: Path) -> Path | None:
     fig.suptitle("orthogonality frontier: seed means with 95 % intervals (hollow: one seed)", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

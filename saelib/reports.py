@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from saelib.evals.results import HEADLINE, study_results, wide
-from saelib.run_files import REPORTS_DIR
+from saelib.run_files import REPORTS_DIR, write_text_atomic
 from saelib.stats import summarise
 
 INDEX_CSS = ("body {font-family: sans-serif; max-width: 1400px; margin: auto; padding: 0 1em} "
@@ -62,9 +62,7 @@ def build_index(study: str, study_dir: Path, reports_dir: Path = REPORTS_DIR) ->
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(study) + "</title>"
             f"<style data-inline>{INDEX_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>")
     index = folder / "index.html"
-    tmp = index.with_name("index.html.tmp")
-    tmp.write_text(plots.offline_report(page, index))
-    tmp.replace(index)
+    write_text_atomic(index, plots.offline_report(page, index))
     return index
 
 
@@ -81,9 +79,7 @@ def repoint(reports_dir: Path = REPORTS_DIR) -> list[Path]:
         text = page.read_text(encoding="utf-8")
         new = plots.offline_report(text, page)
         if new != text:
-            tmp = page.with_name(page.name + ".tmp")
-            tmp.write_text(new, encoding="utf-8")
-            tmp.replace(page)
+            write_text_atomic(page, new)
             changed.append(page)
     return changed
 

@@ -93,9 +93,23 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write(path: Path, write) -> Path:
+    """``write(tmp)`` to a temporary file of its own beside ``path`` (same suffix, so numpy, torch and matplotlib
+    keep the format), then rename it over ``path``: a reader never sees half a file, and concurrent writers never
+    share a temporary. The temporary is removed if ``write`` fails."""
+    import uuid
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def write_derived_run(folder: Path, run_cfg: dict, write_sae) -> Path:

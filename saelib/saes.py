@@ -12,7 +12,6 @@ under the key ``orth_loss``; this module does not train (``saelib.train`` does).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 

@@ -76,6 +76,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from saelib import run_files
 from saelib.evals.common import EvalError, EvalUnavailable, provenance
 
 log = logging.getLogger(__name__)
@@ -311,9 +312,8 @@ class _PromptActivations:
             for k, a in zip(data["keys"].tolist(), data["acts"]):
                 self.rows.setdefault(k, a)
         keys = sorted(self.rows)
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.npz")
-        np.savez(tmp, keys=np.array(keys), acts=np.stack([self.rows[k] for k in keys]))
-        os.replace(tmp, self.path)
+        run_files.atomic_write(self.path, lambda tmp: np.savez(tmp, keys=np.array(keys),
+                                                                acts=np.stack([self.rows[k] for k in keys])))
         self.added = 0
 
 

@@ -459,9 +459,8 @@ def _ensure_llm_side(dataset_name: str, config, model, layer: int, hook_name: st
         _, accuracies = probe_training.train_probe_on_activations(train_BD, test_BD, select_top_k=k)
         llm_results[f"llm_top_{k}_test_accuracy"] = accuracies
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    torch.save({"train": train_BLD, "test": test_BLD, "llm_results": llm_results}, tmp)
-    tmp.replace(path)
+    run_files.atomic_write(path, lambda tmp: torch.save({"train": train_BLD, "test": test_BLD,
+                                                           "llm_results": llm_results}, tmp))
     return True
 
 

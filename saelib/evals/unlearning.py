@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saelib import run_files
 from saelib.evals.common import EvalError, EvalUnavailable, provenance, sae_fingerprint
 
 MODES = ("proxy", "sae_bench")
@@ -423,9 +424,7 @@ def lm_side(model, settings: UnlearningSettings, hook: str, start: int, artifact
         data["n_docs"] = {k: len(v) for k, v in texts.items()}
         data["lm_side_seconds"] = time.time() - start_time
         data["lm_side_cpu_seconds"] = time.process_time() - cpu0
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(data, tmp)
-        tmp.replace(path)
+        run_files.atomic_write(path, lambda tmp: torch.save(data, tmp))
     return data
 
 
