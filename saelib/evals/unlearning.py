@@ -1,50 +1,7 @@
 """SAEBench unlearning: sae_bench's own eval (online), and an offline *proxy* of it built on the same method.
 
-**What SAEBench measures** (``sae_bench.evals.unlearning``, after "Applying sparse autoencoders to unlearn
-knowledge in language models"): latents that fire often on a forget corpus (WMDP-bio) and rarely on a retain
-corpus (wikitext) are selected — retain activation frequency below ``retain_threshold``, then the top
-``n_features`` by forget frequency — and clamped to ``-multiplier`` wherever they fire
-(``anthropic_clamp_resid_SAE_features``). For every point of the grid retain_thresholds × n_features_list ×
-multipliers it measures multiple-choice accuracy on WMDP-bio (forget) and four MMLU subjects (retain) on
-gemma-2-2b-it; the score is 1 − the lowest WMDP-bio accuracy among settings whose MMLU accuracy stays ≥ 0.99 ×
-baseline (0 if none does).
-
-``settings.mode="sae_bench"`` runs exactly that, through ``sae_bench.evals.unlearning.utils.eval.run_eval_single_sae``
-with the loaded model object. It needs the Hugging Face hub (cais/wmdp, cais/mmlu, wikitext), the gated WMDP bio
-forget corpus as a local file, and an instruct model sae_bench has a prompt template for (gemma-2-2b-it /
-gemma-2-9b-it). Those preconditions are checked first; if one is missing the eval raises ``EvalUnavailable`` at
-once, naming what is missing. (sae_bench reads the forget corpus from the CWD-relative path
-``./sae_bench/evals/unlearning/data/bio-forget-corpus.jsonl``; saelib links the user's file into that layout in a
-scratch folder under ``artifacts_dir`` and runs sae_bench from there, so nothing is written to the CWD.)
-
-``settings.mode="proxy"`` (the default: it runs offline on the embedded Gemma 3 270M) keeps SAEBench's selection
-and intervention and replaces only what needs the hub:
-
-* **Forget topic**: medical abstracts (sae-probes ``101_disease_class``) — dense biomedical knowledge, the closest
-  offline analogue of WMDP-bio. Latent selection uses the documents of its *train* split (by
-  ``saelib.corpus.split_of``); scoring uses its *eval* split, which the SAE never saw in training. **Retain**:
-  general text of the offline corpus (every other source except biomedical Pile subsets), train split for
-  selection, eval split for scoring. Selection and scoring texts are disjoint by construction.
-* **Selection**: activation frequencies with BOS/PAD/EOS masked (as sae_bench's ``get_feature_activation_sparsity``
-  with ``mask_bos_pad_eos_tokens=True``, computed on stored hook-layer residuals instead of re-running the LM per
-  SAE), then sae_bench's ``get_top_features``; SAEBench's default grids.
-* **Intervention**: sae_bench's ``anthropic_clamp_resid_SAE_features`` applied to the hook-layer residual; positions
-  where no selected latent fires are kept bit-identical (the hook returns error + reconstruction there, equal up
-  to float rounding), so a setting that touches nothing changes nothing.
-* **Score** (replaces MCQ accuracy, which needs WMDP/MMLU): per setting, the rise of mean next-token loss on held-out
-  forget text minus the rise on held-out retain text (nats). A setting is admissible if the retain loss rises by at
-  most ``retain_tolerance`` × baseline retain loss (default 1 %, mirroring SAEBench's "MMLU accuracy ≥ 0.99 ×
-  baseline"). ``unlearning_score`` = the best admissible score, floored at 0 like SAEBench's (doing nothing scores
-  0; if no setting is admissible the score is 0). It is in nats, not an accuracy drop: not comparable with
-  SAEBench's numbers, only between SAEs evaluated with the same settings.
-* **Speed**: the LM side (hook-layer residuals of the selection texts; residuals and baseline per-token losses of
-  the scoring texts) is computed once per model/hook/data and stored under ``artifacts_dir``. Per setting only
-  the blocks after the hook run (``start_at_layer``), only for rows where a selected latent fires, and the
-  unembedding only for positions at or after the first changed one (earlier positions cannot change). The
-  shortcut is checked against a full forward when the LM side is computed.
-
-The output is sae_bench's ``UnlearningEvalOutput`` with ``eval_type_id="unlearning_proxy"``; the per-setting
-table, rises with standard errors and the data description are in ``eval_result_unstructured``.
+What sae_bench 0.6.0 does, what saelib changes and why:
+``docs/evals.md``, section "Unlearning and the unlearning proxy" (in detail).
 """
 
 from __future__ import annotations
