@@ -116,7 +116,7 @@ plots.training_curves(history, title=f"{cfg.study}/{cfg.run_name}: training curv
 # ## Core evaluation (SAEBench) on held-out text
 
 # %%
-metrics = core_for_run(cfg, model, sae, eval_cache)
+metrics = core_for_run(cfg, model)
 display(plots.metrics_table(metrics))
 
 # %% [markdown]

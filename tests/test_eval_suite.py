@@ -154,3 +154,38 @@ def test_the_evaluate_notebook_loads_the_lm_on_the_runs_device(tmp_path):
 
     (tmp_path / "cfg.json").write_text(json.dumps({"device": "cuda"}))
     assert run_device(tmp_path) == "cuda" and run_device(tmp_path / "missing") == "cpu"
+
+
+def test_the_eval_modules_import_each_other_without_a_circle():
+    """Every ``saelib.evals`` import between the eval modules, lazy ones inside functions included, points one way."""
+    import ast
+    from pathlib import Path
+
+    import saelib.evals
+
+    folder = Path(saelib.evals.__file__).parent
+    edges = {}
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("saelib.evals."):
+                found.add(node.module.split(".")[2])
+            elif isinstance(node, ast.ImportFrom) and node.module == "saelib.evals":
+                found.update(a.name for a in node.names if (folder / f"{a.name}.py").exists())
+        edges[path.stem] = found - {path.stem}
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, (*seen, n))) for n in edges.get(start, ()))
+
+    assert not [m for m in edges if reaches(m, m)], edges
+
+
+def test_an_evals_follow_up_is_declared_in_the_registry_not_special_cased():
+    from saelib.evals.suite import EVALS
+
+    assert EVALS["core"].after == "write_headline"  # metrics.json's headline comes from core's result
+    for spec in EVALS.values():
+        module, _, _ = spec.load()
+        assert not spec.after or callable(getattr(module, spec.after)), spec

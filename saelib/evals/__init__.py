@@ -4,10 +4,9 @@
 """
 
 from saelib.evals.common import EVALS_DIR, EvalError, EvalUnavailable
-from saelib.evals.core import (
-    competition_for_run, core_for_run, headline_metrics, reconstruction_metrics, run_core, write_core,
-)
-from saelib.evals.suite import EVALS, evaluate_run, run_results
+from saelib.evals.competition import competition_for_run
+from saelib.evals.core import headline_metrics, reconstruction_metrics, run_core, write_core
+from saelib.evals.suite import EVALS, core_for_run, evaluate_run, run_results
 
 __all__ = [
     "EVALS", "EVALS_DIR", "EvalError", "EvalUnavailable", "competition_for_run", "core_for_run", "evaluate_run",

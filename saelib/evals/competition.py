@@ -210,3 +210,15 @@ def _absorption_pairs(absorption: dict, stats) -> list[dict]:
         score = float(scores[at]) if at < len(keys) and keys[at] == key else 0.0
         out.append({**item, "score": score})
     return out
+
+
+def competition_for_run(cfg, sae, eval_cache) -> dict[str, float]:
+    """Held-out competition of the run's SAE at its τ, merged into metrics.json under ``competition_*`` keys."""
+    from saelib.analysis import competing_cos2, heldout_competition
+
+    result = competing_cos2(sae, heldout_competition(sae, eval_cache), cfg.competition_threshold)
+    path = Path(cfg.run_dir) / run_files.METRICS_FILE
+    metrics = run_files.read_json(path) if path.exists() else {}
+    metrics.update({f"competition_{k}" if not k.startswith("competing") else k: v for k, v in result.items()})
+    run_files.write_json_atomic(path, metrics)
+    return result

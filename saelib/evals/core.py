@@ -218,26 +218,3 @@ def run_core_eval(sae, model, settings: CoreSettings, artifacts_dir: Path | None
                                           settings.eval_ce_tokens)
     return run_core(sae, model, tokens_NS, eval_cache, special_token_ids(model), settings.eval_ce_tokens,
                     batch_size_prompts=settings.batch_size_prompts)
-
-
-def core_for_run(cfg, model, sae=None, eval_cache: ActivationCache | None = None) -> dict[str, float]:
-    """Core eval of a run's SAE (as saved in its folder) on the held-out split; writes evals/core.json and the
-    headline into metrics.json. A current result (same SAE, same settings) is reused."""
-    from saelib.evals.suite import evaluate_run
-
-    status = evaluate_run(cfg.run_dir, model, ["core"])
-    if status.loc[0, "status"] not in ("done", "reused"):
-        raise RuntimeError(f"core eval {status.loc[0, 'status']}: {status.loc[0, 'message']}")
-    return headline_metrics(run_files.read_json(Path(cfg.run_dir) / EVALS_DIR / "core.json"))
-
-
-def competition_for_run(cfg, sae, eval_cache: ActivationCache) -> dict[str, float]:
-    """Held-out competition of the run's SAE at its τ, merged into metrics.json under ``competition_*`` keys."""
-    from saelib.analysis import competing_cos2, heldout_competition
-
-    result = competing_cos2(sae, heldout_competition(sae, eval_cache), cfg.competition_threshold)
-    path = Path(cfg.run_dir) / run_files.METRICS_FILE
-    metrics = run_files.read_json(path) if path.exists() else {}
-    metrics.update({f"competition_{k}" if not k.startswith("competing") else k: v for k, v in result.items()})
-    run_files.write_json_atomic(path, metrics)
-    return result

@@ -33,6 +33,7 @@ class EvalSpec:
     function: str
     fixed: tuple[tuple[str, Any], ...] = ()  # settings this eval name pins (e.g. the unlearning mode)
     takes_run_dir: bool = False  # the function also reads the run folder (``run_dir=``)
+    after: str = ""  # a function of the module called as ``after(run_dir, result)`` once the result is stored
     version: int = 1  # raised when saelib's result gains or changes a number: older stored results are redone
 
     def load(self):
@@ -42,7 +43,7 @@ class EvalSpec:
 
 #: Every eval saelib runs, by the name used in notebooks, params and result files.
 EVALS: dict[str, EvalSpec] = {
-    "core": EvalSpec("core", "CoreSettings", "run_core_eval"),
+    "core": EvalSpec("core", "CoreSettings", "run_core_eval", after="write_headline"),  # metrics.json
     "absorption": EvalSpec("absorption", "AbsorptionSettings", "run_absorption", version=2),  # 2: firing-based
     "sparse_probing": EvalSpec("sparse_probing", "SparseProbingSettings", "run_sparse_probing"),
     "competition": EvalSpec("competition", "CompetitionSettings", "run_competition", takes_run_dir=True),
@@ -158,14 +159,13 @@ def _run_one(name, run_dir, sae, model, fingerprint, settings, settings_json, pa
     row = {"eval": name, "status": "", "wall_time_s": 0.0, "message": "", "path": ""}
     start = time.time()
     try:
-        _, _, run = EVALS[name].load()
-        kwargs = {"run_dir": run_dir} if EVALS[name].takes_run_dir else {}
+        spec = EVALS[name]
+        module, _, run = spec.load()
+        kwargs = {"run_dir": run_dir} if spec.takes_run_dir else {}
         result = run(sae, model, settings, artifacts / name, **kwargs)
         common.write_result(path, result, fingerprint, settings_json, time.time() - start)
-        if name == "core":
-            from saelib.evals.core import write_headline
-
-            write_headline(run_dir, result)
+        if spec.after:
+            getattr(module, spec.after)(run_dir, result)
         row.update(status="done", path=str(path))
     except EvalUnavailable as exc:
         row.update(status="unavailable", message=str(exc))
@@ -181,3 +181,14 @@ def run_results(run_dir: Path) -> dict[str, dict]:
     """Every stored eval result of a run folder, by eval name."""
     folder = Path(run_dir) / common.EVALS_DIR
     return {p.stem: run_files.read_json(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
+def core_for_run(cfg, model) -> dict[str, float]:
+    """Core eval of a run's SAE (as saved in its folder) on the held-out split; writes evals/core.json and the
+    headline into metrics.json. A current result (same SAE, same settings) is reused."""
+    from saelib.evals.core import headline_metrics
+
+    status = evaluate_run(cfg.run_dir, model, ["core"])
+    if status.loc[0, "status"] not in ("done", "reused"):
+        raise RuntimeError(f"core eval {status.loc[0, 'status']}: {status.loc[0, 'message']}")
+    return headline_metrics(run_files.read_json(Path(cfg.run_dir) / common.EVALS_DIR / "core.json"))
