@@ -155,12 +155,13 @@ def test_selection_and_scoring_texts_are_disjoint_and_scoring_text_is_held_out()
 def test_sae_bench_reads_the_forget_corpus_through_a_link_and_the_cwd_is_restored(tmp_path):
     import os
 
-    from saelib.evals.unlearning import _sae_bench_data_layout
+    from saelib.evals.unlearning import FORGET_CORPUS_FILE
+    from saelib.evals.upstream import unlearning_data_layout
 
     corpus = tmp_path / "mine.jsonl"
     corpus.write_text('{"text": "x"}\n')
     cwd = os.getcwd()
-    with _sae_bench_data_layout(corpus, tmp_path / "art"):
+    with unlearning_data_layout(corpus, tmp_path / "art", FORGET_CORPUS_FILE):
         # the CWD-relative path sae_bench's feature_activation.get_forget_retain_data opens
         assert open("./sae_bench/evals/unlearning/data/bio-forget-corpus.jsonl").read() == '{"text": "x"}\n'
     assert os.getcwd() == cwd

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from saelib import run_files
 from saelib.activations import ActivationCache
+from saelib.evals import upstream
 from saelib.evals.common import EVALS_DIR, EvalError, heldout_split, provenance
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def run_core(sae, model, tokens_NS: np.ndarray, cache: ActivationCache, ignore_t
     scalars["misc_metrics"] = core.calculate_misc_metrics(feats)
     scalars = core.replace_nans_with_negative_one(scalars)
     ours = reconstruction_metrics(sae, cache)
-    raw = _correct_reconstruction(scalars, ours)
+    raw = upstream.replace_reconstruction(scalars, ours)
     out = _core_output(cfg, scalars, core.convert_feature_metrics(feats), sae, {
         "saelib_reconstruction_metrics": ours, "sae_bench_raw_reconstruction": raw,
         "note": "explained_variance and mse recomputed on held-out cached activations (sae_lens formula, "
@@ -114,18 +115,6 @@ def run_core(sae, model, tokens_NS: np.ndarray, cache: ActivationCache, ignore_t
         "wall_time_s": time.time() - start,
     })
     return json.loads(out.to_json())
-
-
-def _correct_reconstruction(scalars: dict, ours: dict) -> dict:
-    recon = scalars["reconstruction_quality"]
-    raw = {"explained_variance": recon["explained_variance"], "mse": recon["mse"]}
-    recon["explained_variance"] = ours["explained_variance"]
-    recon["mse"] = ours["mse"]
-    for group in ("model_behavior_preservation", "model_performance_preservation"):
-        for name, value in scalars[group].items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise FloatingPointError(f"core eval: {group}.{name} is {value}; the SAE output is degenerate")
-    return raw
 
 
 def _core_output(cfg, scalars: dict, details: list, sae, unstructured: dict):

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelib import run_files
+from saelib.evals import upstream
 from saelib.evals.common import EvalError, EvalUnavailable, provenance
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class SparseProbingSettings:
     sae_batch_size: int = 125
     centre_sklearn_probe_inputs: bool = True
     """Subtract the train-set mean before sae_bench's top-k logistic probes (exact reparametrisation that keeps
-    float32 lbfgs from stopping at a constant predictor; see ``_sklearn_probe``)."""
+    float32 lbfgs from stopping at a constant predictor; see ``upstream.sklearn_probe``)."""
 
 
 SMOKE = SparseProbingSettings(
@@ -230,39 +231,6 @@ def _trimmed_llm_activations(original):
     return get_llm_activations
 
 
-def _sklearn_probe(original, centre: bool):
-    """``probe_training.train_sklearn_probe`` with its own jaxtyping memo and, if ``centre``, centred inputs.
-
-    Jaxtyping: sae-bench 0.6.0 decorates this function with ``@beartype`` only, so under jaxtyping 0.3 it is
-    checked inside the dimension memo of its ``@jaxtyped`` caller ``train_probe_on_activations``, where
-    ``train_dataset_size`` is bound to the per-class count and ``d_model`` to the full width: the balanced task
-    (2× the rows) and the top-k slice then fail the check — with SAEBench's own data as well. Wrapping it in
-    ``jaxtyped(typechecker=beartype)`` gives it a fresh memo; every check stays on.
-
-    Centring: the probe casts its inputs to float32, and scikit-learn's lbfgs then stops after 2–3 iterations
-    at w ≈ 0 when a feature carries a large constant offset (Gemma 3's residual dimension 163: mean ≈ 5,300,
-    std ≈ 265 after pooling) — a constant prediction, i.e. exactly 0.5 accuracy on a balanced task. The same
-    fit in float64, or on inputs minus their train-set mean, converges to the same optimum (measured: equal
-    coefficients and accuracy). Since the intercept is not penalised, subtracting the train mean is an exact
-    reparametrisation of SAEBench's probe: same model family, same optimum, same feature selection (a mean
-    difference is shift-invariant); only the solver's conditioning changes.
-    """
-    from beartype import beartype
-    from jaxtyping import jaxtyped
-
-    checked = jaxtyped(typechecker=beartype)(original)
-    if not centre:
-        return checked
-
-    def train_sklearn_probe(train_inputs, train_labels, test_inputs, test_labels, *args, **kwargs):
-        mean_1D = train_inputs.to(torch.float64).mean(0, keepdim=True)
-        train_inputs = (train_inputs.to(torch.float64) - mean_1D).to(train_inputs.dtype)
-        test_inputs = (test_inputs.to(torch.float64) - mean_1D).to(test_inputs.dtype)
-        return checked(train_inputs, train_labels, test_inputs, test_labels, *args, **kwargs)
-
-    return train_sklearn_probe
-
-
 @contextlib.contextmanager
 def sae_bench_patched(settings: SparseProbingSettings) -> Iterator[None]:
     """Patch sae_bench for this eval and restore it afterwards: the offline loader and task names, the jaxtyping
@@ -285,7 +253,7 @@ def sae_bench_patched(settings: SparseProbingSettings) -> Iterator[None]:
     saved_classes = dict(dataset_info.chosen_classes_per_dataset)
     try:
         dataset_utils.get_multi_label_train_test_data = loader
-        probe_training.train_sklearn_probe = _sklearn_probe(
+        probe_training.train_sklearn_probe = upstream.sklearn_probe(
             probe_training.train_sklearn_probe, settings.centre_sklearn_probe_inputs)
         activation_collection.get_llm_activations = _trimmed_llm_activations(
             activation_collection.get_llm_activations)

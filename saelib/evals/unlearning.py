@@ -6,11 +6,9 @@ What sae_bench 0.6.0 does, what saelib changes and why:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import random
 import time
 import uuid
@@ -23,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelib import run_files
+from saelib.evals import upstream
 from saelib.evals.common import EvalError, EvalUnavailable, provenance, sae_fingerprint
 
 MODES = ("proxy", "sae_bench")
@@ -167,7 +166,8 @@ def _run_sae_bench(sae, model, settings: UnlearningSettings, artifacts_dir: Path
     torch.manual_seed(config.random_seed)
     grad = torch.is_grad_enabled()
     try:
-        with _sae_bench_data_layout(forget_corpus_path(settings, artifacts_dir).resolve(), artifacts_folder):
+        with upstream.unlearning_data_layout(forget_corpus_path(settings, artifacts_dir).resolve(), artifacts_folder,
+                                            FORGET_CORPUS_FILE):
             run_eval_single_sae(model, sae, config, str(artifacts_folder), sae_name, False)
     finally:
         torch.set_grad_enabled(grad)  # run_eval_single_sae switches gradients off globally
@@ -180,25 +180,6 @@ def _run_sae_bench(sae, model, settings: UnlearningSettings, artifacts_dir: Path
         **provenance(sae),
     )
     return _validated(out)
-
-
-@contextlib.contextmanager
-def _sae_bench_data_layout(corpus: Path, artifacts_folder: Path):
-    """sae_bench opens ``./sae_bench/evals/unlearning/data/bio-forget-corpus.jsonl`` relative to the CWD: run it
-    from a scratch folder under ``artifacts_folder`` holding a link to the user's file (nothing lands in the CWD)."""
-    scratch = artifacts_folder / "cwd"
-    data = scratch / "sae_bench" / "evals" / "unlearning" / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    link = data / FORGET_CORPUS_FILE
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(corpus)
-    old = os.getcwd()
-    os.chdir(scratch)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 # ----------------------------------------------------------------------------------------------------------------
