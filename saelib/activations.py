@@ -121,7 +121,7 @@ def _fill_cache(model, tokens_NS, key: CacheKey, folder: Path, special_ids, lm_b
     acts = _open_acts_file(folder / ACTS_FILE, key.n_rows, d_in)
     progress = _read_progress(folder)
     rows, seq = progress["rows"], progress["seqs"]
-    layer = extract_layer_from_tlens_hook_name(key.hook_name)
+    layer = hook_layer(key.hook_name)
     bar = tqdm(total=key.n_rows, initial=rows, desc=f"caching {key.hook_name}", unit="tok")
     special = torch.tensor(sorted(special_ids), dtype=torch.long)
     while rows < key.n_rows:
@@ -167,6 +167,14 @@ def _open_acts_file(path: Path, n_rows: int, d_in: int) -> np.memmap:
 def _read_progress(folder: Path) -> dict:
     path = folder / PROGRESS_FILE
     return json.loads(path.read_text()) if path.exists() else {"rows": 0, "seqs": 0}
+
+
+def hook_layer(hook_name: str) -> int:
+    """The block index in a hook name (sae_lens's parser), or a ValueError naming the hook."""
+    layer = extract_layer_from_tlens_hook_name(hook_name)
+    if layer is None:
+        raise ValueError(f"hook_name: expected a block hook such as blocks.8.hook_resid_post, got {hook_name!r}")
+    return layer
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -232,7 +240,7 @@ class ActivationStream:
             raise ValueError(f"stream_buffer_tokens: expected a positive number of rows, got {buffer_rows}")
         self.model, self.tokens_NS, self.hook_name, self.n_rows = model, tokens_NS, hook_name, n_rows
         self.buffer_rows = min(buffer_rows, n_rows)
-        self.layer = extract_layer_from_tlens_hook_name(hook_name)
+        self.layer = hook_layer(hook_name)
         self.special = torch.tensor(sorted(special_ids), dtype=torch.long)
         self.lm_batch_size = lm_batch_size
         self.d_in = model.cfg.d_model

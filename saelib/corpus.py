@@ -154,7 +154,7 @@ def token_sequences(tokenizer, dataset: str, split: str, n_seqs: int, context_si
     if len(seqs) < n_seqs:
         raise ValueError(f"{dataset} {split} split holds only {len(seqs)} sequences of {context_size}; "
                          f"{n_seqs} were asked for")
-    atomic_write(path, lambda tmp: np.save(tmp, seqs))  # parallel runs may tokenize at once
+    atomic_write(path, lambda tmp: np.save(tmp, seqs), keep_suffix=True)  # parallel runs may tokenize at once
     return np.load(path, mmap_mode="r")
 
 

@@ -160,7 +160,7 @@ def _load_from_hub(spec: ModelSpec, device: str, dtype: torch.dtype = torch.floa
     """The ordinary hub path. Offline it fails at once with a message naming the offline default."""
     from transformer_lens import HookedTransformer
 
-    problem = hub_problem()
+    problem = hub_problem(variables=("HF_HUB_OFFLINE",))
     if problem:
         raise RuntimeError(f"model {spec.name!r} needs the Hugging Face hub, which is not reachable from this machine "
                            f"({problem}); use the offline default model_name={DEFAULT_MODEL!r}")
@@ -169,12 +169,14 @@ def _load_from_hub(spec: ModelSpec, device: str, dtype: torch.dtype = torch.floa
     return model
 
 
-def hub_problem(timeout: float = 3.0) -> str | None:
+def hub_problem(timeout: float = 3.0, variables: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                ) -> str | None:
     """Why the Hugging Face hub cannot be used from here (an offline variable is set, or one short HEAD request to
-    ``HF_ENDPOINT`` gets no answer; never retried), or None when it answers. Every hub path checks this first."""
+    ``HF_ENDPOINT`` gets no answer; never retried), or None when it answers. Every hub path checks this first;
+    model loading looks at ``HF_HUB_OFFLINE`` only (``HF_DATASETS_OFFLINE`` is about datasets)."""
     import urllib.request
 
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+    for var in variables:
         value = os.environ.get(var, "").strip()
         if value.lower() in ("1", "true", "yes", "on"):
             return f"{var}={value} is set"

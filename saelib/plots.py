@@ -303,7 +303,7 @@ def headline_png(paired: pd.DataFrame, metrics: list[str], order: list[str], pat
                  "seed)", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110), keep_suffix=True)
     plt.close(fig)
     return path
 
@@ -355,7 +355,7 @@ def frontier_png(entries: list[dict], path: Path) -> Path | None:
     fig.suptitle("orthogonality frontier: seed means with 95 % intervals (hollow: one seed)", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110), keep_suffix=True)
     plt.close(fig)
     return path
 

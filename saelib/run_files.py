@@ -96,14 +96,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_write(path: Path, write) -> Path:
-    """``write(tmp)`` to a temporary file of its own beside ``path`` (same suffix, so numpy, torch and matplotlib
-    keep the format), then rename it over ``path``: a reader never sees half a file, and concurrent writers never
-    share a temporary. The temporary is removed if ``write`` fails."""
+def atomic_write(path: Path, write, keep_suffix: bool = False) -> Path:
+    """``write(tmp)`` to a temporary file of its own beside ``path``, then rename it over ``path``: a reader never
+    sees half a file, and concurrent writers never share a temporary. The temporary is removed if ``write`` fails.
+    Its name ends in ``.partial``, so globs such as ``evals/*.json`` never pick it up; ``keep_suffix`` (for writers
+    that choose the format or add a suffix by the name: ``np.save``, ``np.savez``, ``savefig``) ends it in
+    ``.partial<suffix>`` instead."""
     import uuid
 
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{path.suffix}")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial" + (path.suffix if keep_suffix else ""))
     try:
         write(tmp)
         os.replace(tmp, path)

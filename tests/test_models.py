@@ -71,3 +71,12 @@ def test_embedded_gemma_is_real(real_model):
     loss = real_model(real_model.to_tokens(text), return_type="loss").item()
     assert loss < 4.0
     assert real_model.cfg.n_layers == 18 and real_model.cfg.d_model == 640
+
+
+def test_model_loading_ignores_the_datasets_only_offline_variable(monkeypatch):
+    from saelib.models import hub_problem
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert hub_problem(timeout=2, variables=("HF_HUB_OFFLINE",)).startswith("http://127.0.0.1:9 is unreachable")

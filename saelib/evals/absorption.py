@@ -266,7 +266,8 @@ class _PromptActivations:
                 self.rows.setdefault(k, a)
         keys = sorted(self.rows)
         run_files.atomic_write(self.path, lambda tmp: np.savez(tmp, keys=np.array(keys),
-                                                                acts=np.stack([self.rows[k] for k in keys])))
+                                                                acts=np.stack([self.rows[k] for k in keys])),
+                               keep_suffix=True)
         self.added = 0
 
 

@@ -234,7 +234,7 @@ def _trimmed_llm_activations(original):
 @contextlib.contextmanager
 def sae_bench_patched(settings: SparseProbingSettings) -> Iterator[None]:
     """Patch sae_bench for this eval and restore it afterwards: the offline loader and task names, the jaxtyping
-    fix for ``train_sklearn_probe``, and padding-free LLM activation collection (see the module doc)."""
+    fix for ``train_sklearn_probe``, and padding-free LLM activation collection (see docs/evals.md)."""
     import sae_bench.evals.sparse_probing.probe_training as probe_training
     import sae_bench.sae_bench_utils.activation_collection as activation_collection
     import sae_bench.sae_bench_utils.dataset_info as dataset_info
