@@ -46,3 +46,21 @@ def test_heldout_competition_bounds_memory_for_large_l0(tiny_cache, monkeypatch)
     i_P, j_P = stats.pairs()
     assert torch.allclose(stats.pair_rates.double(), co[i_P, j_P], atol=1e-6)
     assert torch.allclose(stats.freq_F.double(), fired.mean(0), atol=1e-6)
+
+
+def test_absorbers_are_counted_per_nested_prefix_of_the_run(tmp_path):
+    import json
+
+    from saelib.analysis import absorbers_by_prefix
+
+    run = tmp_path / "matryoshka_s0"
+    (run / "evals").mkdir(parents=True)
+    (run / "cfg.json").write_text(json.dumps({"architecture": "matryoshka_batchtopk", "d_sae": 64,
+                                              "matryoshka_widths": "quarters"}))
+    pairs = [{"letter": "a", "main_latent": 40, "absorbing_latent": 1}, {"letter": "a", "main_latent": 40,
+             "absorbing_latent": 1}, {"letter": "b", "main_latent": 20, "absorbing_latent": 3},
+             {"letter": "b", "main_latent": 20, "absorbing_latent": 63}]
+    (run / "evals" / "absorption.json").write_text(json.dumps({"eval_result_unstructured": {"absorbing_pairs": pairs}}))
+    counts = absorbers_by_prefix(run)  # quarters at 64: prefixes 4, 16, 64
+    assert counts == {"widths": [4, 16, 64], "absorbing": [2, 0, 1], "main": [0, 0, 2]}
+    assert absorbers_by_prefix(run, [2, 64])["absorbing"] == [1, 2]
