@@ -201,19 +201,19 @@ def test_committed_study_reports_draw_offline(page):
 def test_reports_written_side_by_side_share_one_file_without_a_race(tmp_path, monkeypatch):
     # the runner renders several reports at once: a second writer that starts while the first is writing its
     # temporary file must not take that file from under it
-    import os
-
     from saelib import plots
 
-    real_fdopen, nested = os.fdopen, []
+    real_atomic_write, nested = plots.atomic_write, []
 
-    def fdopen_with_a_second_writer(*args, **kwargs):
-        if not nested:
-            nested.append(None)
-            nested[0] = plots._shared_file("shared.bin", b"x" * 1000, tmp_path / "other" / "page.html")
-        return real_fdopen(*args, **kwargs)
+    def with_a_second_writer(path, write, **kwargs):
+        def write_then_let_another_write(tmp):
+            write(tmp)  # the first writer's temporary is on disk now
+            if not nested:
+                nested.append(None)
+                nested[0] = plots._shared_file("shared.bin", b"x" * 1000, tmp_path / "other" / "page.html")
+        return real_atomic_write(path, write_then_let_another_write, **kwargs)
 
-    monkeypatch.setattr(plots.os, "fdopen", fdopen_with_a_second_writer)
+    monkeypatch.setattr(plots, "atomic_write", with_a_second_writer)
     assert plots._shared_file("shared.bin", b"x" * 1000, tmp_path / "study" / "page.html") == "../shared.bin"
     assert nested == ["../shared.bin"] and (tmp_path / "shared.bin").read_bytes() == b"x" * 1000
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["shared.bin"]  # no temporary left
