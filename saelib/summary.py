@@ -98,6 +98,8 @@ def frontier_table(entries: list[dict]) -> pd.DataFrame:
         mean, lo, hi = e.get(key), e.get(f"{key}_ci_low"), e.get(f"{key}_ci_high")
         return "" if mean is None else f"{mean:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if lo is not None else "")
     columns = {"ev": "explained variance", **FRONTIER_PANELS}
-    return pd.DataFrame([{"config": e["config"], "λ": e["lambda"], "τ": e["tau"], "seeds": e["seeds"],
+    def number(x):
+        return "" if x is None else f"{x:g}"
+    return pd.DataFrame([{"config": e["config"], "λ": number(e["lambda"]), "τ": number(e["tau"]), "seeds": e["seeds"],
                           **{title: value(e, key) for key, title in columns.items()}} for e in entries])
 
