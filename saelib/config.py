@@ -23,7 +23,7 @@ from saelib.models import MODELS
 from saelib.settings import (ARCHITECTURES, SETTINGS_GROUPS, ConfigError, L1Settings,
                              MatryoshkaSettings, OrthSettings, OrtSAESettings, PrecisionSettings, SGOSettings,
                              arch_fields, check as _check, taken_by)
-from saelib.sparse_step import PRECISIONS, require_device, resolve_precision
+from saelib.sparse_step import PRECISIONS, device_here, resolve_precision
 
 #: Architectures, the SAE settings each takes and their one declaration: ``saelib.settings``.
 #: The offline corpus built by ``saelib.data``; any other value is treated as a hub dataset id ("org/name").
@@ -162,7 +162,7 @@ class RunConfig(PrecisionSettings, OrthSettings, SGOSettings, OrtSAESettings, L1
             _check(_FOLDER_NAME.fullmatch(getattr(self, name)) is not None, name,
                    f"a folder name of letters, digits and _ . + - (not starting with '.'), got {getattr(self, name)!r}")
         _check(self.lr_warm_up_steps >= 0, "lr_warm_up_steps", f">= 0, got {self.lr_warm_up_steps}")
-        here = _device_here(self.device)  # a GPU profile stays declarable on a CPU machine; running it is checked
+        here = device_here(self.device)  # a GPU profile stays declarable on a CPU machine; running it is checked
         try:
             if here:
                 resolve_precision(self.lm_precision, self.device, "lm_precision")
@@ -235,14 +235,6 @@ class RunConfig(PrecisionSettings, OrthSettings, SGOSettings, OrtSAESettings, L1
 
 
 _SETTINGS_FIELDS = {name for group in SETTINGS_GROUPS for name in group.own_fields()}
-
-
-def _device_here(device: str) -> bool:
-    try:
-        require_device(device)
-    except ValueError:
-        return False
-    return True
 
 
 def _looks_like_hub_id(name: str) -> bool:

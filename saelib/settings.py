@@ -48,11 +48,9 @@ class PrecisionSettings(Settings):
 
     def check_settings(self) -> None:
         super().check_settings()
-        from saelib.sparse_step import PRECISIONS, require_device, resolve_precision
+        from saelib.sparse_step import PRECISIONS, device_here, resolve_precision
 
-        try:
-            require_device(self.device)
-        except ValueError:  # a GPU profile stays declarable on a CPU machine; running it is checked
+        if not device_here(self.device):
             check(self.sae_precision in PRECISIONS, "sae_precision",
                   f"one of {list(PRECISIONS)}, got {self.sae_precision!r}")
             return

@@ -86,6 +86,15 @@ def require_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def device_here(device: str) -> bool:
+    """Whether this machine has ``device`` (a GPU profile stays declarable on a CPU machine; running it is checked)."""
+    try:
+        require_device(device)
+    except ValueError:
+        return False
+    return True
+
+
 def resolve_precision(precision: str, device: str | torch.device, field: str = "sae_precision") -> str:
     """``auto`` → ``bfloat16`` where native on ``device``, else ``float32``. Forcing ``bfloat16`` where it is
     not native raises a ValueError naming ``field``; a device this machine lacks raises one naming ``device``."""
