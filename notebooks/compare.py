@@ -30,7 +30,7 @@ from IPython.display import Markdown, display
 
 from saelib import plots, run_files
 from saelib.answers import config_order, study_answers, table_markdown
-from saelib.evals.results import HEADLINE, study_results, wide
+from saelib.evals.results import HEADLINE, matched_baselines, study_results, wide
 from saelib.stats import paired_vs_baseline, summarise
 
 plots.use_report_renderer()
@@ -79,17 +79,21 @@ if not sgo.empty:
 
 # %% [markdown]
 # ## Every configuration against the baseline, paired by seed
-# Difference = configuration − baseline on the same seed, with its 95 % t-interval over seeds. "better"/"worse"
+# Difference = configuration − baseline on the same seed, with its 95 % t-interval over seeds; against `topk`, each
+# configuration meets the TopK configuration trained like it (column `against`). "better"/"worse"
 # only when the interval excludes zero; otherwise n.d., no detectable difference. The numbers behind the figure:
 # one row per configuration, one column per metric.
 
 # %%
-paired = paired_vs_baseline(results, {k: v for k, v in HEADLINE.items() if v[1] != 0}, baseline=baseline)
+baselines = matched_baselines(run_files.repo_path(study_dir), runs, baseline) if baseline == "topk" else None
+paired = paired_vs_baseline(results, {k: v for k, v in HEADLINE.items() if v[1] != 0}, baseline=baseline,
+                            baselines=baselines)
 if paired.empty:
     print(f"No configuration shares seeds with {baseline}.")
 else:
     plots.paired_differences(paired, f"paired difference vs {baseline} (95 % CI)").show()
-    display(Markdown(table_markdown(paired, config_order(results.drop_duplicates("run")))))
+    against = paired.drop_duplicates("config")[["config", "baseline"]].rename(columns={"baseline": "against"})
+    display(Markdown(table_markdown(paired, config_order(results.drop_duplicates("run")), against)))
 
 # %% [markdown]
 # ## The mission's questions, answered from these results

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from saelib import run_files
-from saelib.evals.results import HEADLINE, study_results
+from saelib.evals.results import HEADLINE, matched_baselines, study_results
 from saelib.plots import frontier_png, headline_png
 from saelib.stats import mde_table, paired_vs_baseline
 from saelib.analysis import competition_patterns
@@ -77,29 +77,34 @@ def config_order(runs: pd.DataFrame) -> list[str]:
     return list(first.sort_values(["base", "sgo", "architecture", "tau", "lambda", "config"])["config"])
 
 
-def own_tau(results: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Each SGO configuration against TopK on the held-out score-weighted decoder cos² of the pairs competing at the
-    configuration's own τ (those its penalty acts on); descriptive, so the verdict says higher/lower."""
+def own_tau(results: pd.DataFrame, runs: pd.DataFrame, baselines: dict[str, str] | None = None) -> pd.DataFrame:
+    """Each SGO configuration against its TopK baseline (``baselines``, default TopK) on the held-out score-weighted
+    decoder cos² of the pairs competing at the configuration's own τ (those its penalty acts on); descriptive, so the
+    verdict says higher/lower."""
     rows = []
     for config, tau in runs[runs["architecture"] == "sgo_topk"].drop_duplicates("config")[["config", "tau"]].values:
-        key = f"tau_{tau:g}.competing_weighted_cos2"
-        part = results[results["config"].isin([config, BASELINE]) & (results["metric"] == key)]
+        key, base = f"tau_{tau:g}.competing_weighted_cos2", (baselines or {}).get(config, BASELINE)
+        part = results[results["config"].isin([config, base]) & (results["metric"] == key)]
         if part["config"].nunique() == 2:
-            rows.append(paired_vs_baseline(part, {f"competition/{key}": (OWN_TAU, 0)}, baseline=BASELINE))
+            rows.append(paired_vs_baseline(part, {f"competition/{key}": (OWN_TAU, 0)}, baseline=base))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["config", "metric", "seeds"])
 
 
-def weights_check(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
-    """Per SGO configuration, against TopK's saved SAE on the same seeds: how many were compared, how many are equal
-    tensor for tensor, and the largest absolute difference of any element."""
+def weights_check(study_dir: Path, runs: pd.DataFrame, baselines: dict[str, str] | None = None) -> pd.DataFrame:
+    """Per SGO configuration, against its TopK baseline's saved SAE (``baselines``, default TopK) on the same seeds:
+    how many were compared, how many are equal tensor for tensor, and the largest absolute difference of any
+    element."""
     from safetensors.torch import load_file
 
     def tensors(run: str) -> dict | None:
         return next((load_file(f) for f in sorted((Path(study_dir) / run / run_files.SAE_DIR).glob("*.safetensors"))), None)
 
-    base = runs[runs["config"] == BASELINE].set_index("seed")["run"]
     rows = []
-    for config, part in runs[(runs["architecture"] == "sgo_topk") & runs["seed"].isin(base.index)].groupby("config"):
+    for config, part in runs[runs["architecture"] == "sgo_topk"].groupby("config"):
+        base = runs[runs["config"] == (baselines or {}).get(config, BASELINE)].set_index("seed")["run"]
+        part = part[part["seed"].isin(base.index)]
+        if part.empty:
+            continue
         pairs = [(tensors(run), tensors(base[seed])) for run, seed in part[["run", "seed"]].values]
         deltas = [max(float((a[k] - b[k]).abs().max()) for k in a) if a.keys() == b.keys() and all(
             a[k].shape == b[k].shape for k in a) else math.inf for a, b in pairs if a is not None and b is not None]
@@ -141,8 +146,11 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
         raise ValueError(f"study_dir: {study_dir} has no `topk` runs, the baseline every answer is measured against")
     runs = results.drop_duplicates("run")[["run", "config", "architecture", "tau", "lambda", "seed"]]
     order = config_order(runs)
-    quality, penalty = paired_vs_baseline(results, QUALITY, baseline=BASELINE), own_tau(results, runs)
-    weights = weights_check(study_dir, runs)
+    baselines = matched_baselines(study_dir, runs, BASELINE)
+    quality = paired_vs_baseline(results, QUALITY, baseline=BASELINE, baselines=baselines)
+    penalty, weights = own_tau(results, runs, baselines), weights_check(study_dir, runs, baselines)
+    against = pd.DataFrame({"config": order, "against": [baselines.get(c, BASELINE) for c in order]})
+    against = None if (against["against"] == BASELINE).all() else against
     sgo = runs[(runs["architecture"] == "sgo_topk") & (runs["lambda"] > 0)].drop_duplicates("config")
     sweep_lambda = sgo.groupby("lambda")["tau"].nunique().idxmax() if len(sgo) else math.nan
     sweep = pd.concat([quality, penalty])[lambda d: d["config"].isin(sgo.loc[sgo["lambda"] == sweep_lambda, "config"])]
@@ -156,7 +164,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
             else "No competition results for TopK.",
             "threshold": f"τ sweep at λ = {sweep_lambda:g}. {_counts(sweep)}" if sweep["config"].nunique() > 1 else
             "No τ sweep (SGO at one λ over several τ) in this study."}
-    power = mde_table(results, QUALITY, baseline=BASELINE)
+    power = mde_table(results, QUALITY, baseline=BASELINE, baselines=baselines)
     controls = positive_controls(quality, runs)
     summary = study_summary(study_dir, results, runs, quality, power, controls)
     front = frontier_table(summary["sgo_frontier"])
@@ -178,7 +186,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
               "ci_low": "low", "ci_high": "high"}).assign(verdict="").itertuples()]).drop(
               columns=["ci_low", "ci_high", "seeds", "source"]).to_markdown(index=False) if len(controls) else "",
           "penalty": table_markdown(penalty, order, weights) if len(penalty) else weights.to_markdown(index=False),
-          "quality": table_markdown(quality, order),
+          "quality": table_markdown(quality, order, against),
           "frontier": front.to_markdown(index=False) if len(front) > 1 else "",
           "competition": table_markdown(patterns, order),
           "threshold": table_markdown(sweep, order, runs.drop_duplicates("config")[["config", "tau"]])
@@ -189,7 +197,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     cfg = run_files.read_json(Path(study_dir) / runs["run"].iloc[0] / run_files.RUN_CFG_FILE)
     parts = [f"_Study `{study}`: {len(runs)} runs, {len(order)} configurations, seeds {sorted(runs['seed'].unique())}; "
              f"{cfg['model_name']} layer {cfg['hook_layer']}, d_sae {cfg['d_sae']:,}, k {cfg['k']}, "
-             f"{cfg['training_tokens']:,} training tokens. Cells: difference from TopK paired by seed [95 % interval] "
+             f"{cfg['training_tokens']:,} training tokens. Cells: difference from TopK{' (column against: the TopK configuration trained like it)' if against is not None else ''} paired by seed [95 % interval] "
              f"and verdict (n.d.: no detectable difference); competition levels: mean [95 % interval]. The same "
              f"numbers: `answers_<question>.csv`._"]
     parts += [f"### {q}\n\n{text[key]}\n\n{md[key]}".rstrip() for key, q in QUESTIONS.items()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -57,39 +58,49 @@ def summarise(results: pd.DataFrame, metrics: dict[str, str], by: str = "config"
 
 
 def paired_vs_baseline(results: pd.DataFrame, metrics: dict[str, tuple[str, int]], baseline: str = "topk",
-                       by: str = "config") -> pd.DataFrame:
-    """Every group against ``baseline`` per metric, paired by seed.
+                       by: str = "config", baselines: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Every group against its baseline per metric, paired by seed: ``baselines[group]`` where given (e.g. the TopK
+    configuration trained like it, ``saelib.evals.results.matched_baselines``), else ``baseline``; a group that is
+    its own baseline is left out. Column ``baseline`` names it.
 
     ``metrics`` maps "eval/metric" → (display name, direction): +1 when higher is better, −1 when lower is better,
     0 when neither (descriptive: the verdict then says "higher"/"lower"). The verdict is "better"/"worse" when the
     95 % interval of the mean paired difference excludes 0, else "no detectable difference"; NO_INTERVAL with one
     shared seed, NO_SPREAD when every seed gave the same non-zero difference (a zero-width interval)."""
-    _, diffs = _paired_differences(results, metrics, baseline, by)
+    _, diffs = _paired_differences(results, metrics, baseline, by, baselines)
+    of = _baseline_of(baseline, baselines)
     rows = []
     for (group, key), diff in diffs.items():
         name, direction = metrics[key]
         ci = mean_ci(diff.values)
         rows.append({by: group, "metric": name, "seeds": ci.n, "difference": ci.mean, "low": ci.low,
-                     "high": ci.high, "verdict": verdict(ci, direction)})
-    return pd.DataFrame(rows, columns=[by, "metric", "seeds", "difference", "low", "high", "verdict"])
+                     "high": ci.high, "verdict": verdict(ci, direction), "baseline": of(group)})
+    return pd.DataFrame(rows, columns=[by, "metric", "seeds", "difference", "low", "high", "verdict", "baseline"])
 
 
-def _paired_differences(results: pd.DataFrame, metrics: dict, baseline: str, by: str):
-    """``(baseline values by seed, {(group, metric key): per-seed differences from the baseline})``, groups sorted,
-    then metrics in ``metrics``' order; metrics the results lack are left out."""
+def _baseline_of(baseline: str, baselines: Mapping[str, str] | None):
+    return lambda group: (baselines or {}).get(group, baseline)
+
+
+def _paired_differences(results: pd.DataFrame, metrics: dict, baseline: str, by: str,
+                        baselines: Mapping[str, str] | None = None):
+    """``(the default baseline's values by seed, {(group, metric key): per-seed differences from the group's
+    baseline})``, groups sorted, then metrics in ``metrics``' order; metrics the results lack are left out."""
     keyed = results.assign(key=results["eval"] + "/" + results["metric"])
     keyed = keyed[keyed["key"].isin(metrics)]
-    if baseline not in set(keyed[by]):
-        raise ValueError(f"baseline: expected one of the study's {by}s {sorted(set(keyed[by]))}, got {baseline!r}")
+    groups = set(keyed[by])
+    of = _baseline_of(baseline, baselines)
+    for name, wanted in [("baseline", baseline), *(("baselines", b) for b in sorted(set((baselines or {}).values())))]:
+        if wanted not in groups:
+            raise ValueError(f"{name}: expected one of the study's {by}s {sorted(groups)}, got {wanted!r}")
     table = keyed.pivot_table(index=[by, "seed"], columns="key", values="value", aggfunc="first")
-    base = table.xs(baseline, level=by)
     diffs = {}
-    for group in sorted(set(keyed[by]) - {baseline}):
-        own = table.xs(group, level=by)
+    for group in sorted(g for g in groups if of(g) != g):
+        own, base = table.xs(group, level=by), table.xs(of(group), level=by)
         for key in metrics:
             if key in table.columns:
                 diffs[(group, key)] = (own[key] - base[key].reindex(own.index)).dropna()
-    return base, diffs
+    return table.xs(baseline, level=by), diffs
 
 
 NO_INTERVAL = "not enough seeds for an interval"
@@ -157,12 +168,13 @@ def _check_power_args(sd: float, n: int, alpha: float) -> None:
 
 
 def mde_table(results: pd.DataFrame, metrics: dict[str, tuple[str, int]], baseline: str = "topk",
-              by: str = "config", power: float = 0.8) -> pd.DataFrame:
+              by: str = "config", power: float = 0.8, baselines: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Per metric, the minimum detectable paired difference against ``baseline`` (95 %, ``power``) with the seeds
     the study has. The per-seed differences' standard deviation is pooled over every group compared with the
     baseline (each group's variance weighted by its degrees of freedom); ``seeds`` is the typical (median) number
-    of seeds a comparison has. Also the baseline's mean and the MDE relative to it."""
-    base, diffs = _paired_differences(results, metrics, baseline, by)
+    of seeds a comparison has. Also the (default) baseline's mean and the MDE relative to it. ``baselines`` as in
+    :func:`paired_vs_baseline`."""
+    base, diffs = _paired_differences(results, metrics, baseline, by, baselines)
     rows = []
     for key, (name, _) in metrics.items():
         if key not in base.columns:

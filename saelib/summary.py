@@ -28,7 +28,8 @@ FRONTIER_ARCHS = ("topk", "sgo_topk", "ortsae_topk")
 
 
 def positive_controls(quality: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per control configuration and claimed metric: the paired difference from TopK [95 %], the direction
+    """One row per control configuration and claimed metric: the paired difference from its TopK baseline (column
+    ``against``) [95 %], the direction
     claimed, and whether it reproduces (the interval excludes 0 on the claimed side; needs ≥ 2 seeds)."""
     arch = runs.drop_duplicates("config").set_index("config")["architecture"]
     rows = []
@@ -37,10 +38,11 @@ def positive_controls(quality: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame
         if row.metric in claims:
             direction = claims[row.metric]
             seen = row.seeds >= 2 and (row.high < 0 if direction < 0 else row.low > 0)
-            rows.append({"config": row.config, "metric": row.metric, "claimed": "lower" if direction < 0 else "higher",
+            rows.append({"config": row.config, "against": getattr(row, "baseline", "topk"), "metric": row.metric,
+                         "claimed": "lower" if direction < 0 else "higher",
                          "seeds": row.seeds, "difference": row.difference, "ci_low": row.low, "ci_high": row.high,
                          "reproduces": bool(seen), "source": source})
-    return pd.DataFrame(rows, columns=["config", "metric", "claimed", "seeds", "difference", "ci_low", "ci_high",
+    return pd.DataFrame(rows, columns=["config", "against", "metric", "claimed", "seeds", "difference", "ci_low", "ci_high",
                                        "reproduces", "source"])
 
 

@@ -139,6 +139,36 @@ def test_the_lambda_zero_control_is_compared_tensor_for_tensor(tmp_path):
     assert (row["SAEs equal to TopK"], row["largest Δ element (abs.)"]) == (0, 0.5)
 
 
+def test_each_configuration_is_measured_against_the_topk_trained_like_it(tmp_path):
+    """sgo at batch 1,024 pairs with topk at batch 1,024 (cfg.json equal but for the seed and SGO's own fields), not
+    with the default topk; a configuration no TopK matches falls back to topk."""
+    from saelib.evals.results import matched_baselines
+
+    study = tmp_path / "st"
+    plan = {"topk_s0": ("topk_s0", {}), "topk_s1": ("topk_s1", {}),
+            "topk_b1024_s0": ("topk_s0", {"batch_size": 1024}), "topk_b1024_s1": ("topk_s1", {"batch_size": 1024}),
+            "sgo_b1024_s0": ("sgo_t0.02_l0.02_s0", {"batch_size": 1024}),
+            "sgo_b1024_s1": ("sgo_t0.02_l0.02_s1", {"batch_size": 1024}),
+            "sgo_s0": ("sgo_t0.05_l0.02_s0", {}), "sgo_s1": ("sgo_t0.05_l0.02_s1", {}),
+            "sgo_lr_s0": ("sgo_t0.02_l0.02_s0", {"lr": 1e-2}), "sgo_lr_s1": ("sgo_t0.02_l0.02_s1", {"lr": 1e-2})}
+    for run, (source, changes) in plan.items():
+        shutil.copytree(FIXTURE / source, study / run)
+        cfg = json.loads((study / run / "cfg.json").read_text())
+        (study / run / "cfg.json").write_text(json.dumps({**cfg, **changes, "run_name": run}))
+    results = answers.study_results(study)
+    assert matched_baselines(study, results.drop_duplicates("run")) == {
+        "sgo_b1024": "topk_b1024", "sgo": "topk", "sgo_lr": "topk"}
+    got = answers.study_answers("st", study, reports_dir=None)
+    quality = got.tables["quality"]
+    own = _cell(quality, "sgo_b1024", "explained variance")
+    ev = results[results["metric"] == "reconstruction_quality.explained_variance"].set_index(["config", "seed"])["value"]
+    assert own.baseline == "topk_b1024"
+    assert own.difference == pytest.approx(np.mean([ev["sgo_b1024", s] - ev["topk_b1024", s] for s in (0, 1)]))
+    assert _cell(quality, "topk_b1024", "explained variance").baseline == "topk"
+    assert _md_cell(got.markdown, "sgo_b1024", "against") == "topk_b1024"
+    assert _md_cell(got.markdown, "sgo", "against") == "topk"
+
+
 def test_competition_patterns_are_the_measured_levels_and_within_run_gaps():
     table = competition_patterns(FIXTURE, answers.study_results(FIXTURE))
     values = [json.loads((FIXTURE / r / "evals" / "competition.json").read_text())["eval_result_metrics"]["tau_0.02"]

@@ -52,6 +52,26 @@ def test_paired_verdicts_use_per_seed_differences():
         paired_vs_baseline(tidy(rows), {"e/ev": ("EV", 1)}, baseline="standard")
 
 
+def test_each_group_can_be_paired_with_its_own_baseline():
+    """A configuration trained at another batch size is measured against the TopK trained like it, not the default."""
+    from saelib.stats import mde_table
+
+    rows = [("topk", s, "ev", v) for s, v in enumerate([0.90, 0.80, 0.70])]
+    rows += [("topk_b1024", s, "ev", v) for s, v in enumerate([0.95, 0.85, 0.75])]
+    rows += [("m_b1024", s, "ev", v) for s, v in enumerate([0.951, 0.852, 0.753])]  # +.001 +.002 +.003 vs topk_b1024
+    rows += [("m", s, "ev", v) for s, v in enumerate([0.89, 0.79, 0.69])]
+    table = paired_vs_baseline(tidy(rows), {"e/ev": ("EV", +1)}, baselines={"m_b1024": "topk_b1024"}).set_index(
+        "config")
+    assert table.loc["m_b1024", "difference"] == pytest.approx(0.002)  # against topk (the default) it would be +0.052
+    assert table.loc["m_b1024", "baseline"] == "topk_b1024" and table.loc["m", "baseline"] == "topk"
+    assert table.loc["topk_b1024", "difference"] == pytest.approx(0.05)  # a baseline is itself measured against topk
+    assert table.loc["m", "difference"] == pytest.approx(-0.01)
+    mde = mde_table(tidy(rows), {"e/ev": ("EV", +1)}, baselines={"m_b1024": "topk_b1024"}).iloc[0]
+    assert mde["sd_of_difference"] == pytest.approx(0.001 * np.sqrt(1 / 3))  # pooled: only m_b1024's diffs vary
+    with pytest.raises(ValueError, match="baselines: expected one of"):
+        paired_vs_baseline(tidy(rows), {"e/ev": ("EV", 1)}, baselines={"m_b1024": "topk_b2048"})
+
+
 @pytest.mark.parametrize("n,sd", [(2, 1e-5), (3, 0.04), (5, 1.3), (10, 0.01)])
 def test_mde_is_the_difference_detected_with_80_percent_power_in_a_direct_simulation(n, sd):
     from scipy import stats as st

@@ -67,6 +67,33 @@ def run_identity(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def matched_baselines(study_dir: Path, runs: pd.DataFrame, baseline: str = "topk") -> dict[str, str]:
+    """Each configuration's TopK baseline: the ``topk``-architecture configuration of the study trained like it — its
+    cfg.json equal on every field a TopK run has (batch size, tokens, lr, width, k, precision, …), the seed and the
+    fields only other architectures take (λ, τ, Matryoshka widths, …) aside — ``baseline`` when it is one of several
+    that match, else the first by name; ``baseline`` when none matches. A TopK configuration is measured against
+    ``baseline``. ``runs``: one row per run with columns ``run``, ``config`` and ``architecture``."""
+    from saelib.config import with_defaults
+    from saelib.settings import SETTINGS_GROUPS, arch_fields
+
+    others = {f for group in SETTINGS_GROUPS for f in group.own_fields()} - arch_fields("topk")
+    first = runs.drop_duplicates("config").set_index("config")
+    cfgs = {config: with_defaults(run_files.read_json(Path(study_dir) / run / run_files.RUN_CFG_FILE))
+            for config, run in first["run"].items()}
+
+    def training(cfg: dict) -> dict:
+        return {k: v for k, v in cfg.items()
+                if k not in others | {"run_name", "seed", "architecture"} and not k.endswith("_used")}
+
+    topks = sorted(c for c in cfgs if first.at[c, "architecture"] == "topk")
+    out = {}
+    for config, cfg in cfgs.items():
+        if first.at[config, "architecture"] != "topk":
+            same = [t for t in topks if training(cfgs[t]) == training(cfg)]
+            out[config] = baseline if baseline in same or not same else same[0]
+    return out
+
+
 def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     run_dir = Path(run_dir)
     if not (run_dir / run_files.RUN_CFG_FILE).exists():
