@@ -203,7 +203,7 @@ def test_a_checkpoint_loaded_on_the_cpu_resumes_on_the_sae_device(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_heldout_competition_counts_on_the_sae_device(device, tiny_cache):
-    from saelib.analysis import heldout_competition
+    from saelib.evals.competition import heldout_competition
     from tests.test_evals import tiny_sae
 
     sae = tiny_sae(d_in=tiny_cache.d_in).to(device)

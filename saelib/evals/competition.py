@@ -7,6 +7,8 @@ co-activation graph (degree distribution, largest connected clusters); it lists 
 the held-out contexts where both fire; and, if the run has an absorption result, whether each absorbing latent was
 competing with the main latent it absorbed from (its score = the largest τ that would still flag the pair).
 Written as ``<run>/evals/competition.json`` in SAEBench's result layout; read by ``notebooks/competition.ipynb``.
+The held-out measurement itself (``heldout_competition``, ``competing_cos2``) also serves the train notebook's
+``competition_for_run``. Competition's two homes: the statistics in ``saelib.competition``, their measurement here.
 """
 
 from __future__ import annotations
@@ -21,9 +23,69 @@ import numpy as np
 import torch
 
 from saelib import run_files
+from saelib.activations import ActivationCache
+from saelib.competition import CompetitionStats
 from saelib.evals.common import EvalError, heldout_split
+from saelib.saes import pair_cos2_values
 
 EVAL_TYPE_ID = "saelib_competition"
+
+#: At most this many fired-pair events are listed at once (int64 keys: 8 bytes each → 128 MB; the count table holds them all until one fold: ≤ 0.8 GB at MAX_PAIR_EVENTS). TopK with k = 32
+#: lists 496 pairs per token; a ReLU SAE with L0 ≈ 400 lists ≈ 80,000, so its batches must be much smaller.
+PAIR_EVENTS_PER_CHUNK = 16_000_000
+#: Pair events counted in total before the held-out sample is cut short (bounds the count table's memory).
+MAX_PAIR_EVENTS = 100_000_000
+
+
+@torch.no_grad()
+def heldout_competition(sae, cache: ActivationCache, batch_size: int = 4096,
+                        max_pairs: int = 5_000_000, max_pair_events: int = MAX_PAIR_EVENTS) -> CompetitionStats:
+    """Exact firing and co-firing rates of ``sae``'s latents over the held-out cache (equal weight per token):
+    every batch goes into one window, folded once with decay 0, so the rates are pooled counts ÷ tokens.
+
+    Memory is bounded for SAEs with a large L0 (the number of fired pairs grows as L0²): rows are listed in chunks
+    of at most ``PAIR_EVENTS_PER_CHUNK`` pair events, and the sample stops after ``max_pair_events`` events
+    (``stats.n_tokens`` says how many held-out tokens were counted)."""
+    stats = CompetitionStats(sae.cfg.d_sae, decay=0.0, max_pairs=max_pairs, window=10**9, device=sae.device)
+    events = 0
+    tokens = 0
+    for start in range(0, cache.n_rows, batch_size):
+        acts_BF = sae.encode(cache.rows(start, start + batch_size).to(sae.device, sae.dtype))
+        l0_B = (acts_BF > 0).sum(-1)
+        k_max = int(l0_B.max().clamp_min(1))
+        rows_per_chunk = max(1, PAIR_EVENTS_PER_CHUNK // max(1, k_max * (k_max - 1) // 2))
+        for lo in range(0, len(acts_BF), rows_per_chunk):
+            chunk = acts_BF[lo: lo + rows_per_chunk]
+            k = int((chunk > 0).sum(-1).max().clamp_min(1))
+            stats.update(chunk, k=k)
+            events += int((l0_B[lo: lo + rows_per_chunk] * (l0_B[lo: lo + rows_per_chunk] - 1) // 2).sum())
+            tokens += len(chunk)
+            if events >= max_pair_events:
+                break
+        if events >= max_pair_events:
+            break
+    stats.flush()
+    stats.n_tokens = tokens
+    return stats
+
+
+@torch.no_grad()
+def competing_cos2(sae, stats: CompetitionStats, threshold: float) -> dict[str, float]:
+    """Number of pairs with score > τ and their decoder cos² (plain and score-weighted mean), next to the mean
+    cos² of all co-firing pairs below τ (the non-competing control)."""
+    i_P, j_P = stats.pairs()
+    score_P = stats.scores()
+    cos2_P = pair_cos2_values(sae.W_dec, i_P, j_P)
+    comp = score_P > threshold
+    nan = float("nan")
+    return {
+        "tau": threshold,
+        "n_competing_pairs": int(comp.sum()),
+        "competing_mean_cos2": cos2_P[comp].mean().item() if comp.any() else nan,
+        "competing_weighted_cos2": ((score_P * cos2_P)[comp].sum() / score_P[comp].sum()).item() if comp.any() else nan,
+        "noncompeting_mean_cos2": cos2_P[~comp].mean().item() if (~comp).any() else nan,
+        "n_cofiring_pairs": len(i_P),
+    }
 
 
 @dataclass(frozen=True)
@@ -91,7 +153,6 @@ def _row_token_positions(tokens_NS: np.ndarray, special: set[int], n_rows: int) 
 @torch.no_grad()
 def analyse(sae, cache, settings: CompetitionSettings, row_tokens=None, tokenizer=None, absorption=None,
             started: float | None = None) -> dict[str, Any]:
-    from saelib.analysis import competing_cos2, heldout_competition
     from saelib.saes import pair_cos2_values
 
     started = started or time.time()
@@ -214,7 +275,6 @@ def _absorption_pairs(absorption: dict, stats) -> list[dict]:
 
 def competition_for_run(cfg, sae, eval_cache) -> dict[str, float]:
     """Held-out competition of the run's SAE at its τ, merged into metrics.json under ``competition_*`` keys."""
-    from saelib.analysis import competing_cos2, heldout_competition
 
     result = competing_cos2(sae, heldout_competition(sae, eval_cache), cfg.competition_threshold)
     path = Path(cfg.run_dir) / run_files.METRICS_FILE

@@ -2,7 +2,7 @@
 
 import torch
 
-from saelib.analysis import competing_cos2, heldout_competition
+from saelib.evals.competition import competing_cos2, heldout_competition
 from tests.test_evals import tiny_sae
 
 
@@ -34,7 +34,7 @@ def test_competing_cos2_splits_pairs_by_threshold(tiny_cache):
 def test_heldout_competition_bounds_memory_for_large_l0(tiny_cache, monkeypatch):
     """A dense ReLU-like SAE lists L0² pairs per token: chunks shrink and the sample stops at the event budget,
     and the rates over the counted tokens equal a direct count on those tokens."""
-    import saelib.analysis as analysis
+    import saelib.evals.competition as analysis
 
     sae = tiny_sae(k=64)  # 64 of 128 latents fire: 2,016 pairs per token
     monkeypatch.setattr(analysis, "PAIR_EVENTS_PER_CHUNK", 10_000)
@@ -51,7 +51,7 @@ def test_heldout_competition_bounds_memory_for_large_l0(tiny_cache, monkeypatch)
 def test_absorbers_are_counted_per_nested_prefix_of_the_run(tmp_path):
     import json
 
-    from saelib.analysis import absorbers_by_prefix
+    from saelib.summary import absorbers_by_prefix
 
     run = tmp_path / "matryoshka_s0"
     (run / "evals").mkdir(parents=True)
