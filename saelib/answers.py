@@ -37,8 +37,10 @@ BEGIN, END = "<!-- answers:{study}:begin -->", "<!-- answers:{study}:end -->"
 
 @dataclass
 class Answers:
-    """The markdown, the headline figure, and per question its table as numbers (long form, written as CSV)."""
+    """The markdown, the README's brief (each question's sentences and the quality table), the headline figure, and
+    per question its table as numbers (long form, written as CSV)."""
     markdown: str
+    brief: str
     figure: Path | None
     tables: dict[str, pd.DataFrame]
     summary: dict
@@ -199,17 +201,21 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
              f"{cfg['training_tokens']:,} training tokens. Cells: difference from TopK{' (column against: the TopK configuration trained like it)' if against is not None else ''} paired by seed [95 % interval] "
              f"and verdict (n.d.: no detectable difference); competition levels: mean [95 % interval]. The same "
              f"numbers: `answers_<question>.csv`._"]
+    brief = [*parts, *(f"**{q}** {text[key].replace(FRONTIER_LINK, '').strip()}"
+                       + (f"\n\n{md[key]}" if key == "quality" else "") for key, q in QUESTIONS.items()),
+             *([FIGURE_LINK] if figure else []), f"Every table, and the same numbers as CSV: `reports/{study}/`."]
     parts += [f"### {q}\n\n{text[key]}\n\n{md[key]}".rstrip() for key, q in QUESTIONS.items()]
-    markdown = "\n\n".join(parts + ([FIGURE_LINK] if figure else [])) + "\n"
+    markdown, brief = ("\n\n".join(p) + "\n" for p in (parts + ([FIGURE_LINK] if figure else []), brief))
     if runs["seed"].nunique() == 1:  # said once instead of in every cell
-        markdown = markdown.replace(" (1 seed)", "").replace("._\n", ". One seed: single measurements, no "
-                                                                       "intervals, no verdicts._\n", 1)
-    return Answers(markdown, figure, tables, summary)
+        markdown, brief = (m.replace(" (1 seed)", "").replace("._\n", ". One seed: single measurements, no "
+                                                              "intervals, no verdicts._\n", 1) for m in (markdown, brief))
+    return Answers(markdown, brief, figure, tables, summary)
 
 
 def write_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports"),
                   readme: Path | None = Path("README.md")) -> Path:
-    """``reports/<study>/answers.md``, ``answers_<question>.csv`` and ``headline.png``; the README block, if any."""
+    """``reports/<study>/answers.md``, ``answers_<question>.csv`` and ``headline.png``; the README block (the brief),
+    if any."""
     answers = study_answers(study, study_dir, reports_dir)
     folder = Path(reports_dir) / study
     folder.mkdir(parents=True, exist_ok=True)
@@ -221,8 +227,7 @@ def write_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports
                                 .replace(FRONTIER_LINK, FRONTIER_LINK.format(figure="frontier.png")))
     if readme is not None and Path(readme).exists():
         link = FIGURE_LINK.format(figure=f"{Path(reports_dir).as_posix()}/{study}/headline.png")
-        replace_block(Path(readme), study, answers.markdown.replace(FIGURE_LINK, link).replace(
-            FRONTIER_LINK, FRONTIER_LINK.format(figure=f"{Path(reports_dir).as_posix()}/{study}/frontier.png")))
+        replace_block(Path(readme), study, answers.brief.replace(FIGURE_LINK, link))
     return out
 
 

@@ -211,7 +211,13 @@ def test_readme_block_is_replaced_between_the_markers_only(tmp_path):
     answers.write_answers("fx", FIXTURE, tmp_path / "reports", readme=readme)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "reports/fx/headline.png" in text
-    assert "| sgo_t0.02_l0.02 " in text
+    block = text.split("<!-- answers:fx:begin -->")[1]
+    got = answers.study_answers("fx", FIXTURE, reports_dir=None)
+    assert "| sgo_t0.02_l0.02 " in block and "`reports/fx/`" in block  # the quality table, and where the rest is
+    assert _md_cell(block, "sgo_t0.02_l0.02", "explained variance") == _md_cell(
+        got.markdown, "sgo_t0.02_l0.02", "explained variance")
+    assert "| competing at τ" not in block and "### " not in block  # the brief: the other tables stay in answers.md
+    assert all(f"**{q}**" in block for q in answers.QUESTIONS.values())
 
 
 def test_a_study_without_topk_or_results_is_a_clear_error(tmp_path):
