@@ -31,7 +31,7 @@ import pandas as pd
 from IPython.display import display
 
 from saelib import plots, run_files
-from saelib.summary import absorbing_pair_flags
+from saelib.evals.competition import absorbing_pair_flags
 from saelib.evals.results import study_results
 from saelib.evals.suite import run_results
 from saelib.stats import summarise

@@ -12,10 +12,11 @@ from pathlib import Path
 import pandas as pd
 
 from saelib import run_files
+from saelib.evals.competition import competition_patterns
 from saelib.evals.results import HEADLINE, matched_baselines, study_results
 from saelib.plots import frontier_png, headline_png
 from saelib.stats import mde_table, paired_vs_baseline
-from saelib.summary import competition_patterns, frontier_table, positive_controls, study_summary
+from saelib.summary import frontier_table, positive_controls, study_summary
 
 BASELINE = "topk"
 QUALITY = {k: v for k, v in HEADLINE.items() if v[1] != 0}

@@ -1,7 +1,5 @@
 """The study's machine-readable summary (``reports/<study>/summary.json``) and its positive controls: architectures
-whose papers report an effect against TopK, checked in the direction claimed before any null about SGO counts.
-Also the study-wide readouts of competition and absorption the answers and the competition notebook show. Reads
-finished runs' results; trains, measures and writes nothing."""
+whose papers report an effect against TopK, checked in the direction claimed before any null about SGO counts."""
 
 from __future__ import annotations
 
@@ -12,9 +10,8 @@ import numpy as np
 import pandas as pd
 
 from saelib import run_files
-from saelib.evals.results import run_identity, wide
 from saelib.plots import FRONTIER_PANELS
-from saelib.stats import ci_row, mean_ci
+from saelib.stats import mean_ci
 
 #: architecture → (what its paper claims, {metric: direction claimed against TopK: -1 lower, +1 higher})
 CONTROLS = {
@@ -107,70 +104,3 @@ def frontier_table(entries: list[dict]) -> pd.DataFrame:
         return "" if x is None else f"{x:g}"
     return pd.DataFrame([{"config": e["config"], "λ": number(e["lambda"]), "τ": number(e["tau"]), "seeds": e["seeds"],
                           **{title: value(e, key) for key, title in columns.items()}} for e in entries])
-
-
-# ------------------------------------------------------- competition and absorption patterns across a study
-def competition_patterns(study_dir: Path, results: pd.DataFrame) -> pd.DataFrame:
-    """Per configuration, on held-out text at the competition eval's reference τ: levels of the competition counts,
-    decoder overlaps and graph (mean [CI]), and two within-run differences with verdicts: competing − non-competing
-    pairs' mean cos², and the % of absorbing pairs flagged as competing − the % of all co-firing pairs."""
-    tau = next((run_files.read_json(p)["eval_config"].get("reference_tau") for p in
-                sorted(Path(study_dir).glob("*/evals/competition.json"))), 0.02)
-    t = f"competition/tau_{tau:g}."
-    names = {t + "n_cofiring_pairs": "co-firing pairs", t + "n_competing_pairs": f"competing at τ {tau:g}",
-             t + "competing_mean_cos2": "competing cos²", t + "noncompeting_mean_cos2": "non-competing cos²",
-             "competition/graph.n_latents_competing": "latents in graph",
-             "competition/graph.mean_degree": "mean degree", "competition/graph.largest_cluster": "largest cluster"}
-    per_run = wide(results, names).set_index("run").reindex(columns=["config", *names.values()])
-    derived = {"competing − non-competing cos²": per_run["competing cos²"] - per_run["non-competing cos²"]}
-    absorbing = absorbing_pair_flags(study_dir).query("tau == @tau").set_index("run")
-    derived["absorbing flagged − base rate (points)"] = 100 * (absorbing["flagged"] - absorbing["base_rate"])
-    per_run = per_run.join(pd.DataFrame(derived))
-    rows = [{"config": config, "metric": name, **ci_row(part[name].dropna(), 0 if name in derived else None)}
-            for name in [*names.values(), *derived] for config, part in per_run.groupby("config")
-            if part[name].notna().any()]
-    return pd.DataFrame(rows, columns=["config", "metric", "seeds", "mean", "low", "high", "difference", "verdict"])
-
-
-def absorbing_pair_flags(study_dir: Path) -> pd.DataFrame:
-    """Per run and τ: the distinct (absorbed, absorbing) latent pairs the absorption eval found, how many co-fire on
-    held-out text (score > 0), the fraction of those flagged as competing at τ, and the base rate (fraction of all
-    co-firing pairs flagged) — both over co-firing pairs, so they compare."""
-    rows = []
-    for run_dir in sorted(p for p in Path(study_dir).iterdir() if (p / "evals" / "competition.json").exists()):
-        result = run_files.read_json(run_dir / "evals" / "competition.json")
-        pairs = result.get("eval_result_unstructured", {}).get("absorption_vs_competition") or []
-        if not pairs:
-            continue
-        distinct = pd.DataFrame(pairs).drop_duplicates(["main_latent", "absorbing_latent"])
-        cofiring = distinct[distinct["score"] > 0]
-        for tau in result["eval_config"]["taus"]:
-            per_tau = result["eval_result_metrics"].get(f"tau_{tau:g}") or {}
-            if per_tau.get("n_cofiring_pairs"):
-                rows.append({"run": run_dir.name, "config": run_identity(run_dir)["config"], "tau": float(tau),
-                             "pairs": len(distinct), "cofiring": len(cofiring),
-                             "flagged": float((cofiring["score"] > tau).mean()) if len(cofiring) else math.nan,
-                             "base_rate": per_tau["n_competing_pairs"] / per_tau["n_cofiring_pairs"]})
-    return pd.DataFrame(rows, columns=["run", "config", "tau", "pairs", "cofiring", "flagged", "base_rate"])
-
-
-def absorbers_by_prefix(run_dir: Path, widths: list[int] | None = None) -> dict[str, list[int]]:
-    """Where the absorption eval's distinct absorbing and main latents sit among nested prefixes: counts per group
-    ``[0, w₁), [w₁, w₂), …``. ``widths`` default to the run's own Matryoshka prefixes (SAEBench's five for any other
-    architecture, to compare against). Matryoshka's first group holding most absorbers is what docs/power.md found."""
-    from saelib.settings import matryoshka_widths
-
-    cfg = run_files.read_json(Path(run_dir) / run_files.RUN_CFG_FILE)
-    if widths is None:
-        scheme = cfg.get("matryoshka_widths", "quarters") if cfg["architecture"] == "matryoshka_batchtopk" \
-            else "saebench"
-        widths = matryoshka_widths(cfg["d_sae"], scheme)
-    result = run_files.read_json(Path(run_dir) / "evals" / "absorption.json")
-    pairs = result["eval_result_unstructured"].get("absorbing_pairs") or []
-    edges = [0, *widths]
-
-    def per_group(ids: set[int]) -> list[int]:
-        return [sum(lo <= i < hi for i in ids) for lo, hi in zip(edges, edges[1:])]
-
-    return {"widths": list(widths), "absorbing": per_group({p["absorbing_latent"] for p in pairs}),
-            "main": per_group({p["main_latent"] for p in pairs})}

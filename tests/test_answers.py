@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from saelib import answers
-from saelib.summary import absorbing_pair_flags, competition_patterns
+from saelib.evals.competition import absorbing_pair_flags, competition_patterns
 from saelib.evals.results import COLUMNS
 from saelib.stats import NO_INTERVAL, mean_ci, paired_vs_baseline
 

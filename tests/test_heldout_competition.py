@@ -51,7 +51,7 @@ def test_heldout_competition_bounds_memory_for_large_l0(tiny_cache, monkeypatch)
 def test_absorbers_are_counted_per_nested_prefix_of_the_run(tmp_path):
     import json
 
-    from saelib.summary import absorbers_by_prefix
+    from saelib.evals.absorption import absorbers_by_prefix
 
     run = tmp_path / "matryoshka_s0"
     (run / "evals").mkdir(parents=True)

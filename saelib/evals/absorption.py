@@ -607,3 +607,25 @@ def absorbing_pairs(raw: pd.DataFrame, limit: int = 1000) -> list[dict]:
             if len(pairs) >= limit:
                 return pairs
     return pairs
+
+
+def absorbers_by_prefix(run_dir: Path, widths: list[int] | None = None) -> dict[str, list[int]]:
+    """Where the absorption eval's distinct absorbing and main latents sit among nested prefixes: counts per group
+    ``[0, w₁), [w₁, w₂), …``. ``widths`` default to the run's own Matryoshka prefixes (SAEBench's five for any other
+    architecture, to compare against). Matryoshka's first group holding most absorbers is what docs/power.md found."""
+    from saelib.settings import matryoshka_widths
+
+    cfg = run_files.read_json(Path(run_dir) / run_files.RUN_CFG_FILE)
+    if widths is None:
+        scheme = cfg.get("matryoshka_widths", "quarters") if cfg["architecture"] == "matryoshka_batchtopk" \
+            else "saebench"
+        widths = matryoshka_widths(cfg["d_sae"], scheme)
+    result = run_files.read_json(Path(run_dir) / "evals" / "absorption.json")
+    pairs = result["eval_result_unstructured"].get("absorbing_pairs") or []
+    edges = [0, *widths]
+
+    def per_group(ids: set[int]) -> list[int]:
+        return [sum(lo <= i < hi for i in ids) for lo, hi in zip(edges, edges[1:])]
+
+    return {"widths": list(widths), "absorbing": per_group({p["absorbing_latent"] for p in pairs}),
+            "main": per_group({p["main_latent"] for p in pairs})}

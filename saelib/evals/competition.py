@@ -8,11 +8,14 @@ the held-out contexts where both fire; and, if the run has an absorption result,
 competing with the main latent it absorbed from (its score = the largest τ that would still flag the pair).
 Written as ``<run>/evals/competition.json`` in SAEBench's result layout; read by ``notebooks/competition.ipynb``.
 The held-out measurement itself (``heldout_competition``, ``competing_cos2``) also serves the train notebook's
-``competition_for_run``. Competition's two homes: the statistics in ``saelib.competition``, their measurement here.
+``competition_for_run``; across a study's finished runs, ``competition_patterns`` and ``absorbing_pair_flags`` read
+the results back for the answers and the competition notebook. Competition lives in two modules: the statistics
+training keeps in ``saelib.competition``, everything measured and read about it here.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
@@ -20,13 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from saelib import run_files
 from saelib.activations import ActivationCache
 from saelib.competition import CompetitionStats
 from saelib.evals.common import EvalError, heldout_split
+from saelib.evals.results import run_identity, wide
 from saelib.saes import pair_cos2_values
+from saelib.stats import ci_row
 
 EVAL_TYPE_ID = "saelib_competition"
 
@@ -282,3 +288,48 @@ def competition_for_run(cfg, sae, eval_cache) -> dict[str, float]:
     metrics.update({f"competition_{k}" if not k.startswith("competing") else k: v for k, v in result.items()})
     run_files.write_json_atomic(path, metrics)
     return result
+
+
+# ---------------------------------------------------------------------- across a study's finished runs
+def competition_patterns(study_dir: Path, results: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration, on held-out text at the competition eval's reference τ: levels of the competition counts,
+    decoder overlaps and graph (mean [CI]), and two within-run differences with verdicts: competing − non-competing
+    pairs' mean cos², and the % of absorbing pairs flagged as competing − the % of all co-firing pairs."""
+    tau = next((run_files.read_json(p)["eval_config"].get("reference_tau") for p in
+                sorted(Path(study_dir).glob("*/evals/competition.json"))), 0.02)
+    t = f"competition/tau_{tau:g}."
+    names = {t + "n_cofiring_pairs": "co-firing pairs", t + "n_competing_pairs": f"competing at τ {tau:g}",
+             t + "competing_mean_cos2": "competing cos²", t + "noncompeting_mean_cos2": "non-competing cos²",
+             "competition/graph.n_latents_competing": "latents in graph",
+             "competition/graph.mean_degree": "mean degree", "competition/graph.largest_cluster": "largest cluster"}
+    per_run = wide(results, names).set_index("run").reindex(columns=["config", *names.values()])
+    derived = {"competing − non-competing cos²": per_run["competing cos²"] - per_run["non-competing cos²"]}
+    absorbing = absorbing_pair_flags(study_dir).query("tau == @tau").set_index("run")
+    derived["absorbing flagged − base rate (points)"] = 100 * (absorbing["flagged"] - absorbing["base_rate"])
+    per_run = per_run.join(pd.DataFrame(derived))
+    rows = [{"config": config, "metric": name, **ci_row(part[name].dropna(), 0 if name in derived else None)}
+            for name in [*names.values(), *derived] for config, part in per_run.groupby("config")
+            if part[name].notna().any()]
+    return pd.DataFrame(rows, columns=["config", "metric", "seeds", "mean", "low", "high", "difference", "verdict"])
+
+
+def absorbing_pair_flags(study_dir: Path) -> pd.DataFrame:
+    """Per run and τ: the distinct (absorbed, absorbing) latent pairs the absorption eval found, how many co-fire on
+    held-out text (score > 0), the fraction of those flagged as competing at τ, and the base rate (fraction of all
+    co-firing pairs flagged) — both over co-firing pairs, so they compare."""
+    rows = []
+    for run_dir in sorted(p for p in Path(study_dir).iterdir() if (p / "evals" / "competition.json").exists()):
+        result = run_files.read_json(run_dir / "evals" / "competition.json")
+        pairs = result.get("eval_result_unstructured", {}).get("absorption_vs_competition") or []
+        if not pairs:
+            continue
+        distinct = pd.DataFrame(pairs).drop_duplicates(["main_latent", "absorbing_latent"])
+        cofiring = distinct[distinct["score"] > 0]
+        for tau in result["eval_config"]["taus"]:
+            per_tau = result["eval_result_metrics"].get(f"tau_{tau:g}") or {}
+            if per_tau.get("n_cofiring_pairs"):
+                rows.append({"run": run_dir.name, "config": run_identity(run_dir)["config"], "tau": float(tau),
+                             "pairs": len(distinct), "cofiring": len(cofiring),
+                             "flagged": float((cofiring["score"] > tau).mean()) if len(cofiring) else math.nan,
+                             "base_rate": per_tau["n_competing_pairs"] / per_tau["n_cofiring_pairs"]})
+    return pd.DataFrame(rows, columns=["run", "config", "tau", "pairs", "cofiring", "flagged", "base_rate"])
