@@ -26,7 +26,7 @@ model: setup
 	$(PY) -m saelib.models
 
 ## run: the whole default study on the embedded model, offline: 54 runs (18 configurations × 3 seeds) through the
-## train and evaluate notebooks, then compare/competition reports, reports/default/index.html and the README's answers
+## train and evaluate notebooks, then compare/competition reports, reports/default/ (index.html, answers.md)
 run: model
 	$(PY) -m saelib.study params/default
 

@@ -97,7 +97,7 @@ else:
 
 # %% [markdown]
 # ## The mission's questions, answered from these results
-# The tables `make run` writes to `reports/<study>/answers.md` and the README (`saelib.answers`): every verdict is
+# The tables a study writes to `reports/<study>/answers.md` (`saelib.answers`; the README shows a brief): every verdict is
 # decided by the paired 95 % interval, none is written by hand. (Needs TopK runs: it is the baseline of every answer.)
 
 # %%

@@ -13,7 +13,7 @@ import pandas as pd
 
 from saelib import run_files
 from saelib.evals.competition import competition_patterns
-from saelib.evals.results import HEADLINE, matched_baselines, study_results
+from saelib.evals.results import HEADLINE, against_column, matched_baselines, study_results
 from saelib.plots import frontier_png, headline_png
 from saelib.stats import mde_table, paired_vs_baseline
 from saelib.summary import frontier_table, positive_controls, study_summary
@@ -151,8 +151,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     baselines = matched_baselines(study_dir, runs, BASELINE)
     quality = paired_vs_baseline(results, QUALITY, baseline=BASELINE, baselines=baselines)
     penalty, weights = own_tau(results, runs, baselines), weights_check(study_dir, runs, baselines)
-    against = pd.DataFrame({"config": order, "against": [baselines.get(c, BASELINE) for c in order]})
-    against = None if (against["against"] == BASELINE).all() else against
+    against = against_column(runs, baselines, order, BASELINE)
     sgo = runs[(runs["architecture"] == "sgo_topk") & (runs["lambda"] > 0)].drop_duplicates("config")
     sweep_lambda = sgo.groupby("lambda")["tau"].nunique().idxmax() if len(sgo) else math.nan
     sweep = pd.concat([quality, penalty])[lambda d: d["config"].isin(sgo.loc[sgo["lambda"] == sweep_lambda, "config"])]
@@ -184,9 +183,12 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     tables = {"controls": controls, "penalty": weights.merge(penalty, on="config", how="left"), "quality": quality,
               "frontier": pd.DataFrame(summary["sgo_frontier"]), "competition": patterns, "threshold": sweep,
               "power": power}
+    if against is not None:  # the penalty table names its baseline too
+        weights = against.merge(weights, on="config")
     md = {"controls": controls.assign(difference=[cell(r) for r in controls.rename(columns={
               "ci_low": "low", "ci_high": "high"}).assign(verdict="").itertuples()]).drop(
-              columns=["ci_low", "ci_high", "seeds", "source"]).to_markdown(index=False) if len(controls) else "",
+              columns=["ci_low", "ci_high", "seeds", "source", *(["against"] if against is None else [])]
+          ).to_markdown(index=False) if len(controls) else "",
           "penalty": table_markdown(penalty, order, weights) if len(penalty) else weights.to_markdown(index=False),
           "quality": table_markdown(quality, order, against),
           "frontier": front.to_markdown(index=False) if len(front) > 1 else "",
@@ -197,14 +199,16 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     figure = None if reports_dir is None else headline_png(
         pd.concat([quality, penalty]), FIGURE_METRICS, order, Path(reports_dir) / study / "headline.png")
     cfg = run_files.read_json(Path(study_dir) / runs["run"].iloc[0] / run_files.RUN_CFG_FILE)
-    parts = [f"_Study `{study}`: {len(runs)} runs, {len(order)} configurations, seeds {sorted(runs['seed'].unique())}; "
-             f"{cfg['model_name']} layer {cfg['hook_layer']}, d_sae {cfg['d_sae']:,}, k {cfg['k']}, "
-             f"{cfg['training_tokens']:,} training tokens. Cells: difference from TopK{' (column against: the TopK configuration trained like it)' if against is not None else ''} paired by seed [95 % interval] "
-             f"and verdict (n.d.: no detectable difference); competition levels: mean [95 % interval]. The same "
-             f"numbers: `answers_<question>.csv`._"]
-    brief = [*parts, *(f"**{q}** {text[key].replace(FRONTIER_LINK, '').strip()}"
-                       + (f"\n\n{md[key]}" if key == "quality" else "") for key, q in QUESTIONS.items()),
-             *([FIGURE_LINK] if figure else []), f"Every table, and the same numbers as CSV: `reports/{study}/`."]
+    caption = (f"_Study `{study}`: {len(runs)} runs, {len(order)} configurations, seeds "
+               f"{sorted(runs['seed'].unique())}; {cfg['model_name']} layer {cfg['hook_layer']}, d_sae {cfg['d_sae']:,}, "
+               f"k {cfg['k']}, {cfg['training_tokens']:,} training tokens. Cells: difference from TopK"
+               f"{' (column against: the TopK configuration trained like it)' if against is not None else ''} paired "
+               f"by seed [95 % interval] and verdict (n.d.: no detectable difference)")
+    parts = [f"{caption}; competition levels: mean [95 % interval]. The same numbers: `answers_<question>.csv`._"]
+    brief = [f"{caption}. Every table, and the same numbers as CSV: `reports/{study}/`._",
+             *(f"**{q}** {text[key].replace(FRONTIER_LINK, '').strip()}" + (f"\n\n{md[key]}" if key == "quality"
+                                                                           else "") for key, q in QUESTIONS.items()),
+             *([FIGURE_LINK] if figure else [])]
     parts += [f"### {q}\n\n{text[key]}\n\n{md[key]}".rstrip() for key, q in QUESTIONS.items()]
     markdown, brief = ("\n\n".join(p) + "\n" for p in (parts + ([FIGURE_LINK] if figure else []), brief))
     if runs["seed"].nunique() == 1:  # said once instead of in every cell

@@ -90,12 +90,15 @@ def _paired_differences(results: pd.DataFrame, metrics: dict, baseline: str, by:
     keyed = keyed[keyed["key"].isin(metrics)]
     groups = set(keyed[by])
     of = _baseline_of(baseline, baselines)
-    for name, wanted in [("baseline", baseline), *(("baselines", b) for b in sorted(set((baselines or {}).values())))]:
-        if wanted not in groups:
-            raise ValueError(f"{name}: expected one of the study's {by}s {sorted(groups)}, got {wanted!r}")
+    if baseline not in groups:
+        raise ValueError(f"baseline: expected one of the study's {by}s {sorted(groups)}, got {baseline!r}")
+    unknown = sorted(set((baselines or {}).values()) - set(results[by]))
+    if unknown:
+        raise ValueError(f"baselines: expected one of the study's {by}s {sorted(set(results[by]))}, got {unknown[0]!r}")
     table = keyed.pivot_table(index=[by, "seed"], columns="key", values="value", aggfunc="first")
     diffs = {}
-    for group in sorted(g for g in groups if of(g) != g):
+    # a group whose own baseline has none of these metrics yet (evaluated part-way) has nothing to be paired with
+    for group in sorted(g for g in groups if of(g) != g and of(g) in groups):
         own, base = table.xs(group, level=by), table.xs(of(group), level=by)
         for key in metrics:
             if key in table.columns:

@@ -70,6 +70,10 @@ def test_each_group_can_be_paired_with_its_own_baseline():
     assert mde["sd_of_difference"] == pytest.approx(0.001 * np.sqrt(1 / 3))  # pooled: only m_b1024's diffs vary
     with pytest.raises(ValueError, match="baselines: expected one of"):
         paired_vs_baseline(tidy(rows), {"e/ev": ("EV", 1)}, baselines={"m_b1024": "topk_b2048"})
+    # a matched baseline evaluated part-way (none of these metrics yet): its group is left out, the rest answered
+    part = tidy(rows + [("topk_b512", 0, "other", 1.0)] + [("m_b512", s, "ev", 0.9) for s in range(3)])
+    table = paired_vs_baseline(part, {"e/ev": ("EV", +1)}, baselines={"m_b1024": "topk_b1024", "m_b512": "topk_b512"})
+    assert "m_b512" not in set(table["config"]) and "m_b1024" in set(table["config"])
 
 
 @pytest.mark.parametrize("n,sd", [(2, 1e-5), (3, 0.04), (5, 1.3), (10, 0.01)])

@@ -67,31 +67,46 @@ def run_identity(run_dir: Path) -> dict[str, Any]:
     }
 
 
+#: cfg.json fields that neither shape the weights nor the evals' numbers: left out when matching a baseline.
+BOOKKEEPING = {"study", "runs_dir", "run_name", "log_every", "n_checkpoints"}
+
+
 def matched_baselines(study_dir: Path, runs: pd.DataFrame, baseline: str = "topk") -> dict[str, str]:
-    """Each configuration's TopK baseline: the ``topk``-architecture configuration of the study trained like it — its
-    cfg.json equal on every field a TopK run has (batch size, tokens, lr, width, k, precision, …), the seed and the
-    fields only other architectures take (λ, τ, Matryoshka widths, …) aside — ``baseline`` when it is one of several
-    that match, else the first by name; ``baseline`` when none matches. A TopK configuration is measured against
-    ``baseline``. ``runs``: one row per run with columns ``run``, ``config`` and ``architecture``."""
+    """Each configuration's TopK baseline: the ``topk``-architecture configuration of the study trained and evaluated
+    like it — cfg.json equal on every field a TopK run has (batch size, tokens, lr, width, k, precision, eval
+    sizes, …), the seed, bookkeeping (``BOOKKEEPING``, an unused ``stream_buffer_tokens``) and the fields only other
+    architectures take (λ, τ, Matryoshka widths, …) aside; ``baseline`` when it is one of several that match, else the
+    first by name. Configurations no TopK matches, and TopK configurations, are left out: the callers measure them
+    against ``baseline`` and say so. ``runs``: one row per run with columns ``run``, ``config`` and ``architecture``."""
     from saelib.config import with_defaults
     from saelib.settings import SETTINGS_GROUPS, arch_fields
 
-    others = {f for group in SETTINGS_GROUPS for f in group.own_fields()} - arch_fields("topk")
+    ignored = ({f for group in SETTINGS_GROUPS for f in group.own_fields()} - arch_fields("topk")) | BOOKKEEPING | {
+        "seed", "architecture"}
     first = runs.drop_duplicates("config").set_index("config")
     cfgs = {config: with_defaults(run_files.read_json(Path(study_dir) / run / run_files.RUN_CFG_FILE))
             for config, run in first["run"].items()}
 
     def training(cfg: dict) -> dict:
-        return {k: v for k, v in cfg.items()
-                if k not in others | {"run_name", "seed", "architecture"} and not k.endswith("_used")}
+        return {k: v for k, v in cfg.items() if k not in ignored and not k.endswith("_used")
+                and not (k == "stream_buffer_tokens" and cfg.get("activations") == "cache")}
 
     topks = sorted(c for c in cfgs if first.at[c, "architecture"] == "topk")
     out = {}
     for config, cfg in cfgs.items():
-        if first.at[config, "architecture"] != "topk":
-            same = [t for t in topks if training(cfgs[t]) == training(cfg)]
-            out[config] = baseline if baseline in same or not same else same[0]
+        same = [t for t in topks if training(cfgs[t]) == training(cfg)]
+        if first.at[config, "architecture"] != "topk" and same:
+            out[config] = baseline if baseline in same else same[0]
     return out
+
+
+def against_column(runs: pd.DataFrame, baselines: dict[str, str], order: list[str], baseline: str = "topk"):
+    """``config`` → the configuration it is measured against, "topk (not trained alike)" where no TopK matched; None
+    when every configuration meets plain ``baseline`` (the tables then need no such column)."""
+    arch = runs.drop_duplicates("config").set_index("config")["architecture"]
+    names = [baselines.get(c) or (baseline if arch.get(c) == "topk" else f"{baseline} (not trained alike)")
+             for c in order]
+    return None if all(n == baseline for n in names) else pd.DataFrame({"config": order, "against": names})
 
 
 def run_rows(run_dir: Path) -> list[dict[str, Any]]:
