@@ -422,18 +422,9 @@ def _unit_decoder(sae):
 
 
 def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path) -> dict:
-    """SAEBench first-letter absorption of ``sae`` through sae_bench (see module doc); returns the
+    """SAEBench first-letter absorption of ``sae`` through sae_bench (docs/evals.md); returns the
     ``AbsorptionEvalOutput`` as a JSON dict. The probe is trained once per model/hook/settings under
     ``artifacts_dir``; SAE-side files live in a temporary folder."""
-    from pydantic import TypeAdapter
-    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
-    from sae_bench.evals.absorption.eval_output import (
-        EVAL_TYPE_ID_ABSORPTION, AbsorptionEvalOutput, AbsorptionMeanMetrics, AbsorptionMetricCategories,
-        AbsorptionResultDetail,
-    )
-    from sae_bench.evals.absorption.feature_absorption import run_feature_absortion_experiment
-    from sae_bench.evals.absorption.k_sparse_probing import run_k_sparse_probing_experiment
-    from sae_bench.evals.absorption.main import _aggregate_results_df
     from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
 
     start = time.time()
@@ -451,72 +442,10 @@ def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path
 
     sae, folded = _unit_decoder(sae)
     _, sae, _ = load_and_format_sae("saelib", sae, str(sae.device))
-    words = _words(model, s)
-    stored = _PromptActivations(probes_dir) if s.reuse_prompt_activations else None
-    device = str(sae.device)
     sae_start = time.time()
-    stages = tqdm(total=2, desc="absorption (k-sparse probes, absorption)", leave=False)
-    with tempfile.TemporaryDirectory(prefix="saelib-absorption-") as work, _vocabulary(words), \
-            torch.enable_grad():
-        work = Path(work)
-        with _seeded(s.seed):
-            k_sparse = run_k_sparse_probing_experiment(
-                model=_StopAtLayer(model, hook, layer, s.stop_at_hook_layer), sae=sae, layer=layer,
-                sae_name="sae", max_k_value=s.max_k_value, prompt_template=s.prompt_template,
-                prompt_token_pos=s.prompt_token_pos, device=device, experiment_dir=work / "k_sparse_probing",
-                probes_dir=probes_dir, force=True, f1_jump_threshold=s.f1_jump_threshold,
-                k_sparse_probe_l1_decay=s.k_sparse_probe_l1_decay,
-                k_sparse_probe_batch_size=s.k_sparse_probe_batch_size,
-                k_sparse_probe_num_epochs=s.k_sparse_probe_num_epochs,
-                precalc_k_sparse_probe_sae_acts=s.precalc_k_sparse_probe_sae_acts,
-                eval_batch_size=s.eval_k_sparse_probe_batch_size, verbose=False,
-            )
-        stages.update(1)
-        # sae_bench's own gate (main.run_eval), on the same probe F1 as checked above
-        n_pass = int((k_sparse["f1_probe"] > s.min_GT_probe_f1).sum())
-        if n_pass < s.min_feats_for_eval:
-            raise EvalUnavailable(f"absorption: only {n_pass} letters pass sae_bench's probe F1 gate at {hook}")
-        with _seeded(s.seed):
-            raw = run_feature_absortion_experiment(
-                model=_StopAtLayer(model, hook, layer, s.stop_at_hook_layer, stored, s.prompt_token_pos),
-                sae=sae, layer=layer, sae_name="sae", max_k_value=s.max_k_value, prompt_template=s.prompt_template,
-                prompt_token_pos=s.prompt_token_pos, device=device, experiment_dir=work / "feature_absorption",
-                sparse_probing_experiment_dir=work / "k_sparse_probing", probes_dir=probes_dir, force=True,
-                feature_split_f1_jump_threshold=s.f1_jump_threshold, batch_size=s.llm_batch_size,
-            )
-        stages.update(1)
-    stages.close()
-    if stored is not None:
-        stored.save()
-    agg = _aggregate_results_df(raw) if len(raw) else pd.DataFrame(columns=["letter"])
-
-    # as sae_bench's main.run_eval: letters whose LLM probe passes the F1 gate
-    f1_by_letter = dict(zip(k_sparse["letter"], k_sparse["f1_probe"]))
-    fractions, full_rates, n_split, details = [], [], [], []
-    for _, row in agg.iterrows():
-        if f1_by_letter[row["letter"]] > s.min_GT_probe_f1:
-            fractions.append(row["mean_absorption_fraction"])
-            full_rates.append(row["full_absorption_rate"])
-            n_split.append(row["num_split_feats"])
-            details.append(AbsorptionResultDetail(
-                first_letter=row["letter"], mean_absorption_fraction=float(row["mean_absorption_fraction"]),
-                full_absorption_rate=float(row["full_absorption_rate"]),
-                num_full_absorption=int(row["num_full_absorption"]),
-                num_probe_true_positives=int(row["num_probe_true_positives"]),
-                num_split_features=int(row["num_split_feats"]),
-            ))
-    if len(details) < 2:
-        raise EvalUnavailable(f"absorption: only {len(details)} passing letters have probe true positives")
+    k_sparse, raw = _sae_experiments(sae, model, s, hook, layer, probes_dir)
+    details, fractions, full_rates, n_split = _passing_letters(raw, k_sparse, s)
     firing = firing_absorption(raw, [d.first_letter for d in details])
-    config = AbsorptionEvalConfig(
-        model_name=model.cfg.model_name, random_seed=s.seed, f1_jump_threshold=s.f1_jump_threshold,
-        max_k_value=s.max_k_value, prompt_template=s.prompt_template, prompt_token_pos=s.prompt_token_pos,
-        llm_batch_size=s.llm_batch_size, llm_dtype=str(model.cfg.dtype).replace("torch.", ""),
-        k_sparse_probe_l1_decay=s.k_sparse_probe_l1_decay, k_sparse_probe_batch_size=s.k_sparse_probe_batch_size,
-        k_sparse_probe_num_epochs=s.k_sparse_probe_num_epochs, min_GT_probe_f1=s.min_GT_probe_f1,
-        min_feats_for_eval=s.min_feats_for_eval, eval_k_sparse_probe_batch_size=s.eval_k_sparse_probe_batch_size,
-        precalc_k_sparse_probe_sae_acts=s.precalc_k_sparse_probe_sae_acts,
-    )
     per_letter = {
         row["letter"]: {
             "f1_probe": float(row["f1_probe"]), "auc_probe": float(row["auc_probe"]),
@@ -539,6 +468,97 @@ def run_absorption(sae, model, settings: AbsorptionSettings, artifacts_dir: Path
         "wall_time_s": time.time() - start, "wall_time_probe_s": probe_time,
         "wall_time_sae_s": time.time() - sae_start,
     }
+    return _output(sae, model, s, details, fractions, full_rates, n_split, unstructured)
+
+
+def _sae_experiments(sae, model, s: AbsorptionSettings, hook: str, layer: int, probes_dir: Path):
+    """sae_bench's two SAE-side stages, seeded: the k-sparse probing experiment (its per-letter frame) and the
+    feature-absorption experiment (its raw per-word frame)."""
+    from sae_bench.evals.absorption.feature_absorption import run_feature_absortion_experiment
+    from sae_bench.evals.absorption.k_sparse_probing import run_k_sparse_probing_experiment
+
+    words = _words(model, s)
+    stored = _PromptActivations(probes_dir) if s.reuse_prompt_activations else None
+    device = str(sae.device)
+    stages = tqdm(total=2, desc="absorption (k-sparse probes, absorption)", leave=False)
+    with tempfile.TemporaryDirectory(prefix="saelib-absorption-") as work, _vocabulary(words), \
+            torch.enable_grad():
+        work = Path(work)
+        with _seeded(s.seed):
+            k_sparse = run_k_sparse_probing_experiment(
+                model=_StopAtLayer(model, hook, layer, s.stop_at_hook_layer), sae=sae, layer=layer,
+                sae_name="sae", max_k_value=s.max_k_value, prompt_template=s.prompt_template,
+                prompt_token_pos=s.prompt_token_pos, device=device, experiment_dir=work / "k_sparse_probing",
+                probes_dir=probes_dir, force=True, f1_jump_threshold=s.f1_jump_threshold,
+                k_sparse_probe_l1_decay=s.k_sparse_probe_l1_decay,
+                k_sparse_probe_batch_size=s.k_sparse_probe_batch_size,
+                k_sparse_probe_num_epochs=s.k_sparse_probe_num_epochs,
+                precalc_k_sparse_probe_sae_acts=s.precalc_k_sparse_probe_sae_acts,
+                eval_batch_size=s.eval_k_sparse_probe_batch_size, verbose=False,
+            )
+        stages.update(1)
+        # sae_bench's own gate (main.run_eval), on the same probe F1 as train_probe's
+        n_pass = int((k_sparse["f1_probe"] > s.min_GT_probe_f1).sum())
+        if n_pass < s.min_feats_for_eval:
+            raise EvalUnavailable(f"absorption: only {n_pass} letters pass sae_bench's probe F1 gate at {hook}")
+        with _seeded(s.seed):
+            raw = run_feature_absortion_experiment(
+                model=_StopAtLayer(model, hook, layer, s.stop_at_hook_layer, stored, s.prompt_token_pos),
+                sae=sae, layer=layer, sae_name="sae", max_k_value=s.max_k_value, prompt_template=s.prompt_template,
+                prompt_token_pos=s.prompt_token_pos, device=device, experiment_dir=work / "feature_absorption",
+                sparse_probing_experiment_dir=work / "k_sparse_probing", probes_dir=probes_dir, force=True,
+                feature_split_f1_jump_threshold=s.f1_jump_threshold, batch_size=s.llm_batch_size,
+            )
+        stages.update(1)
+    stages.close()
+    if stored is not None:
+        stored.save()
+    return k_sparse, raw
+
+
+def _passing_letters(raw, k_sparse, s: AbsorptionSettings):
+    """As sae_bench's main.run_eval: the letters whose LLM probe passes the F1 gate — their result details and
+    absorption fractions, full-absorption rates and split-feature counts."""
+    from sae_bench.evals.absorption.eval_output import AbsorptionResultDetail
+    from sae_bench.evals.absorption.main import _aggregate_results_df
+
+    agg = _aggregate_results_df(raw) if len(raw) else pd.DataFrame(columns=["letter"])
+    f1_by_letter = dict(zip(k_sparse["letter"], k_sparse["f1_probe"]))
+    fractions, full_rates, n_split, details = [], [], [], []
+    for _, row in agg.iterrows():
+        if f1_by_letter[row["letter"]] > s.min_GT_probe_f1:
+            fractions.append(row["mean_absorption_fraction"])
+            full_rates.append(row["full_absorption_rate"])
+            n_split.append(row["num_split_feats"])
+            details.append(AbsorptionResultDetail(
+                first_letter=row["letter"], mean_absorption_fraction=float(row["mean_absorption_fraction"]),
+                full_absorption_rate=float(row["full_absorption_rate"]),
+                num_full_absorption=int(row["num_full_absorption"]),
+                num_probe_true_positives=int(row["num_probe_true_positives"]),
+                num_split_features=int(row["num_split_feats"]),
+            ))
+    if len(details) < 2:
+        raise EvalUnavailable(f"absorption: only {len(details)} passing letters have probe true positives")
+    return details, fractions, full_rates, n_split
+
+
+def _output(sae, model, s: AbsorptionSettings, details, fractions, full_rates, n_split, unstructured) -> dict:
+    """SAEBench's ``AbsorptionEvalOutput`` (validated) as a JSON dict."""
+    from pydantic import TypeAdapter
+    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+    from sae_bench.evals.absorption.eval_output import (
+        EVAL_TYPE_ID_ABSORPTION, AbsorptionEvalOutput, AbsorptionMeanMetrics, AbsorptionMetricCategories,
+    )
+
+    config = AbsorptionEvalConfig(
+        model_name=model.cfg.model_name, random_seed=s.seed, f1_jump_threshold=s.f1_jump_threshold,
+        max_k_value=s.max_k_value, prompt_template=s.prompt_template, prompt_token_pos=s.prompt_token_pos,
+        llm_batch_size=s.llm_batch_size, llm_dtype=str(model.cfg.dtype).replace("torch.", ""),
+        k_sparse_probe_l1_decay=s.k_sparse_probe_l1_decay, k_sparse_probe_batch_size=s.k_sparse_probe_batch_size,
+        k_sparse_probe_num_epochs=s.k_sparse_probe_num_epochs, min_GT_probe_f1=s.min_GT_probe_f1,
+        min_feats_for_eval=s.min_feats_for_eval, eval_k_sparse_probe_batch_size=s.eval_k_sparse_probe_batch_size,
+        precalc_k_sparse_probe_sae_acts=s.precalc_k_sparse_probe_sae_acts,
+    )
     out = AbsorptionEvalOutput(
         eval_type_id=EVAL_TYPE_ID_ABSORPTION, eval_config=config, eval_id=str(uuid.uuid4()),
         datetime_epoch_millis=int(time.time() * 1000),
