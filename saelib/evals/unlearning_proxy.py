@@ -277,11 +277,9 @@ def _ratio_and_se(row_rise: torch.Tensor, row_n: torch.Tensor) -> tuple[float, f
 
 
 def run_proxy(sae, model, settings, artifacts_dir: Path) -> dict:
-    from sae_bench.evals.unlearning.eval_config import UnlearningEvalConfig
     from sae_bench.evals.unlearning.eval_output import (
         UnlearningEvalOutput, UnlearningMetricCategories, UnlearningMetrics,
     )
-    from sae_bench.evals.unlearning.utils.feature_activation import get_top_features
     from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
 
     if getattr(model, "tokenizer", None) is None:
@@ -305,48 +303,15 @@ def run_proxy(sae, model, settings, artifacts_dir: Path) -> dict:
             for side in ("forget", "retain")}
     tolerance = settings.retain_tolerance * base["retain"]
 
-    grid = [(t, n, m) for t in settings.retain_thresholds for n in settings.n_features_list
-            for m in settings.multipliers]
-    memo: dict[tuple, dict] = {}
-    table = []
-    for thr, n, mult in tqdm(grid, desc="unlearning proxy settings"):
-        features = np.array(get_top_features(forget_freq, retain_freq, retain_threshold=thr)[:n], dtype=np.int64)
-        key = (tuple(features.tolist()), mult)
-        if key not in memo:
-            res = {}
-            for side in ("forget", "retain"):
-                r = _clamped_rise(model, sae, lm[f"{side}_score"], acts[side], features, mult, start,
-                                  settings.lm_batch_size)
-                res[side], res[f"{side}_se"] = _ratio_and_se(r["row_rise"], row_n[side])
-                res[f"{side}_rows_run"] = r["rows_run"]
-            memo[key] = res
-        res = memo[key]
-        score = res["forget"] - res["retain"]
-        table.append({
-            "retain_threshold": thr, "n_features": n, "multiplier": mult, "n_features_selected": len(features),
-            "features": features.tolist(), "forget_loss_rise": res["forget"], "forget_loss_rise_se": res["forget_se"],
-            "retain_loss_rise": res["retain"], "retain_loss_rise_se": res["retain_se"], "score": score,
-            "score_se": math.hypot(res["forget_se"], res["retain_se"]),
-            "admissible": bool(res["retain"] <= tolerance),
-            "forget_rows_run": res["forget_rows_run"], "retain_rows_run": res["retain_rows_run"],
-        })
+    table, n_distinct = _settings_table(model, sae, lm, acts, row_n, forget_freq, retain_freq, tolerance, start,
+                                        settings)
     admissible = [row for row in table if row["admissible"]]
     best = max(admissible, key=lambda row: row["score"]) if admissible else None
     headline = max(0.0, best["score"]) if best else 0.0
     per_sae_s, per_sae_cpu = time.time() - t0, time.process_time() - cpu0
 
     fired = acts["forget"][:, 1:][acts["forget"][:, 1:] > 0]  # typical clamp scale: active values off BOS
-    config = UnlearningEvalConfig(
-        random_seed=settings.seed,
-        dataset_names=[f"proxy-forget:sae_probes/{settings.forget_set} (held-out eval split)",
-                       "proxy-retain:saelib-offline corpus (held-out eval split, other sources)"],
-        intervention_method="clamp_feature_activation", retain_thresholds=list(settings.retain_thresholds),
-        n_features_list=list(settings.n_features_list), multipliers=list(settings.multipliers),
-        dataset_size=math.ceil(settings.select_tokens / (settings.context_size - 1)), seq_len=settings.context_size,
-        n_batch_loss_added=0, target_metric="proxy:next_token_loss_rise", save_metrics=False,
-        model_name=model.cfg.model_name, llm_batch_size=settings.lm_batch_size,
-        llm_dtype=str(model.cfg.dtype).removeprefix("torch."),
-    )
+    config = _eval_config(settings, model)
     unstructured = {
         "proxy": True,
         "description": "Offline proxy of SAEBench unlearning: SAEBench's latent selection (get_top_features) and "
@@ -358,7 +323,7 @@ def run_proxy(sae, model, settings, artifacts_dir: Path) -> dict:
         "hook_name": hook, "start_at_layer": start,
         "baseline_loss": base, "retain_tolerance_nats": tolerance,
         "best_setting": best, "best_score_raw": best["score"] if best else None,
-        "n_admissible": len(admissible), "n_settings": len(table), "n_distinct_interventions": len(memo),
+        "n_admissible": len(admissible), "n_settings": len(table), "n_distinct_interventions": n_distinct,
         "tokens": {"forget_select": int(len(lm["forget_select"])), "retain_select": int(len(lm["retain_select"])),
                    "forget_score": int(row_n["forget"].sum()), "retain_score": int(row_n["retain"].sum()),
                    "forget_score_rows": int(len(row_n["forget"])), "retain_score_rows": int(len(row_n["retain"]))},
@@ -389,3 +354,54 @@ def validated_output(out) -> dict:
     result = json.loads(out.to_json())
     TypeAdapter(UnlearningEvalOutput).validate_python(result)
     return result
+
+
+def _settings_table(model, sae, lm, acts, row_n, forget_freq, retain_freq, tolerance, start, settings):
+    """Every (retain threshold, n features, multiplier) of the grid: SAEBench's latent selection, the clamp's loss rise
+    on forget and retain text (each distinct intervention run once), its score and admissibility. Returns the rows
+    and the number of distinct interventions."""
+    from sae_bench.evals.unlearning.utils.feature_activation import get_top_features
+
+    grid = [(t, n, m) for t in settings.retain_thresholds for n in settings.n_features_list
+            for m in settings.multipliers]
+    memo: dict[tuple, dict] = {}
+    table = []
+    for thr, n, mult in tqdm(grid, desc="unlearning proxy settings"):
+        features = np.array(get_top_features(forget_freq, retain_freq, retain_threshold=thr)[:n], dtype=np.int64)
+        key = (tuple(features.tolist()), mult)
+        if key not in memo:
+            res = {}
+            for side in ("forget", "retain"):
+                r = _clamped_rise(model, sae, lm[f"{side}_score"], acts[side], features, mult, start,
+                                  settings.lm_batch_size)
+                res[side], res[f"{side}_se"] = _ratio_and_se(r["row_rise"], row_n[side])
+                res[f"{side}_rows_run"] = r["rows_run"]
+            memo[key] = res
+        res = memo[key]
+        score = res["forget"] - res["retain"]
+        table.append({
+            "retain_threshold": thr, "n_features": n, "multiplier": mult, "n_features_selected": len(features),
+            "features": features.tolist(), "forget_loss_rise": res["forget"], "forget_loss_rise_se": res["forget_se"],
+            "retain_loss_rise": res["retain"], "retain_loss_rise_se": res["retain_se"], "score": score,
+            "score_se": math.hypot(res["forget_se"], res["retain_se"]),
+            "admissible": bool(res["retain"] <= tolerance),
+            "forget_rows_run": res["forget_rows_run"], "retain_rows_run": res["retain_rows_run"],
+        })
+    return table, len(memo)
+
+
+def _eval_config(settings, model):
+    """SAEBench's ``UnlearningEvalConfig``, filled with what the proxy did."""
+    from sae_bench.evals.unlearning.eval_config import UnlearningEvalConfig
+
+    return UnlearningEvalConfig(
+        random_seed=settings.seed,
+        dataset_names=[f"proxy-forget:sae_probes/{settings.forget_set} (held-out eval split)",
+                       "proxy-retain:saelib-offline corpus (held-out eval split, other sources)"],
+        intervention_method="clamp_feature_activation", retain_thresholds=list(settings.retain_thresholds),
+        n_features_list=list(settings.n_features_list), multipliers=list(settings.multipliers),
+        dataset_size=math.ceil(settings.select_tokens / (settings.context_size - 1)), seq_len=settings.context_size,
+        n_batch_loss_added=0, target_metric="proxy:next_token_loss_rise", save_metrics=False,
+        model_name=model.cfg.model_name, llm_batch_size=settings.lm_batch_size,
+        llm_dtype=str(model.cfg.dtype).removeprefix("torch."),
+    )
