@@ -39,7 +39,7 @@ if results.empty:
     raise ValueError(f"study_dir: {study_dir} holds no eval results; run the study first (make study)")
 names = {key: name for key, (name, _) in HEADLINE.items()}
 runs = wide(results, names)
-print(f"{study_dir}: {runs['run'].nunique()} runs, {runs['config'].nunique()} configurations, "
+print(f"study {run_files.repo_path(study_dir).name}: {runs['run'].nunique()} runs, {runs['config'].nunique()} configurations, "
       f"seeds {sorted(runs['seed'].unique())}")
 
 # %% [markdown]
