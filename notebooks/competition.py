@@ -24,7 +24,7 @@
 
 # %% tags=["parameters"]
 study_dir = "tests/fixtures/study"
-contrast = ["topk", "sgo_t0.02_l0.02", "sgo_t0.02_l10", "ortsae"]  # side by side where present (seed 0 in details)
+contrast = []  # configurations side by side (seed 0 in details); [] = TopK and each orthogonal architecture's strongest λ
 
 # %%
 import pandas as pd
@@ -34,6 +34,7 @@ from saelib import plots, run_files
 from saelib.evals.competition import absorbing_pair_flags
 from saelib.evals.results import study_results
 from saelib.evals.suite import run_results
+from saelib.settings import ORTHOGONAL
 from saelib.stats import summarise
 
 plots.use_report_renderer()
@@ -44,6 +45,10 @@ if competition.empty:
     raise ValueError(f"study_dir: {study_dir} has no competition results; run the competition eval (evaluate.ipynb)")
 runs = {p.name: run_results(p) for p in sorted(study.iterdir()) if (p / "evals" / "competition.json").exists()}
 configs = results.drop_duplicates("run").set_index("run")["config"]
+if not contrast:
+    firsts = results.drop_duplicates("config")
+    contrast = ["topk"] + [group.sort_values(["lambda", "config"])["config"].iloc[-1]
+                           for arch, group in firsts.groupby("architecture") if arch in ORTHOGONAL]
 shown = {c: next((r for r in sorted(runs) if configs.get(r) == c), None) for c in contrast}
 shown = {c: r for c, r in shown.items() if r is not None}
 print(f"{len(runs)} runs with competition results; details for {shown}")
