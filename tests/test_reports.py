@@ -183,8 +183,20 @@ def test_study_reports_fit_the_page_show_whole_tables_and_draw(tmp_path, noteboo
     assert fits_width(page) and drawn_plots(page) >= 3
 
 
-COMMITTED = sorted(p for study in ("default", "quick") for p in (Path("reports") / study).glob("*.html")
-                   if p.stem in ("compare", "competition", "index"))
+STUDIES = sorted(p.parent for p in (Path(__file__).parents[1] / "reports").glob("*/answers.md"))
+COMMITTED = sorted(p for study in STUDIES for p in study.glob("*.html") if p.stem in ("compare", "competition", "index"))
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_committed_answers_read_at_a_glance_and_their_tables_are_whole(study):
+    """The committed answers are the current generator's: verdict tables, at most a few short sentences per question
+    (no paragraph of numbers), and the study's compare page shows every row of its tables (no pandas "…")."""
+    prose = [ln for ln in (study / "answers.md").read_text().splitlines() if ln and not ln.startswith(("|", "!["))]
+    assert max(map(len, prose)) <= 600, f"{study}/answers.md: a paragraph of numbers, not the verdict tables"
+    assert "| config" in (study / "answers.md").read_text(), f"{study}/answers.md has no verdict table"
+    for page in (study / "compare.html", study / "competition.html"):
+        if page.exists():
+            assert "<td>...</td>" not in page.read_text() and "<th>...</th>" not in page.read_text(), page
 
 
 @pytest.mark.parametrize("page", COMMITTED, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -217,3 +229,26 @@ def test_reports_written_side_by_side_share_one_file_without_a_race(tmp_path, mo
     assert plots._shared_file("shared.bin", b"x" * 1000, tmp_path / "study" / "page.html") == "../shared.bin"
     assert nested == ["../shared.bin"] and (tmp_path / "shared.bin").read_bytes() == b"x" * 1000
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["shared.bin"]  # no temporary left
+
+
+def test_the_competition_report_shows_the_studys_own_orthogonal_configurations(tmp_path):
+    """With no `contrast` given, the competition notebook puts TopK beside each orthogonal architecture's strongest-λ
+    configuration of the study read (whatever they are named), not a fixed list of names."""
+    import json
+    import shutil
+
+    from saelib.notebook import execute
+
+    study = tmp_path / "st"
+    for run in ("topk_s0", "topk_s1"):
+        shutil.copytree(FIXTURE / run, study / run)
+    for seed in (0, 1):  # renamed, and stronger than the fixture's other SGO configuration
+        shutil.copytree(FIXTURE / f"sgo_t0.02_l0.02_s{seed}", study / f"strong_s{seed}")
+        cfg = json.loads((study / f"strong_s{seed}" / "cfg.json").read_text())
+        (study / f"strong_s{seed}" / "cfg.json").write_text(json.dumps({**cfg, "orth_pen": 100.0}))
+        shutil.copytree(FIXTURE / f"sgo_t0.05_l0.02_s{seed}", study / f"sgo_t0.05_l0.02_s{seed}")
+    executed = tmp_path / "competition.ipynb"
+    execute(Path("notebooks") / "competition.ipynb", executed, {"study_dir": str(study)})
+    first_output = next(o["text"] for c in json.loads(executed.read_text())["cells"] if c["cell_type"] == "code"
+                        for o in c.get("outputs", []) if "details for" in "".join(o.get("text", "")))
+    assert "'strong': 'strong_s0'" in "".join(first_output) and "sgo_t0.05_l0.02" not in "".join(first_output)
