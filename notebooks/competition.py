@@ -24,7 +24,7 @@
 
 # %% tags=["parameters"]
 study_dir = "tests/fixtures/study"
-contrast = []  # configurations side by side (seed 0 in details); [] = TopK and each orthogonal architecture's strongest λ
+contrast = []  # configurations side by side (seed 0 in details); empty: TopK and each orthogonal architecture's strongest λ
 
 # %%
 import pandas as pd
