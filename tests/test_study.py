@@ -218,3 +218,14 @@ def test_a_failing_study_notebook_is_reported_and_leaves_no_old_report(study, ca
     assert list(summary["status"]) == ["done"] * 3 and not old.exists()
     assert "report compare: none (ValueError: no eval results" in caplog.text
     assert (study.parent.parent / "reports" / "mini" / "index.html").exists()
+
+
+@pytest.mark.parametrize("folder", sorted(p for p in (Path(__file__).parents[1] / "params").iterdir() if p.is_dir()),
+                         ids=lambda p: p.name)
+def test_every_committed_study_folder_loads(folder):
+    """Each params/<study> expands into validated runs and valid runner settings (a bad key, eval name or grid entry
+    in a committed study would otherwise show only when someone runs it)."""
+    assert study_runs(folder)
+    settings = load_runner_settings(folder, {})
+    assert settings.evals is None or set(settings.evals) <= {"core", "absorption", "sparse_probing", "unlearning",
+                                                             "unlearning_proxy", "competition"}
