@@ -180,6 +180,13 @@ class _SparseDecode(torch.autograd.Function):
         return None, None, None, grad_w, grad_W
 
 
+def _norms_at(norm_F: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``norm_F[idx]`` whose backward is ``index_add_``: autograd's backward of advanced indexing (index_put with
+    accumulate) sums repeated indices in a thread-dependent order on the CPU once they number ≈ 10⁵ (the aux loss
+    gathers batch × 320), so the same step gave different gradients run to run and λ = 0 drifted from TopK."""
+    return norm_F.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
 class _RowNorm(torch.autograd.Function):
     """``W.norm(dim=-1)`` whose backward is one pass over ``W`` (autograd's is three: a division, a mask and a
     product)."""
@@ -334,7 +341,7 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         in every parameter."""
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         flat_idx = idx.reshape(-1)
-        norm = norm_F[flat_idx] if norm_F is not None else None
+        norm = norm_F.index_select(0, flat_idx) if norm_F is not None else None  # (see _norms_at)
         pre = _GatheredPreacts.apply(scaled.reshape(-1) if norm is None else scaled.reshape(-1) / norm.detach(),
                                      _row_of(idx) if rows is None else rows, flat_idx, sae_in_BD, self.W_enc,
                                      self.b_enc, b_dec)
@@ -343,7 +350,7 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
     def _sparse_decode(self, idx, acts, norm_F, rows=None, B=None) -> torch.Tensor:
         """Σ acts · W_dec[idx] per row (divided by the row norm where sae_lens rescales), without b_dec. ``idx`` is
         (B, M), or flat with the (sorted) row of each entry in ``rows`` and the batch size ``B``."""
-        weights = acts / norm_F[idx] if norm_F is not None else acts
+        weights = acts / _norms_at(norm_F, idx) if norm_F is not None else acts
         if rows is None:
             B, M = idx.shape
             offsets = torch.arange(0, B * M, M, device=idx.device)

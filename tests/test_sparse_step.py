@@ -199,3 +199,36 @@ def test_cuda_without_a_gpu_is_one_clear_error_before_anything_is_written(tmp_pa
         train_sae(cfg, cache=None)
     assert not any(tmp_path.iterdir())
     assert require_device("cpu") == torch.device("cpu")
+
+
+def test_the_step_is_bit_for_bit_repeatable_on_two_threads():
+    """The same step twice gives the same gradients with 2 threads, at a size where the aux loss gathers 327,680
+    decoder-norm entries (every row's 320 dead candidates): autograd's backward of ``norm_F[idx]`` (index_put with
+    accumulate) sums in a thread-dependent order there, which made λ = 0 differ from TopK in a 16k training run."""
+    d_in, d_sae, batch = 640, 4096, 1024
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        sae = SparseTopKTrainingSAE(SparseTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=32,
+                                                                 sae_precision="float32"))
+        with torch.no_grad():
+            sae.W_dec.mul_(torch.rand(d_sae, 1) + 0.5)
+        x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1)) * 3
+        dead = torch.zeros(d_sae, dtype=torch.bool)
+        dead[:1000] = True
+
+        def grads():
+            sae.zero_grad()
+            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
+                                                           n_training_steps=5, is_logging_step=False))
+            out.loss.backward()
+            return {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+        first = grads()
+        for _ in range(4):
+            again = grads()
+            assert all(torch.equal(first[n], again[n]) for n in first), \
+                {n: float((first[n] - again[n]).abs().max()) for n in first}
+    finally:
+        torch.set_num_threads(threads)
