@@ -341,7 +341,7 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         in every parameter."""
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         flat_idx = idx.reshape(-1)
-        norm = norm_F.index_select(0, flat_idx) if norm_F is not None else None  # (see _norms_at)
+        norm = _norms_at(norm_F, flat_idx) if norm_F is not None else None
         pre = _GatheredPreacts.apply(scaled.reshape(-1) if norm is None else scaled.reshape(-1) / norm.detach(),
                                      _row_of(idx) if rows is None else rows, flat_idx, sae_in_BD, self.W_enc,
                                      self.b_enc, b_dec)

@@ -67,34 +67,30 @@ def run_identity(run_dir: Path) -> dict[str, Any]:
     }
 
 
-#: cfg.json fields that neither shape the weights nor the evals' numbers: left out when matching a baseline.
-BOOKKEEPING = {"study", "runs_dir", "run_name", "log_every", "n_checkpoints"}
+#: Fields of a run's training key (``RunConfig.training_key``) that shape neither the weights nor the evals' numbers.
+BOOKKEEPING = {"log_every", "n_checkpoints"}
 
 
 def matched_baselines(study_dir: Path, runs: pd.DataFrame, baseline: str = "topk") -> dict[str, str]:
     """Each configuration's TopK baseline: the ``topk``-architecture configuration of the study trained and evaluated
-    like it — cfg.json equal on every field a TopK run has (batch size, tokens, lr, width, k, precision, eval
-    sizes, …), the seed, bookkeeping (``BOOKKEEPING``, an unused ``stream_buffer_tokens``) and the fields only other
-    architectures take (λ, τ, Matryoshka widths, …) aside; ``baseline`` when it is one of several that match, else the
-    first by name. Configurations no TopK matches, and TopK configurations, are left out: the callers measure them
-    against ``baseline`` and say so. ``runs``: one row per run with columns ``run``, ``config`` and ``architecture``."""
-    from saelib.config import with_defaults
+    like it — equal training keys (``RunConfig.training_key``: batch size, tokens, lr, width, k, precision, eval
+    sizes, …), the seed, ``BOOKKEEPING``, the resolved precisions and the fields only other architectures take (λ, τ,
+    Matryoshka widths, …) aside; ``baseline`` when it is one of several that match, else the first by name.
+    Configurations no TopK matches, and TopK configurations, are left out: the callers measure them against
+    ``baseline`` and say so. ``runs``: one row per run with columns ``run``, ``config`` and ``architecture``."""
+    from saelib.config import config_of_run
     from saelib.settings import SETTINGS_GROUPS, arch_fields
 
     ignored = ({f for group in SETTINGS_GROUPS for f in group.own_fields()} - arch_fields("topk")) | BOOKKEEPING | {
         "seed", "architecture"}
     first = runs.drop_duplicates("config").set_index("config")
-    cfgs = {config: with_defaults(run_files.read_json(Path(study_dir) / run / run_files.RUN_CFG_FILE))
+    keys = {config: {k: v for k, v in config_of_run(Path(study_dir) / run).training_key().items()
+                     if k not in ignored and not k.endswith("_used")}
             for config, run in first["run"].items()}
-
-    def training(cfg: dict) -> dict:
-        return {k: v for k, v in cfg.items() if k not in ignored and not k.endswith("_used")
-                and not (k == "stream_buffer_tokens" and cfg.get("activations") == "cache")}
-
-    topks = sorted(c for c in cfgs if first.at[c, "architecture"] == "topk")
+    topks = sorted(c for c in keys if first.at[c, "architecture"] == "topk")
     out = {}
-    for config, cfg in cfgs.items():
-        same = [t for t in topks if training(cfgs[t]) == training(cfg)]
+    for config, key in keys.items():
+        same = [t for t in topks if keys[t] == key]
         if first.at[config, "architecture"] != "topk" and same:
             out[config] = baseline if baseline in same else same[0]
     return out
