@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
@@ -223,12 +224,30 @@ def run_notebooks(run: Run, notebooks: list[Path], settings: RunnerSettings, thr
     return status, error, (time.time() - start) / 60
 
 
-def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool = False) -> pd.DataFrame:
+def select_runs(runs: list[Run], only: list[str]) -> list[Run]:
+    """The runs whose names match one of the shell patterns ``only`` (``topk_s0``, ``sgo_t0.02_l0*``), in study
+    order; a pattern that matches no run is an error (a typo must not run nothing silently)."""
+    names = [run.name for run in runs]
+    for pattern in only:
+        if not fnmatch.filter(names, pattern):
+            raise ConfigError(f"only: {pattern!r} matches no run of this study; its runs are {', '.join(names)}")
+    return [run for run in runs if any(fnmatch.fnmatchcase(run.name, pattern) for pattern in only)]
+
+
+def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool = False,
+              only: list[str] | None = None) -> pd.DataFrame:
     """Run every pending notebook of a study; returns the summary (one row per run). ``reports_only``: run nothing,
-    render the study's reports, answers and index from the runs finished so far (a look at a study part-way)."""
+    render the study's reports, answers and index from the runs finished so far (a look at a study part-way).
+    ``only``: run just the runs matching these name patterns (the others stay as they are, and the reports still
+    read every finished run)."""
     t_start = time.time()
     runs = study_runs(study_params)
     todo = pending(runs, settings)
+    skipped = []
+    if only:
+        selected = {run.name for run in select_runs(runs, only)}
+        skipped = [run for run, _ in todo if run.name not in selected]
+        todo = [(run, notebooks) for run, notebooks in todo if run.name in selected]
     study = runs[0].cfg.study
     study_dir = runs[0].cfg.run_dir.parent
     stray = sorted(p.name for p in study_dir.glob("*/") if (p / run_files.RUN_CFG_FILE).exists()) if study_dir.is_dir() else []
@@ -238,6 +257,8 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
                     "answers read every run folder, so move them out of %s: %s", study, study_dir, study_params,
                     study_dir, ", ".join(stray))
     rows = {run.name: {"run": run.name, "status": "current", "minutes": 0.0, "error": ""} for run in runs}
+    for run in skipped:
+        rows[run.name]["status"] = "pending (not selected)"
     if reports_only:
         for run, _ in todo:
             rows[run.name]["status"] = "pending"
@@ -245,7 +266,8 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
                  study, len(runs) - len(todo), len(runs), len(todo))
         todo = []
     elif not todo:
-        log.info("study %s: all %d runs are finished and current; nothing to do", study, len(runs))
+        log.info("study %s: all %d %sruns are finished and current; nothing to do", study,
+                 len(runs) - len(skipped), "selected " if only else "")
     else:
         if settings.ray:
             from saelib.ray_runner import RayPool
@@ -376,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run each run as a task on the Ray cluster at ADDRESS ('auto', 'host:6379'; default: "
                              "$RAY_ADDRESS if set, else the local process pool); runs/ and the caches must be on a "
                              "filesystem every node shares")
+    parser.add_argument("--only", nargs="+", metavar="PATTERN",
+                        help="run only the runs whose names match these shell patterns, e.g. topk_s0 'sgo_t0.02_l0*' "
+                             "(the reports still read every finished run)")
     parser.add_argument("--reports-only", action="store_true",
                         help="run nothing; render the reports, answers and index from the runs finished so far")
     args = parser.parse_args(argv)
@@ -384,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_runner_settings(Path(args.study), {
             "jobs": args.jobs, "eval_profile": args.eval_profile, "evals": args.evals, "notebooks": args.notebooks,
             "ray": args.ray})
-        summary = run_study(Path(args.study), settings, reports_only=args.reports_only)
+        summary = run_study(Path(args.study), settings, reports_only=args.reports_only, only=args.only)
     except ConfigError as err:
         log.error("%s", err)
         return 2

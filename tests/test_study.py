@@ -146,6 +146,19 @@ def test_runs_go_seed_by_seed_with_the_baseline_first(study):
         "topk_s0", "gram_s0", "topk_s1", "batchtopk_s1", "gram_s1", "topk_s2"]
 
 
+def test_only_runs_the_selected_runs_and_a_pattern_matching_none_is_an_error(study):
+    (study / "sgo_t0.02_l0_s0.yaml").write_text("seed: 0\n")
+    summary = run_study(study, settings(), only=["topk_s1", "sgo_*"]).set_index("run")
+    assert summary.loc["topk_s1", "status"] == summary.loc["sgo_t0.02_l0_s0", "status"] == "done"
+    assert summary.loc["topk_s0", "status"] == summary.loc["topk_s2", "status"] == "pending (not selected)"
+    assert not (study.parent.parent / "runs" / "mini" / "topk_s0").exists()
+    with pytest.raises(ConfigError, match="only: 'topk_s9' matches no run of this study; its runs are topk_s0, "):
+        run_study(study, settings(), only=["topk_s9"])
+    assert main([str(study), "--only", "topk_s0", "--notebooks", "notebooks/evaluate.ipynb"]) == 0
+    assert (study.parent.parent / "runs" / "mini" / "topk_s0" / "marker.json").exists()
+    assert not (study.parent.parent / "runs" / "mini" / "topk_s2").exists()
+
+
 def test_reports_only_runs_nothing_and_renders_the_index_from_the_finished_runs(study, caplog):
     caplog.set_level(logging.INFO)
     (study / "topk_s2.yaml").unlink()
