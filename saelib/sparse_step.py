@@ -180,6 +180,46 @@ class _SparseDecode(torch.autograd.Function):
         return None, None, None, grad_w, grad_W
 
 
+class _DenseAuxDecode(torch.autograd.Function):
+    """The TopK auxiliary reconstruction ``Σ pre · W_dec[j]`` over each row's chosen dead latents ``j``, computed
+    densely over the dead latents' columns: a (B × n_dead) matrix of the chosen raw pre-activations (zero elsewhere)
+    times ``W_dec[dead]``, and a backward of three dense matmuls over those columns. Once a tenth of 16,384 latents
+    are dead, sae_lens's ``k_aux = d_in / 2`` (320) entries a row make the sparse path gather 1.3M decoder rows a step;
+    dense products over the n_dead columns cost less while ``n_dead`` is a small multiple of ``k_aux``
+    (``SparseTopKTrainingSAE.aux_dense_max_ratio``). Same value and gradients as the sparse path: the raw
+    pre-activation does not depend on the decoder norm, and the norm's two factors (hidden · norm, then ÷ norm in
+    the decode) cancel, so no gradient reaches it. Matmuls in ``dtype`` with float32 results."""
+
+    @staticmethod
+    def forward(ctx, raw_BN, mask_BN, dead_N, sae_in_BD, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, dtype):
+        W_dec_ND = W_dec_FD.detach().index_select(0, dead_N).to(dtype)
+        acts_BN = torch.where(mask_BN, raw_BN, 0.0)
+        ctx.save_for_backward(acts_BN, mask_BN, dead_N, sae_in_BD, W_enc_DF, W_dec_ND)
+        ctx.has_b_dec, ctx.dtype = b_dec_D is not None, dtype
+        return (acts_BN @ W_dec_ND).float()
+
+    @staticmethod
+    def backward(ctx, grad_BD):
+        acts_BN, mask_BN, dead_N, sae_in_BD, W_enc_DF, W_dec_ND = ctx.saved_tensors
+        (D, F_), dtype = W_enc_DF.shape, ctx.dtype
+        g_BD = grad_BD.to(dtype)
+        grad_W_enc = grad_b_enc = grad_W_dec = grad_b_dec = None
+        grad_pre_BN = torch.where(mask_BN, g_BD @ W_dec_ND.T, 0.0)  # d loss / d raw pre at the chosen entries
+        if ctx.needs_input_grad[6]:
+            grad_W_dec = W_dec_ND.new_zeros(F_, D, dtype=torch.float32)
+            grad_W_dec.index_copy_(0, dead_N, (acts_BN.T @ g_BD).float())
+        if ctx.needs_input_grad[4]:  # built (d_sae × d_in), rows copied whole, returned as its transpose
+            grad_W_enc_FD = W_enc_DF.new_zeros(F_, D)
+            grad_W_enc_FD.index_copy_(0, dead_N, (grad_pre_BN.T @ sae_in_BD.to(dtype)).float())
+            grad_W_enc = grad_W_enc_FD.T
+        grad_b_enc_N = grad_pre_BN.sum(0, dtype=torch.float32)
+        if ctx.needs_input_grad[5]:
+            grad_b_enc = W_enc_DF.new_zeros(F_).index_copy_(0, dead_N, grad_b_enc_N)
+        if ctx.has_b_dec:  # sae_in = x − b_dec
+            grad_b_dec = -(W_enc_DF.index_select(1, dead_N) @ grad_b_enc_N)
+        return None, None, None, None, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, None
+
+
 def _norms_at(norm_F: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``norm_F[idx]`` whose backward is ``index_add_``: autograd's backward of advanced indexing (index_put with
     accumulate) sums repeated indices in a thread-dependent order on the CPU once they number ≈ 10⁵ (the aux loss
@@ -288,6 +328,10 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
     """
 
     cfg: SparseTopKTrainingSAEConfig
+    aux_dense_max_ratio = {"bfloat16": 16.0, "float32": 5.0}
+    """By precision: the aux loss goes dense over the dead columns while ``n_dead ≤ ratio · k_aux`` (0: always
+    sparse). Where dense/sparse time crosses 1 at 16,384 latents, batch 4,096, d_in 640 on 2 Zen 5 cores
+    (``benchmarks/bench_aux.py``, docs/speed.md)."""
 
     def __init__(self, cfg: SparseTopKTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -371,15 +415,36 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         scale = min(num_dead / k_aux, 1.0)
         k_aux = min(k_aux, num_dead)
         dead_F = dead_neuron_mask.nonzero().squeeze(1)
+        dense = num_dead <= self.aux_dense_max_ratio.get(self.precision, 0.0) * k_aux
         with torch.no_grad():
-            top_BA, pos_BA = state.hidden_pre_BF.index_select(1, dead_F).topk(k_aux, dim=-1, sorted=False)
-            pos_BA, order = pos_BA.sort(dim=-1)  # ascending within rows (dead_F is ascending): a canonical CSR
-            top_BA = top_BA.gather(-1, order)
-        idx_BA = dead_F[pos_BA]
-        hidden_BA = self._hidden_at(top_BA.float(), idx_BA, state.sae_in_BD, state.W_dec_norm_F)
-        recons_BD = self._sparse_decode(idx_BA, hidden_BA, state.W_dec_norm_F)
+            pre_BN = state.hidden_pre_BF.index_select(1, dead_F)
+            top_BA, pos_BA = pre_BN.topk(k_aux, dim=-1, sorted=False)
+        if dense:
+            recons_BD = self._dense_aux_decode(state, dead_F, pre_BN, pos_BA)
+        else:
+            with torch.no_grad():
+                pos_BA, order = pos_BA.sort(dim=-1)  # ascending within rows (dead_F is ascending): a canonical CSR
+                top_BA = top_BA.gather(-1, order)
+            idx_BA = dead_F[pos_BA]
+            hidden_BA = self._hidden_at(top_BA.float(), idx_BA, state.sae_in_BD, state.W_dec_norm_F)
+            recons_BD = self._sparse_decode(idx_BA, hidden_BA, state.W_dec_norm_F)
         auxk_loss = (recons_BD - residual_BD).pow(2).sum(dim=-1).mean()
         return self.cfg.aux_loss_coefficient * scale * auxk_loss
+
+    def _dense_aux_decode(self, state: StepState, dead_F: torch.Tensor, pre_BN: torch.Tensor,
+                          pos_BA: torch.Tensor) -> torch.Tensor:
+        """The aux reconstruction by ``_DenseAuxDecode``: the chosen (row, dead latent) entries ``pos_BA`` as a mask
+        over the dead columns, their raw pre-activations from the step's dense forward ``pre_BN`` (its dead columns,
+        scaled as for selection)."""
+        dtype = torch.bfloat16 if self.precision == "bfloat16" else torch.float32
+        with torch.no_grad():
+            pre_BN = pre_BN.to(dtype)  # in the dense forward's precision
+            if state.W_dec_norm_F is not None:
+                pre_BN = pre_BN / state.W_dec_norm_F.detach().index_select(0, dead_F).to(dtype)
+            mask_BN = torch.zeros(pre_BN.shape, dtype=torch.bool, device=pre_BN.device).scatter_(1, pos_BA, True)
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        return _DenseAuxDecode.apply(pre_BN, mask_BN, dead_F, state.sae_in_BD, self.W_enc, self.b_enc, self.W_dec,
+                                     b_dec, dtype)
 
     def fired(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(idx_BK, fired_BK)`` of the current step's TopK (None on the dense fallback)."""

@@ -201,10 +201,12 @@ def test_cuda_without_a_gpu_is_one_clear_error_before_anything_is_written(tmp_pa
     assert require_device("cpu") == torch.device("cpu")
 
 
-def test_the_step_is_bit_for_bit_repeatable_on_two_threads():
+@pytest.mark.parametrize("aux_dense", [False, True])
+def test_the_step_is_bit_for_bit_repeatable_on_two_threads(aux_dense):
     """The same step twice gives the same gradients with 2 threads, at a size where the aux loss gathers 327,680
     decoder-norm entries (every row's 320 dead candidates): autograd's backward of ``norm_F[idx]`` (index_put with
-    accumulate) sums in a thread-dependent order there, which made λ = 0 differ from TopK in a 16k training run."""
+    accumulate) sums in a thread-dependent order there, which made λ = 0 differ from TopK in a 16k training run.
+    Both ways of computing the aux loss (sparse gathers, dense products over the dead columns)."""
     d_in, d_sae, batch = 640, 4096, 1024
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -212,6 +214,7 @@ def test_the_step_is_bit_for_bit_repeatable_on_two_threads():
         torch.manual_seed(0)
         sae = SparseTopKTrainingSAE(SparseTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=32,
                                                                  sae_precision="float32"))
+        sae.aux_dense_max_ratio = {"float32": float("inf") if aux_dense else 0.0}
         with torch.no_grad():
             sae.W_dec.mul_(torch.rand(d_sae, 1) + 0.5)
         x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1)) * 3
@@ -232,3 +235,24 @@ def test_the_step_is_bit_for_bit_repeatable_on_two_threads():
                 {n: float((first[n] - again[n]).abs().max()) for n in first}
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kw", [{}, {"rescale_acts_by_decoder_norm": False}, {"apply_b_dec_to_input": False}])
+def test_dense_aux_loss_matches_the_sparse_one_and_sae_lens(kw):
+    """The aux loss over the dead columns as dense products (``aux_dense_max_ratio``) gives sae_lens's loss and the
+    same gradients of all four parameters as the sparse gathers."""
+    stock, sparse = pair(**kw)
+    dead = (torch.arange(F_) % 3 == 0)  # 32 dead latents, k_aux 12
+    ref, ref_grads = loss_and_grads(stock, step_input(dead=dead))
+    sparse.aux_dense_max_ratio = {"float32": 0.0}  # always sparse
+    _, sparse_grads = loss_and_grads(sparse, step_input(dead=dead))
+    sparse.aux_dense_max_ratio = {"float32": 8.0}
+    out, grads = loss_and_grads(sparse, step_input(dead=dead))
+    torch.testing.assert_close(out.losses["auxiliary_reconstruction_loss"],
+                               ref.losses["auxiliary_reconstruction_loss"], rtol=1e-5, atol=1e-6)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+        torch.testing.assert_close(grads[name], sparse_grads[name], rtol=1e-5, atol=1e-6, msg=f"{name} vs sparse")
+    sparse.aux_dense_max_ratio = {"float32": 2.0}  # 32 dead > 2 · 12: the sparse path again
+    _, again = loss_and_grads(sparse, step_input(dead=dead))
+    assert all(torch.equal(again[n], sparse_grads[n]) for n in again)
