@@ -112,9 +112,27 @@ def weights_check(study_dir: Path, runs: pd.DataFrame, baselines: dict[str, str]
             a[k].shape == b[k].shape for k in a) else math.inf for a, b in pairs if a is not None and b is not None]
         rows.append({"config": config, "tau": part["tau"].iloc[0], "lambda": part["lambda"].iloc[0],
                      "SAEs compared": len(deltas), "SAEs equal to TopK": sum(d == 0 for d in deltas),
-                     "largest Δ element (abs.)": max(deltas, default=math.nan)})
+                     "largest Δ element (abs.)": max(deltas, default=math.nan),
+                     PENALTY_SHARE: penalty_share([Path(study_dir) / run for run in part["run"]])})
     return pd.DataFrame(rows, columns=["config", "tau", "lambda", "SAEs compared", "SAEs equal to TopK",
-                                       "largest Δ element (abs.)"])
+                                       "largest Δ element (abs.)", PENALTY_SHARE])
+
+
+PENALTY_SHARE = "penalty / loss (last 10 % of steps)"
+
+
+def penalty_share(run_dirs: list[Path]) -> float:
+    """The penalty term's share of the training loss, ``orth_loss / overall_loss`` averaged over the last tenth of
+    the logged steps of each run (after warm-up, where the penalty is on), then over the runs; NaN without
+    histories. How large a force the penalty was where the SAE settled."""
+    shares = []
+    for run_dir in run_dirs:
+        history = run_files.read_history(run_dir) if (Path(run_dir) / run_files.HISTORY_FILE).exists() else None
+        if history is None or "losses/orth_loss" not in history or history.empty:
+            continue
+        tail = history.iloc[-max(1, len(history) // 10):]
+        shares.append(float((tail["losses/orth_loss"] / tail["losses/overall_loss"]).mean()))
+    return sum(shares) / len(shares) if shares else math.nan
 
 
 def _weights_sentences(weights: pd.DataFrame) -> str:
@@ -123,10 +141,18 @@ def _weights_sentences(weights: pd.DataFrame) -> str:
         return "No saved SAEs to compare with TopK's (the quality table compares their evals)."
     control = (compared["SAEs equal to TopK"] == compared["SAEs compared"])[compared["lambda"] == 0]
     moved = (compared["SAEs equal to TopK"] == 0)[compared["lambda"] > 0]  # differs on every seed
+    acting = compared[(compared["lambda"] > 0) & compared[PENALTY_SHARE].notna()].sort_values(PENALTY_SHARE)
+    share = ([f"At the end of training the penalty was {_share(acting.iloc[0])} of the loss in {acting.iloc[0]['config']}"
+              + (f" and {_share(acting.iloc[-1])} in {acting.iloc[-1]['config']}." if len(acting) > 1 else ".")]
+             if len(acting) else [])
     return " ".join(([f"The λ = 0 control {'equals' if control.all() else 'does NOT equal'} TopK's saved SAE on every "
                       "seed."] if len(control) else []) + ([f"With λ > 0 the saved SAE differs from TopK's in "
                                                              f"{moved.sum()} of {len(moved)} configurations."]
-                                                           if len(moved) else []))
+                                                           if len(moved) else []) + share)
+
+
+def _share(row) -> str:
+    return f"{row[PENALTY_SHARE]:.2g}" if row[PENALTY_SHARE] < 0.001 else f"{100 * row[PENALTY_SHARE]:.2g} %"
 
 
 def _counts(long: pd.DataFrame) -> str:

@@ -2,6 +2,7 @@
 them, the README block. Tables are checked, not sentences."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -137,6 +138,23 @@ def test_the_lambda_zero_control_is_compared_tensor_for_tensor(tmp_path):
     save_file({**weights, "W_dec": weights["W_dec"] + 0.5}, str(control / run_files.SAE_DIR / "sae_weights.safetensors"))
     row = answers.weights_check(study, runs).iloc[0]
     assert (row["SAEs equal to TopK"], row["largest Δ element (abs.)"]) == (0, 0.5)
+    assert math.isnan(row[answers.PENALTY_SHARE])  # no history
+
+
+def test_penalty_share_is_the_last_tenth_of_the_logged_steps(tmp_path):
+    """orth_loss / overall_loss over the last 10 % of logged steps, averaged per run then over runs."""
+    from saelib import run_files
+
+    runs = []
+    for name, late in (("a", 0.02), ("b", 0.04)):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": s, "losses/overall_loss": 100.0, "losses/orth_loss": 50.0 if s < 90 else 100 * late}
+                for s in range(100)]  # the first 90 steps' large share must not count
+        (run / run_files.HISTORY_FILE).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        runs.append(run)
+    assert answers.penalty_share(runs) == pytest.approx(0.03)
+    assert math.isnan(answers.penalty_share([tmp_path / "missing"]))
 
 
 def test_each_configuration_is_measured_against_the_topk_trained_like_it(tmp_path):
