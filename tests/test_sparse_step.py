@@ -256,3 +256,24 @@ def test_dense_aux_loss_matches_the_sparse_one_and_sae_lens(kw):
     sparse.aux_dense_max_ratio = {"float32": 2.0}  # 32 dead > 2 · 12: the sparse path again
     _, again = loss_and_grads(sparse, step_input(dead=dead))
     assert all(torch.equal(again[n], sparse_grads[n]) for n in again)
+
+
+@pytest.mark.skipif(not bf16_native("cpu"), reason="this CPU has no native bf16")
+def test_bf16_dense_aux_loss_and_gradients_are_within_a_percent_of_the_sparse_path():
+    """In bf16 the dense aux products round their inputs to 8 mantissa bits: loss and the dead latents' gradients
+    stay within ~1 % of the sparse path (which decodes in fp32)."""
+    _, sae = pair("bfloat16")
+    dead = (torch.arange(F_) % 3 == 0)
+    results = {}
+    for ratio in (0.0, 16.0):
+        sae.aux_dense_max_ratio = {"bfloat16": ratio}
+        sae.zero_grad()
+        out = sae.training_forward_pass(step_input(dead=dead))
+        out.losses["auxiliary_reconstruction_loss"].backward()
+        results[ratio] = (out.losses["auxiliary_reconstruction_loss"].detach(),
+                          {n: p.grad.clone() for n, p in sae.named_parameters()})
+    (loss_s, grads_s), (loss_d, grads_d) = results[0.0], results[16.0]
+    assert abs(float(loss_d) / float(loss_s) - 1) < 0.01
+    for name in ("W_enc", "W_dec"):
+        rel = float((grads_d[name] - grads_s[name]).norm() / grads_s[name].norm())
+        assert 0 < rel < 0.02, (name, rel)  # not the same code path (> 0), and close
