@@ -15,7 +15,6 @@ import json
 import time
 
 import torch
-from sae_lens.saes.sae import TrainStepInput
 
 from saelib.sparse_step import (SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig, bf16_native,
                                 keep_freed_memory)

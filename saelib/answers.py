@@ -127,8 +127,8 @@ def penalty_share(run_dirs: list[Path]) -> float:
     histories. How large a force the penalty was where the SAE settled."""
     shares = []
     for run_dir in run_dirs:
-        history = run_files.read_history(run_dir) if (Path(run_dir) / run_files.HISTORY_FILE).exists() else None
-        if history is None or "losses/orth_loss" not in history or history.empty:
+        history = run_files.read_history(run_dir)  # empty without a history file
+        if "losses/orth_loss" not in history or history.empty:
             continue
         tail = history.iloc[-max(1, len(history) // 10):]
         shares.append(float((tail["losses/orth_loss"] / tail["losses/overall_loss"]).mean()))

@@ -229,7 +229,7 @@ def select_runs(runs: list[Run], only: list[str]) -> list[Run]:
     order; a pattern that matches no run is an error (a typo must not run nothing silently)."""
     names = [run.name for run in runs]
     for pattern in only:
-        if not fnmatch.filter(names, pattern):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise ConfigError(f"only: {pattern!r} matches no run of this study; its runs are {', '.join(names)}")
     return [run for run in runs if any(fnmatch.fnmatchcase(run.name, pattern) for pattern in only)]
 
