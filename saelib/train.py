@@ -62,6 +62,23 @@ def build_training_sae(cfg: RunConfig, d_in: int) -> TrainingSAE:
     return sae_cls(sae_cfg)
 
 
+class ContiguousAdam(torch.optim.Adam):
+    """torch's Adam, handing its kernel each transposed-contiguous matrix (``W_enc`` kept latent-major by the sparse
+    step) as its contiguous transpose: the same elements, updated in place, with no copy. The fused CPU kernel
+    copies a non-contiguous parameter, gradient and both states to contiguous memory and back (+12 ms a step for
+    ``W_enc`` at 16,384 latents on 2 cores). Gradients and states follow their parameter's strides (autograd and
+    ``zeros_like`` keep them; ``HistoryTrainer.load_trainer_state`` restores them), so all are transposed alike."""
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+        has_complex = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                          state_steps)
+        for tensors in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
+            for i, t in enumerate(tensors):
+                if t.dim() == 2 and not t.is_contiguous() and t.T.is_contiguous():
+                    tensors[i] = t.T
+        return has_complex
+
+
 class HistoryTrainer(SAETrainer):
     """sae_lens's trainer, plus a history row every ``log_every`` steps, a stop on a non-finite loss and a fused
     Adam (same update as sae_lens's, one kernel per step instead of a loop over parameters: 6 ms instead of 60 ms
@@ -77,13 +94,23 @@ class HistoryTrainer(SAETrainer):
         params = list(self.sae.parameters())
         if not all(p.dtype in (torch.float32, torch.float64) for p in params):
             return
-        self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
-                                          fused=True)
+        self.optimizer = ContiguousAdam(params, lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
+                                        fused=True)
         self.lr_scheduler = get_lr_scheduler(
             self.cfg.lr_scheduler_name, lr=self.cfg.lr, optimizer=self.optimizer,
             warm_up_steps=self.cfg.lr_warm_up_steps, decay_steps=self.cfg.lr_decay_steps,
             training_steps=self.cfg.total_training_steps, lr_end=self.cfg.lr_end, num_cycles=self.cfg.n_restart_cycles,
         )
+
+    def load_trainer_state(self, checkpoint_path) -> None:
+        """sae_lens's, then each Adam state laid out as its parameter: the fused kernel walks parameter, gradient and
+        states as flat memory, so a state saved row-major for a latent-major ``W_enc`` (or the reverse) would be
+        paired with the wrong elements, silently."""
+        super().load_trainer_state(checkpoint_path)
+        for param, state in self.optimizer.state.items():
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
     def save_checkpoint(self, checkpoint_name: str, base_path=None, wandb_aliases=None) -> None:
         """sae_lens's checkpoint plus the SAE's competition statistics, written first: the trainer state

@@ -277,3 +277,29 @@ def test_bf16_dense_aux_loss_and_gradients_are_within_a_percent_of_the_sparse_pa
     for name in ("W_enc", "W_dec"):
         rel = float((grads_d[name] - grads_s[name]).norm() / grads_s[name].norm())
         assert 0 < rel < 0.02, (name, rel)  # not the same code path (> 0), and close
+
+
+def test_W_enc_is_kept_latent_major_and_saved_row_major(tmp_path):
+    from safetensors import safe_open
+    from sae_lens import SAE
+
+    from saelib.sparse_step import _dense_preacts
+
+    _, sparse = pair()
+    assert sparse.W_enc.stride() == (1, D)
+    _, grads = loss_and_grads(sparse, step_input())
+    assert sparse.W_enc.grad.stride() == sparse.W_enc.stride()  # no per-step transpose into another layout
+    path = tmp_path / "sae"
+    sparse.save_inference_model(path)
+    with safe_open(str(path / "sae_weights.safetensors"), "pt") as fh:
+        assert fh.get_tensor("W_enc").is_contiguous()
+    loaded = SAE.load_from_disk(path)
+    x = step_input().sae_in
+    torch.testing.assert_close(loaded.encode(x), sparse.encode(x), rtol=1e-5, atol=1e-6)
+    # the encoder's matmul gives the same bits from either layout
+    x_in = torch.randn(B, D)
+    for dtype in (torch.float32,) + ((torch.bfloat16,) if bf16_native("cpu") else ()):
+        for scale in (None, torch.rand(F_) + 0.5):
+            a = _dense_preacts(x_in, sparse.W_enc.detach(), sparse.b_enc.detach(), dtype, scale)
+            b = _dense_preacts(x_in, sparse.W_enc.detach().contiguous(), sparse.b_enc.detach(), dtype, scale)
+            assert torch.equal(a, b), (dtype, scale is None)

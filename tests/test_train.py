@@ -156,3 +156,64 @@ def test_study_metrics_table_lists_finished_runs(tmp_path):
     table = run_files.study_metrics(study)
     assert table.run.tolist() == ["a", "b"]
     assert table.loc[table.run == "b", "explained_variance"].item() == pytest.approx(0.92)
+
+
+def test_resumed_adam_states_take_their_parameters_layout(tmp_path):
+    """A checkpoint whose Adam states are row-major (as saelib wrote them before W_enc became latent-major) resumes
+    to the same update as the uninterrupted trainer: the fused kernel pairs elements by memory position."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.constants import TRAINER_STATE_FILENAME
+
+    from saelib.sparse_step import SparseTopKTrainingSAE, SparseTopKTrainingSAEConfig
+
+    def trainer():
+        torch.manual_seed(0)
+        sae = SparseTopKTrainingSAE(SparseTopKTrainingSAEConfig(d_in=8, d_sae=48, k=4, sae_precision="float32"))
+        cfg = SAETrainerConfig(total_training_samples=64 * 10, train_batch_size_samples=64, lr=1e-2, lr_end=1e-2,
+                               device="cpu", dead_feature_window=1000, n_checkpoints=0,
+                               checkpoint_path=str(tmp_path), save_final_checkpoint=False)
+        return HistoryTrainer(cfg, sae, data_provider=iter(()), log_every=10**9, history_path=tmp_path / "h.jsonl")
+
+    batches = torch.randn(3, 64, 8, generator=torch.Generator().manual_seed(1))
+    first = trainer()
+    first.step(batches[0])
+    first.save_checkpoint("ck")
+    state_file = tmp_path / "ck" / TRAINER_STATE_FILENAME
+    state = torch.load(state_file)
+    for param_state in state["optimizer"]["state"].values():
+        for name in ("exp_avg", "exp_avg_sq"):
+            param_state[name] = param_state[name].contiguous()
+    torch.save(state, state_file)
+    resumed = trainer()
+    resumed.sae.load_state_dict(first.sae.state_dict())
+    resumed.load_trainer_state(tmp_path / "ck")
+    for param, param_state in resumed.optimizer.state.items():
+        assert param_state["exp_avg"].stride() == param.stride()
+    for batch in batches[1:]:
+        first.step(batch)
+        resumed.step(batch)
+    for name, value in first.sae.state_dict().items():
+        torch.testing.assert_close(resumed.sae.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_contiguous_adam_updates_a_transposed_matrix_as_adam_updates_a_contiguous_one(fused):
+    from saelib.train import ContiguousAdam
+
+    torch.manual_seed(0)
+    values, bias = torch.randn(6, 10), torch.randn(10)
+    plain = [torch.nn.Parameter(values.clone()), torch.nn.Parameter(bias.clone())]
+    latent_major = [torch.nn.Parameter(values.T.contiguous().T), torch.nn.Parameter(bias.clone())]
+    assert latent_major[0].stride() == (1, 6)
+    opt_plain = torch.optim.Adam(plain, lr=1e-2, fused=fused)
+    opt_lm = ContiguousAdam(latent_major, lr=1e-2, fused=fused)
+    for step in range(3):
+        grads = torch.randn(6, 10), torch.randn(10)
+        for params, opt in ((plain, opt_plain), (latent_major, opt_lm)):
+            ((params[0] * grads[0]).sum() + (params[1] * grads[1]).sum() + (params[0] ** 2).sum()).backward()
+            opt.step()
+            opt.zero_grad()
+    assert latent_major[0].stride() == (1, 6)
+    assert opt_lm.state[latent_major[0]]["exp_avg"].stride() == (1, 6)
+    for a, b in zip(plain, latent_major):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
