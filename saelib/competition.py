@@ -56,51 +56,58 @@ def fired_pairs_topk(idx_BK: torch.Tensor, fired_BK: torch.Tensor, d_sae: int) -
 
 
 def _host_numpy(t: torch.Tensor) -> bool:
-    """Whether ``t``'s sort-and-merge runs through numpy (on CPU, where it is faster); on any other device it stays
+    """Whether ``t``'s fold and cap run through numpy (on CPU, where it is faster); on any other device it stays
     there in torch (no copy to the host)."""
     return t.device.type == "cpu"
 
 
-def _counts(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique keys (int64) and how often each occurs. On CPU a numpy sort and a diff: 0.3 s for 20M
-    int32 keys where ``np.unique`` took 1.4 s and ``torch.unique`` 1.2 s (2 cores); elsewhere ``torch.unique``
-    on the device."""
-    if not _host_numpy(keys):
-        uniq, counts = torch.unique(keys, return_counts=True)
-        return uniq.to(torch.int64), counts
-    k = np.sort(keys.numpy())
-    if len(k) == 0:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
-    counts = np.diff(np.r_[starts, len(k)])
-    return torch.from_numpy(k[starts].astype(np.int64)), torch.from_numpy(counts)
+def _new_rates(counts: torch.Tensor, tokens: int, weight: float) -> torch.Tensor:
+    """A window's co-firing counts as the rates it adds to the moving average."""
+    return counts.float() / tokens * weight
 
 
-def _merge_sorted(keys_a, rates_a, keys_b, rates_b) -> tuple[torch.Tensor, torch.Tensor]:
-    """Union of two sorted unique key arrays, rates of equal keys summed, without sorting again: on CPU by
-    binary search of the shorter in the longer; elsewhere ``torch.unique`` on the device."""
-    if not _host_numpy(keys_a):
-        keys, rates = torch.cat([keys_a, keys_b]), torch.cat([rates_a, rates_b])
-        uniq, inverse = torch.unique(keys, return_inverse=True)
-        return uniq, torch.zeros(len(uniq), dtype=rates.dtype, device=rates.device).index_add_(0, inverse, rates)
-    ka, ra, kb, rb = keys_a.numpy(), rates_a.numpy(), keys_b.numpy(), rates_b.numpy()
-    if len(ka) < len(kb):  # search the shorter table in the longer one (the sum is symmetric)
-        ka, ra, kb, rb = kb, rb, ka, ra
-    ra = ra.astype(np.float32, copy=True)
-    pos = np.searchsorted(ka, kb)
-    found = pos < len(ka)
-    found[found] = ka[pos[found]] == kb[found]
-    ra[pos[found]] += rb[found]  # keys are unique, so no position repeats
-    new = ~found
-    n_new = int(new.sum())
-    at_new = pos[new] + np.arange(n_new)  # where each new key lands among the merged keys
-    is_new = np.zeros(len(ka) + n_new, dtype=bool)
-    is_new[at_new] = True
-    out_k = np.empty(len(ka) + n_new, dtype=np.int64)
-    out_r = np.empty(len(ka) + n_new, dtype=np.float32)
-    out_k[at_new], out_r[at_new] = kb[new], rb[new]
-    out_k[~is_new], out_r[~is_new] = ka, ra
-    return torch.from_numpy(out_k), torch.from_numpy(out_r)
+def _fold_torch(table_keys, table_rates, raw_keys, tokens: int, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_fold`` with ``torch.unique`` on the tensors' device (no copy to the host)."""
+    new_keys, counts = torch.unique(raw_keys, return_counts=True)
+    keys = torch.cat([table_keys, new_keys.to(torch.int64)])
+    rates = torch.cat([table_rates, _new_rates(counts, tokens, weight)])
+    uniq, inverse = torch.unique(keys, return_inverse=True)
+    return uniq, torch.zeros(len(uniq), dtype=rates.dtype, device=rates.device).index_add_(0, inverse, rates)
+
+
+def _fold_numpy(table_keys, table_rates, raw_keys, tokens: int, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_fold`` on the CPU in one numpy sort: the window's raw keys as ``2·key`` and the table's as ``2·key + 1``,
+    sorted together (int32 while they fit). Each run of equal keys is then one pair: its length less its tag is the
+    window's count, and tagged entries come out in the table's own (sorted) order, so its rates need no search.
+    5M window keys into a 1M-pair table: 75 ms where counting them, then merging by binary search, took 89 ms (2
+    cores, freed memory kept); same result bit for bit (tested against ``_fold_torch``)."""
+    raw, table = raw_keys.numpy(), table_keys.numpy()
+    if len(raw) + len(table) == 0:
+        return table_keys.clone(), table_rates.clone()
+    top = max(int(raw.max()) if len(raw) else 0, int(table[-1]) if len(table) else 0)
+    tagged = np.empty(len(raw) + len(table), dtype=np.int32 if 2 * top + 1 < 2**31 else np.int64)
+    tagged[:len(raw)], tagged[len(raw):] = raw, table
+    tagged <<= 1
+    tagged[len(raw):] += 1
+    tagged.sort()
+    key = tagged >> 1
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    ends = np.r_[starts[1:], len(tagged)]
+    in_table = (tagged[ends - 1] & 1).astype(bool)  # a pair's table entry sorts last among its equal keys
+    counts = torch.from_numpy(ends - starts - in_table)
+    rates = np.zeros(len(starts), dtype=np.float32)
+    rates[in_table] = table_rates.numpy()
+    rates += _new_rates(counts, tokens, weight).numpy()  # x + 0 = x: a pair the window missed keeps its rate
+    return torch.from_numpy(key[starts].astype(np.int64)), torch.from_numpy(rates)
+
+
+def _fold(table_keys, table_rates, raw_keys, tokens: int, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a window's raw co-firing keys (with repeats) into the table ``(table_keys, table_rates)`` (sorted unique
+    int64 keys; rates already decayed): the union of keys, sorted, each rate plus ``count / tokens · weight``.
+    numpy on the CPU, where it is faster; ``torch.unique`` on any other device."""
+    if _host_numpy(raw_keys):
+        return _fold_numpy(table_keys, table_rates, raw_keys, tokens, weight)
+    return _fold_torch(table_keys, table_rates, raw_keys, tokens, weight)
 
 
 def _top_positions(values: torch.Tensor, n: int) -> torch.Tensor:
@@ -164,11 +171,10 @@ class CompetitionStats:
         if not self._pending_keys:
             return
         decay = self.decay ** len(self._pending_keys)
-        new_keys, new_counts = _counts(torch.cat(self._pending_keys))
         tokens = self._pending_tokens
         self.freq_F.mul_(decay).add_(self._pending_counts_F / tokens, alpha=1 - decay)
-        uniq, merged = _merge_sorted(self.pair_keys, self.pair_rates * decay,
-                                     new_keys, new_counts.float() / tokens * (1 - decay))
+        uniq, merged = _fold(self.pair_keys, self.pair_rates * decay, torch.cat(self._pending_keys), tokens,
+                             1 - decay)
         if len(uniq) > self.max_pairs:
             keep = _top_positions(merged, self.max_pairs)
             uniq, merged = uniq[keep], merged[keep]

@@ -126,20 +126,30 @@ def test_competing_set_only_changes_when_a_window_is_folded():
     assert stats.competing(0.0) is first
 
 
-def test_merge_of_sorted_tables_equals_a_unique_over_both():
-    from saelib.competition import _counts, _merge_sorted
+@pytest.mark.parametrize("d_sae", [500, 40_000])  # int32 tagged keys, and int64 once 2·key + 1 overflows int32
+def test_the_numpy_fold_equals_a_unique_over_table_and_window(d_sae):
+    from saelib.competition import _fold_numpy, _fold_torch
 
     g = torch.Generator().manual_seed(0)
-    a, _ = _counts(torch.randint(0, 500, (300,), generator=g))
-    b, _ = _counts(torch.randint(0, 500, (300,), generator=g).to(torch.int32))
-    ra, rb = torch.rand(len(a), generator=g), torch.rand(len(b), generator=g)
-    keys, rates = _merge_sorted(a, ra, b, rb)
-    uniq, inverse = torch.unique(torch.cat([a, b]), return_inverse=True)
-    assert torch.equal(keys, uniq)
-    torch.testing.assert_close(rates, torch.zeros(len(uniq)).index_add_(0, inverse, torch.cat([ra, rb])))
-    empty = torch.zeros(0, dtype=torch.int64)
-    assert torch.equal(_merge_sorted(empty, torch.zeros(0), b, rb)[0], b)
-    assert torch.equal(_counts(torch.tensor([5, 3, 5, 5], dtype=torch.int32))[1], torch.tensor([1, 3]))
+    top = d_sae * d_sae
+    table = torch.unique(torch.randint(0, top, (300,), generator=g))
+    rates = torch.rand(len(table), generator=g)
+    raw = torch.cat([table[torch.randint(0, len(table), (200,), generator=g)],
+                     torch.randint(0, top, (400,), generator=g)]).to(torch.int32 if top < 2**31 else torch.int64)
+    keys, merged = _fold_numpy(table, rates, raw, 37, 0.1)
+    ref_keys, ref_rates = _fold_torch(table, rates, raw, 37, 0.1)
+    assert keys.dtype == torch.int64 and torch.equal(keys, ref_keys)
+    assert torch.equal(merged, ref_rates)  # bit for bit
+    counts = {int(k): 0 for k in keys}
+    for k in raw.tolist():
+        counts[k] += 1
+    expected = dict(zip(table.tolist(), rates.tolist()))
+    for k, r in zip(keys.tolist(), merged.tolist()):
+        assert r == pytest.approx(expected.get(k, 0.0) + counts[k] / 37 * 0.1, rel=1e-6)
+    empty_k, empty_r = torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    assert torch.equal(_fold_numpy(empty_k, empty_r, raw, 37, 0.1)[0], torch.unique(raw).to(torch.int64))
+    assert torch.equal(_fold_numpy(table, rates, raw[:0], 37, 0.1)[1], rates)
+    assert len(_fold_numpy(empty_k, empty_r, raw[:0], 37, 0.1)[0]) == 0
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
