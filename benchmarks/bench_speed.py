@@ -23,7 +23,9 @@ machine noise hits all alike; a row's time is the median over rounds of the mean
   (``benchmarks/ablate_competition_sampling.py``);
 * ``saelib/dead10``: saelib's step with 10 % of the latents dead, so sae_lens's aux-k loss runs (k_aux = d_in / 2 =
   320 entries a row, 10× the main decode), as it does in real training once latents die (12–22 % at 16k here);
-  the other rows have no dead latent.
+  the other rows have no dead latent;
+* ``saelib/row-major W_enc``: saelib's step with ``W_enc`` stored row-major (plain fused Adam), as it was before
+  the step kept it latent-major: the cost of autograd transposing its gradient and of the slower matmul layout.
 
 Batches are synthetic activations with a low-rank structure (latents specialise and co-fire unevenly, as on real
 data), generated before timing. The LM rows run the embedded Gemma 3 270M up to block 8 (batch 16 × 128) with fp32
@@ -50,9 +52,10 @@ D_IN, BATCH, K = 640, 4096, 32
 
 # ---------------------------------------------------------------------------------------------- contenders
 def sae_lens_stepper(arch: str, d_sae: int, precision: str, steps: int, device: str = "cpu", dead: float = 0.0,
-                     **extra):
+                     row_major: bool = False, **extra):
     """A function running one training step through sae_lens's trainer (saelib's for saelib architectures).
-    ``dead``: that fraction of the latents counts as dead at every step, so TopK's aux-k loss runs as in training."""
+    ``dead``: that fraction of the latents counts as dead at every step, so TopK's aux-k loss runs as in training.
+    ``row_major``: saelib's step with ``W_enc`` stored row-major, as before it was kept latent-major."""
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.registry import get_sae_training_class
@@ -77,6 +80,9 @@ def sae_lens_stepper(arch: str, d_sae: int, precision: str, steps: int, device: 
         sae = cls(cfg_cls(d_in=D_IN, d_sae=d_sae, k=K, sae_precision=precision, device=device, **extra))
         history = Path(tempfile.mkdtemp()) / "history.jsonl"
         trainer = HistoryTrainer(trainer_cfg, sae, data_provider=iter(()), log_every=10**9, history_path=history)
+        if row_major:
+            sae.W_enc = torch.nn.Parameter(sae.W_enc.data.contiguous())
+            trainer._use_fused_adam()  # over the new parameter (all contiguous: plain fused Adam)
 
     n_dead = int(dead * d_sae)
 
@@ -210,6 +216,8 @@ def main() -> None:
                 sae_lens_stepper("saelib_topk", d_sae, p, 10**6), 10, 2
         steppers["saelib/dead10"], steps["saelib/dead10"], warmup["saelib/dead10"] = \
             sae_lens_stepper("saelib_topk", d_sae, best, 10**6, dead=0.1), 10, 2
+        steppers["saelib/row-major W_enc"], steps["saelib/row-major W_enc"], warmup["saelib/row-major W_enc"] = \
+            sae_lens_stepper("saelib_topk", d_sae, best, 10**6, row_major=True), 10, 2
         sgo = dict(orth_pen=0.02, competition_threshold=0.02, competition_warmup_steps=0, competition_window=10)
         steppers["sgo"], steps["sgo"], warmup["sgo"] = sae_lens_stepper("sgo_topk", d_sae, best, 10**6, **sgo), 10, 10
         steppers["sgo/M8192"], steps["sgo/M8192"], warmup["sgo/M8192"] = sae_lens_stepper(
@@ -229,7 +237,7 @@ def main() -> None:
         t = time_interleaved(steppers, steps, batches, rounds, warmup)
         stock32 = t["stock/float32"]
         for name, sec in t.items():
-            orth = name.split("/")[0] in ("sgo", "ortsae", "gram") or name == "saelib/dead10"
+            orth = name.split("/")[0] in ("sgo", "ortsae", "gram") or name in ("saelib/dead10", "saelib/row-major W_enc")
             ref = t[f"saelib/{best}"] if orth else stock32
             note = (f"overhead {sec / ref - 1:+.1%} vs saelib/{best}" if orth
                     else f"{t[name.replace('saelib', 'stock')] / sec:.2f}× its stock fp32 ({best})"
@@ -248,6 +256,7 @@ def main() -> None:
             results[f"{family}_speedup_{tag}"] = t[f"stock {family}"] / t[f"saelib {family}"]
         results[f"ortsae_overhead_{tag}"] = t["ortsae"] / t[f"saelib/{best}"] - 1
         results[f"aux_dead10_overhead_{tag}"] = t["saelib/dead10"] / t[f"saelib/{best}"] - 1
+        results[f"row_major_W_enc_overhead_{tag}"] = t["saelib/row-major W_enc"] / t[f"saelib/{best}"] - 1
         del steppers
     print(f"\n{'d_sae':>6}  {'step':<30} {'s/step':>8} {'tokens/s':>9}  note")
     for d_sae, name, sec, tps, note in rows:
