@@ -9,6 +9,8 @@ Same loss, same parameters and same saved form as sae_lens's ``TopKTrainingSAE``
   product for the activations), and the encoder's backward touches only the active columns (a CSR × dense product
   for ``W_enc``, an ``index_add_`` for ``b_enc``), so no dense batch × d_sae gradient is ever formed;
 * the TopK auxiliary loss gathers only the dead latents' columns;
+* ``W_enc`` keeps sae_lens's (d_in × d_sae) shape but is stored latent by latent (``latent_major``), the layout its
+  sparse gradient is built in; it is saved row-major;
 * ``feature_acts`` reach sae_lens's trainer as a coalesced sparse COO tensor, which its statistics accept.
 
 The BatchTopK family takes the same step (``saelib_batchtopk``, ``saelib_matryoshka_batchtopk``): only the
