@@ -72,10 +72,17 @@ class ContiguousAdam(torch.optim.Adam):
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
         has_complex = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                           state_steps)
-        for tensors in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
-            for i, t in enumerate(tensors):
-                if t.dim() == 2 and not t.is_contiguous() and t.T.is_contiguous():
-                    tensors[i] = t.T
+        for i, param in enumerate(params):
+            if param.dim() != 2 or param.is_contiguous() or not param.T.is_contiguous():
+                continue
+            if grads[i].stride() != param.stride():  # a gradient set by hand: read-only here, so a copy serves
+                grads[i] = torch.empty_like(param, dtype=grads[i].dtype).copy_(grads[i])
+            states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if group["amsgrad"] else [])
+            if any(s[i].stride() != param.stride() for s in states):
+                raise RuntimeError("ContiguousAdam: an Adam state is laid out unlike its parameter "
+                                   f"{tuple(param.shape)}; HistoryTrainer.load_trainer_state lays them out alike")
+            for tensors in [params, grads] + states:
+                tensors[i] = tensors[i].T
         return has_complex
 
 

@@ -217,3 +217,21 @@ def test_contiguous_adam_updates_a_transposed_matrix_as_adam_updates_a_contiguou
     assert opt_lm.state[latent_major[0]]["exp_avg"].stride() == (1, 6)
     for a, b in zip(plain, latent_major):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_contiguous_adam_takes_a_gradient_set_by_hand_in_another_layout():
+    from saelib.train import ContiguousAdam
+
+    values, grad = torch.randn(6, 10), torch.randn(6, 10)
+    plain = torch.nn.Parameter(values.clone())
+    latent_major = torch.nn.Parameter(values.T.contiguous().T)
+    opt_plain, opt_lm = torch.optim.Adam([plain], lr=1e-2, fused=True), ContiguousAdam([latent_major], lr=1e-2,
+                                                                                         fused=True)
+    plain.grad, latent_major.grad = grad.clone(), grad.clone()  # row-major gradient on a latent-major parameter
+    opt_plain.step()
+    opt_lm.step()
+    torch.testing.assert_close(latent_major, plain, rtol=0, atol=0)
+    opt_lm.state[latent_major]["exp_avg"] = opt_lm.state[latent_major]["exp_avg"].contiguous()
+    latent_major.grad = grad.T.contiguous().T
+    with pytest.raises(RuntimeError, match="laid out unlike its parameter"):
+        opt_lm.step()
