@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_speed.py            # d_sae 4,096 and 16,384; batch 4,096, d_in 640, k 32
     .venv/bin/python benchmarks/bench_speed.py --quick    # d_sae 16,384 only, fewer rounds: ≈ 3 minutes
+    .venv/bin/python benchmarks/bench_speed.py --layout-ab  # W_enc latent-major vs row-major only, 8 rounds: ≈ 3 minutes
 
 Contenders, each in fp32 and (where this machine has native bf16) bf16, measured in interleaved rounds so that
 machine noise hits all alike; a row's time is the median over rounds of the mean step time within a round:
@@ -123,6 +124,19 @@ def sparsify_available() -> bool:
     return True
 
 
+def layout_ab(precisions: list[str], rounds: int) -> None:
+    """saelib's step at 16k with ``W_enc`` latent-major (as trained) against row-major, interleaved, per precision."""
+    batches = [b for b, _ in zip(synthetic_batches(D_IN, BATCH, seed=16_384), range(6))]
+    ratios = {}
+    for p in precisions:
+        steppers = {"row-major": sae_lens_stepper("saelib_topk", 16_384, p, 10**6, row_major=True),
+                    "latent-major": sae_lens_stepper("saelib_topk", 16_384, p, 10**6)}
+        t = time_interleaved(steppers, dict.fromkeys(steppers, 5), batches, rounds, dict.fromkeys(steppers, 3))
+        ratios[f"row_major_over_latent_major_{p}"] = t["row-major"] / t["latent-major"]
+        print(f"{p}: row-major {t['row-major']:.4f} s/step, latent-major {t['latent-major']:.4f} s/step")
+    print(json.dumps({k: round(v, 4) for k, v in ratios.items()}))
+
+
 # ---------------------------------------------------------------------------------------------- timing
 def time_interleaved(steppers: dict, steps: dict, batches: list, rounds: int, warmup: dict,
                      sync=lambda: None) -> dict[str, float]:
@@ -191,12 +205,16 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (saelib's training and evals call keep_freed_memory; "
                              "by default this benchmark does too, for every contender alike)")
+    parser.add_argument("--layout-ab", action="store_true",
+                        help="only saelib's step with W_enc latent-major against row-major, each precision, 16k")
     args = parser.parse_args()
     kept = False if args.default_malloc else keep_freed_memory()
     rounds = args.rounds or (2 if args.quick else 4)
     sizes = [16_384] if args.quick else [4_096, 16_384]
     native = bf16_native("cpu")
     precisions = ["float32", "bfloat16"] if native else ["float32"]
+    if args.layout_ab:
+        return layout_ab(precisions, args.rounds or 8)
     best = precisions[-1]
     have_sparsify = sparsify_available()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {native}; "
