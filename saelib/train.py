@@ -62,6 +62,11 @@ def build_training_sae(cfg: RunConfig, d_in: int) -> TrainingSAE:
     return sae_cls(sae_cfg)
 
 
+def _laid_out_like(param: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values (and dtype) in ``param``'s memory layout."""
+    return torch.empty_like(param, dtype=t.dtype).copy_(t)
+
+
 class ContiguousAdam(torch.optim.Adam):
     """torch's Adam, handing its kernel each transposed-contiguous matrix (``W_enc`` kept latent-major by the sparse
     step) as its contiguous transpose: the same elements, updated in place, with no copy. The fused CPU kernel
@@ -76,7 +81,7 @@ class ContiguousAdam(torch.optim.Adam):
             if param.dim() != 2 or param.is_contiguous() or not param.T.is_contiguous():
                 continue
             if grads[i].stride() != param.stride():  # a gradient set by hand: read-only here, so a copy serves
-                grads[i] = torch.empty_like(param, dtype=grads[i].dtype).copy_(grads[i])
+                grads[i] = _laid_out_like(param, grads[i])
             states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if group["amsgrad"] else [])
             if any(s[i].stride() != param.stride() for s in states):
                 raise RuntimeError("ContiguousAdam: an Adam state is laid out unlike its parameter "
@@ -117,7 +122,7 @@ class HistoryTrainer(SAETrainer):
         for param, state in self.optimizer.state.items():
             for name, value in state.items():
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                    state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+                    state[name] = _laid_out_like(param, value)
 
     def save_checkpoint(self, checkpoint_name: str, base_path=None, wandb_aliases=None) -> None:
         """sae_lens's checkpoint plus the SAE's competition statistics, written first: the trainer state
