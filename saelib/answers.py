@@ -95,11 +95,20 @@ def own_tau(results: pd.DataFrame, runs: pd.DataFrame, baselines: dict[str, str]
 def weights_check(study_dir: Path, runs: pd.DataFrame, baselines: dict[str, str] | None = None) -> pd.DataFrame:
     """Per SGO configuration, against its TopK baseline's saved SAE (``baselines``, default TopK) on the same seeds:
     how many were compared, how many are equal tensor for tensor, and the largest absolute difference of any
-    element."""
+    element. A run read from its archive copy has no weights, only their digest: equal digests are a difference of
+    0, unequal ones an unknown (NaN) one."""
     from safetensors.torch import load_file
 
     def tensors(run: str) -> dict | None:
         return next((load_file(f) for f in sorted((Path(study_dir) / run / run_files.SAE_DIR).glob("*.safetensors"))), None)
+
+    def delta(run: str, base: str) -> float | None:
+        a, b = tensors(run), tensors(base)
+        if a is not None and b is not None:
+            same = a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+            return max(float((a[k] - b[k]).abs().max()) for k in a) if same else math.inf
+        da, db = run_files.sae_digest(Path(study_dir) / run), run_files.sae_digest(Path(study_dir) / base)
+        return None if da is None or db is None else (0.0 if da == db else math.nan)
 
     rows = []
     for config, part in runs[runs["architecture"] == "sgo_topk"].groupby("config"):
@@ -107,12 +116,10 @@ def weights_check(study_dir: Path, runs: pd.DataFrame, baselines: dict[str, str]
         part = part[part["seed"].isin(base.index)]
         if part.empty:
             continue
-        pairs = [(tensors(run), tensors(base[seed])) for run, seed in part[["run", "seed"]].values]
-        deltas = [max(float((a[k] - b[k]).abs().max()) for k in a) if a.keys() == b.keys() and all(
-            a[k].shape == b[k].shape for k in a) else math.inf for a, b in pairs if a is not None and b is not None]
+        deltas = [d for d in (delta(run, base[seed]) for run, seed in part[["run", "seed"]].values) if d is not None]
         rows.append({"config": config, "tau": part["tau"].iloc[0], "lambda": part["lambda"].iloc[0],
                      "SAEs compared": len(deltas), "SAEs equal to TopK": sum(d == 0 for d in deltas),
-                     "largest Δ element (abs.)": max(deltas, default=math.nan),
+                     "largest Δ element (abs.)": max((d for d in deltas if not math.isnan(d)), default=math.nan),
                      PENALTY_SHARE: penalty_share([Path(study_dir) / run for run in part["run"]])})
     return pd.DataFrame(rows, columns=["config", "tau", "lambda", "SAEs compared", "SAEs equal to TopK",
                                        "largest Δ element (abs.)", PENALTY_SHARE])

@@ -131,6 +131,63 @@ def write_derived_run(folder: Path, run_cfg: dict, write_sae) -> Path:
     return folder
 
 
+#: What a run's archive copy holds (no weights: those stay in ``runs/``): everything the study's reports read.
+ARCHIVED = (RUN_CFG_FILE, METRICS_FILE, HISTORY_FILE, "evals", ".runner")
+SAE_DIGEST_FILE = "sae_digest.json"
+
+
+def sae_digest(run_dir: Path) -> dict[str, str] | None:
+    """``{tensor name: sha256 of its dtype, shape and bytes}`` of a run's saved SAE: from ``sae/*.safetensors`` when
+    the weights are here, else from the run's archived ``sae_digest.json``; None with neither. Two SAEs are equal
+    tensor for tensor exactly when their digests are equal."""
+    import hashlib
+
+    run_dir = Path(run_dir)
+    files = sorted((run_dir / SAE_DIR).glob("*.safetensors"))
+    if not files:
+        recorded = run_dir / SAE_DIGEST_FILE
+        return read_json(recorded) if recorded.exists() else None
+    import torch
+    from safetensors.torch import load_file
+
+    digest = {}
+    for f in files:
+        for name, tensor in load_file(f).items():
+            h = hashlib.sha256(f"{tensor.dtype} {tuple(tensor.shape)}".encode())
+            h.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest[name] = h.hexdigest()
+    return digest
+
+
+def archive_run(run_dir: Path, dest: Path) -> Path:
+    """Copy a finished run's results — :data:`ARCHIVED` and its SAE's digest, not its weights — to ``dest`` (e.g.
+    ``reports/<study>/runs/<run>/``, committed, so a study finished over several machines can be reassembled and
+    checked). Built under a ``.partial`` name and swapped in whole: ``dest`` is never half old, half new."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        for name in ARCHIVED:
+            src = run_dir / name
+            if src.is_dir():
+                shutil.copytree(src, partial / name, ignore=shutil.ignore_patterns("*.partial*"))
+            elif src.exists():
+                shutil.copy2(src, partial / name)
+        digest = sae_digest(run_dir)
+        if digest is not None:
+            write_json_atomic(partial / SAE_DIGEST_FILE, digest)
+        old = dest.with_name(dest.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            dest.rename(old)
+        partial.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return dest
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 RUNNER_FILE = "_runner.yaml"
 STAMP_DIR = ".runner"
+ARCHIVE_DIR = "runs"
+"""``reports/<study>/runs/<run>/``: each finished run's results, archived beside the reports (no weights)."""
 BASELINE = "topk"
 """Runs of this configuration go first within each seed (every comparison is against it)."""
 DEFAULT_NOTEBOOKS = ("notebooks/train.ipynb", "notebooks/evaluate.ipynb")
@@ -157,14 +159,15 @@ def stamp(run: Run, notebook: Path, parameters: dict[str, Any]) -> dict[str, Any
             "parameters": parameters}
 
 
-def stamp_path(run: Run, notebook: Path) -> Path:
-    return run.cfg.run_dir / STAMP_DIR / f"{Path(notebook).stem}.json"
+def stamp_path(run: Run, notebook: Path, root: Path | None = None) -> Path:
+    """The stamp of a run's notebook in its run folder, or in ``root`` (its archive copy)."""
+    return Path(root or run.cfg.run_dir) / STAMP_DIR / f"{Path(notebook).stem}.json"
 
 
-def is_current(run: Run, notebook: Path, parameters: dict[str, Any]) -> bool:
+def is_current(run: Run, notebook: Path, parameters: dict[str, Any], root: Path | None = None) -> bool:
     """The notebook finished for this run's config, source and parameters (a config field the stamp predates counts
-    as its default)."""
-    path = stamp_path(run, notebook)
+    as its default); in the run folder, or in ``root`` (its archive copy)."""
+    path = stamp_path(run, notebook, root)
     if not path.exists():
         return False
     recorded = run_files.read_json(path)
@@ -172,10 +175,42 @@ def is_current(run: Run, notebook: Path, parameters: dict[str, Any]) -> bool:
     return recorded == json.loads(json.dumps(stamp(run, notebook, parameters)))
 
 
-def pending(runs: list[Run], settings: RunnerSettings) -> list[tuple[Run, list[Path]]]:
-    """(run, notebooks still to execute) for every run with something left to do."""
+def archive_path(run: Run) -> Path:
+    """Where a finished run's results are archived: ``reports/<study>/runs/<run>/`` (see :func:`archive_runs`)."""
+    from saelib.run_files import REPORTS_DIR
+
+    return REPORTS_DIR / run.cfg.study / ARCHIVE_DIR / run.name
+
+
+def all_current(run: Run, settings: RunnerSettings, root: Path | None = None) -> bool:
+    return all(is_current(run, Path(nb), notebook_parameters(Path(nb), settings), root) for nb in settings.notebooks)
+
+
+def archived_runs(runs: list[Run], settings: RunnerSettings) -> dict[str, Path]:
+    """``{run: archive folder}`` for each run not finished and current here whose archive copy is: its results come
+    from the archive (``--archived``)."""
+    return {run.name: archive_path(run) for run in runs
+            if not all_current(run, settings) and all_current(run, settings, archive_path(run))}
+
+
+def archive_runs(runs: list[Run], settings: RunnerSettings) -> list[str]:
+    """Archive every run finished and current here (its results, no weights: :func:`saelib.run_files.archive_run`);
+    returns their names. The archive is committed with the reports, so the study's numbers can be checked, and a study
+    run over several machines reassembled (``--archived``)."""
+    done = [run for run in runs if all_current(run, settings)]
+    for run in done:
+        run_files.archive_run(run.cfg.run_dir, archive_path(run))
+    return [run.name for run in done]
+
+
+def pending(runs: list[Run], settings: RunnerSettings, archived: dict[str, Path] | None = None
+            ) -> list[tuple[Run, list[Path]]]:
+    """(run, notebooks still to execute) for every run with something left to do; a run in ``archived`` has
+    nothing left."""
     out = []
     for run in runs:
+        if run.name in (archived or {}):
+            continue
         todo = [Path(nb) for nb in settings.notebooks
                 if not is_current(run, Path(nb), notebook_parameters(Path(nb), settings))]
         if todo:
@@ -203,10 +238,26 @@ def execute_notebook(run: Run, notebook: Path, parameters: dict[str, Any], threa
         run_files.write_json_atomic(path, stamp(run, notebook, parameters))
         run_files.write_json_atomic(path.with_suffix(".time.json"), {
             "seconds": round(time.time() - started, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "threads": threads})
+            "threads": threads, "commit": code_commit()})
         return True, ""
     lines = [ln for ln in log_path.read_text().splitlines() if "failed" in ln or "Error" in ln]
     return False, (lines[-1] if lines else f"exit code {code}; see {log_path}")[:300]
+
+
+def code_commit() -> str | None:
+    """The git commit the runner's code is checked out at (``+dirty`` when saelib or the notebooks differ from it),
+    recorded beside each finished notebook: a study finished over several machines must train on one commit. None
+    outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "saelib", "notebooks"], cwd=root,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def run_notebooks(run: Run, notebooks: list[Path], settings: RunnerSettings, threads: int) -> tuple[str, str, float]:
@@ -235,14 +286,17 @@ def select_runs(runs: list[Run], only: list[str]) -> list[Run]:
 
 
 def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool = False,
-              only: list[str] | None = None) -> pd.DataFrame:
+              only: list[str] | None = None, archived: bool = False) -> pd.DataFrame:
     """Run every pending notebook of a study; returns the summary (one row per run). ``reports_only``: run nothing,
     render the study's reports, answers and index from the runs finished so far (a look at a study part-way).
     ``only``: run just the runs matching these name patterns (the others stay as they are, and the reports still
-    read every finished run)."""
+    read every finished run). ``archived``: a run not finished here whose archive copy (``reports/<study>/runs/``,
+    written by an earlier machine for the same config, notebooks and parameters) is current counts as finished, and
+    the reports read it from there — a study run over several machines, one part each."""
     t_start = time.time()
     runs = study_runs(study_params)
-    todo = pending(runs, settings)
+    from_archive = archived_runs(runs, settings) if archived else {}
+    todo = pending(runs, settings, from_archive)
     skipped = []
     if only:
         selected = {run.name for run in select_runs(runs, only)}
@@ -256,14 +310,19 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
         log.warning("study %s: %s hold(s) runs with no params file in %s; the compare/competition reports and the "
                     "answers read every run folder, so move them out of %s: %s", study, study_dir, study_params,
                     study_dir, ", ".join(stray))
-    rows = {run.name: {"run": run.name, "status": "current", "minutes": 0.0, "error": ""} for run in runs}
+    rows = {run.name: {"run": run.name, "status": "archived" if run.name in from_archive else "current",
+                       "minutes": 0.0, "error": ""} for run in runs}
+    if from_archive:
+        log.info("study %s: %d run(s) finished on another machine, read from %s: %s", study, len(from_archive),
+                 archive_path(runs[0]).parent, ", ".join(from_archive))
     for run in skipped:
         rows[run.name]["status"] = "pending (not selected)"
     if reports_only:
         for run, _ in todo:
             rows[run.name]["status"] = "pending"
-        log.info("study %s: reports only — %d of %d runs finished and current, %d pending (not run)",
-                 study, len(runs) - len(todo), len(runs), len(todo))
+        log.info("study %s: reports only — %d of %d runs finished and current%s, %d pending (not run)",
+                 study, len(runs) - len(todo), len(runs), f" ({len(from_archive)} archived)" if from_archive else "",
+                 len(todo))
         todo = []
     elif not todo:
         log.info("study %s: all %d %sruns are finished and current; nothing to do", study,
@@ -300,24 +359,30 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
     summary = pd.DataFrame(list(rows.values()))
     if todo:
         log.info("study %s: this call took %.1f min wall", study, (time.time() - t_start) / 60)
-    timings = study_timings(runs, settings)
+    archived_here = archive_runs(runs, settings)
+    if archived_here:
+        log.info("study %s: results of %d finished run(s) archived in %s", study, len(archived_here),
+                 archive_path(runs[0]).parent)
+    timings = study_timings(runs, settings, from_archive)
     if not timings.empty:
         log.info("study %s: %d current notebook runs on record, %.2f h of notebook time (≈ %.2f h wall at %d jobs)", study,
                  len(timings), timings["seconds"].sum() / 3600, timings["seconds"].sum() / 3600 / settings.jobs,
                  settings.jobs)
-    render_study_reports(study, study_dir, runs, settings, force=bool(todo) or reports_only)
+    render_study_reports(study, study_dir, runs, settings, force=bool(todo) or reports_only, archived=from_archive)
     return summary
 
 
-def render_study_reports(study: str, study_dir: Path, runs: list[Run], settings: RunnerSettings, force: bool) -> None:
-    """The study notebooks' HTML reports, the answers and the index, from the finished runs only; ``force``: even
-    when they exist (something ran, or a look part-way was asked for)."""
+def render_study_reports(study: str, study_dir: Path, runs: list[Run], settings: RunnerSettings, force: bool,
+                         archived: dict[str, Path] | None = None) -> None:
+    """The study notebooks' HTML reports, the answers and the index, from the finished runs only (and the
+    ``archived`` ones, from their archive copies); ``force``: even when they exist (something ran, or a look part-way
+    was asked for)."""
     from saelib.notebook import failure_reason
     from saelib.run_files import REPORTS_DIR
 
     last = Path(settings.notebooks[-1])
     unfinished = [run for run in runs if not stamp_path(run, last).exists()]  # finished once, current or not
-    with finished_runs_view(study_dir, runs, unfinished) as results_dir:
+    with finished_runs_view(study_dir, runs, unfinished, archived) as results_dir:
         for nb in map(Path, settings.study_notebooks):
             if force or not (REPORTS_DIR / study / f"{nb.stem}.html").exists():
                 try:
@@ -340,12 +405,15 @@ def render_study_reports(study: str, study_dir: Path, runs: list[Run], settings:
 
 
 @contextlib.contextmanager
-def finished_runs_view(study_dir: Path, runs: list[Run], unfinished: list[Run]) -> Iterator[Path]:
+def finished_runs_view(study_dir: Path, runs: list[Run], unfinished: list[Run],
+                       archived: dict[str, Path] | None = None) -> Iterator[Path]:
     """``study_dir`` itself, or — when some runs are unfinished (running, failed, never run to the end) but already
-    hold files (train writes its metrics, evaluate each eval's results as it ends) — a temporary folder of the same
-    name linking only the other runs, so the reports never count half-evaluated runs. Removed on exit."""
+    hold files (train writes its metrics, evaluate each eval's results as it ends), or some come from their archive
+    copies (``archived``: run name → folder) — a temporary folder of the same name linking only the finished runs
+    and the archived ones, so the reports never count half-evaluated runs. Removed on exit."""
+    archived = archived or {}
     started = {run.name for run in unfinished if run.cfg.run_dir.exists()}
-    if not started:
+    if not started and not archived:
         yield study_dir
         return
     import tempfile
@@ -355,23 +423,29 @@ def finished_runs_view(study_dir: Path, runs: list[Run], unfinished: list[Run]) 
     view.mkdir()
     try:
         for run in runs:
-            if run.name not in started and run.cfg.run_dir.exists():
+            if run.name in archived:
+                (view / run.name).symlink_to(Path(archived[run.name]).resolve(), target_is_directory=True)
+            elif run.name not in started and run.cfg.run_dir.exists():
                 (view / run.name).symlink_to(run.cfg.run_dir.resolve(), target_is_directory=True)
-        log.info("study %s: the reports leave out %d unfinished run(s) that already hold files: %s",
-                 study_dir.name, len(started), ", ".join(sorted(started)))
+        left_out = started - set(archived)
+        if left_out:
+            log.info("study %s: the reports leave out %d unfinished run(s) that already hold files: %s",
+                     study_dir.name, len(left_out), ", ".join(sorted(left_out)))
         yield view
     finally:
         shutil.rmtree(parent, ignore_errors=True)  # the links only, never the runs they point to
 
 
-def study_timings(runs: list[Run], settings: RunnerSettings) -> pd.DataFrame:
-    """Seconds each finished, current notebook of each run took (``<run>/.runner/<notebook>.time.json``), kept
-    across calls, so a study finished over several sessions still has its compute on record."""
+def study_timings(runs: list[Run], settings: RunnerSettings, archived: dict[str, Path] | None = None) -> pd.DataFrame:
+    """Seconds each finished, current notebook of each run took (``<run>/.runner/<notebook>.time.json``; for an
+    ``archived`` run, its archive copy's), kept across calls, so a study finished over several sessions or machines
+    still has its compute on record."""
     rows = []
     for run in runs:
+        root = (archived or {}).get(run.name)
         for nb in map(Path, settings.notebooks):
-            path = stamp_path(run, nb).with_suffix(".time.json")
-            if path.exists() and is_current(run, nb, notebook_parameters(nb, settings)):
+            path = stamp_path(run, nb, root).with_suffix(".time.json")
+            if path.exists() and is_current(run, nb, notebook_parameters(nb, settings), root):
                 rows.append({"run": run.name, "notebook": nb.stem, **run_files.read_json(path)})
     return pd.DataFrame(rows, columns=["run", "notebook", "seconds", "finished", "threads"])
 
@@ -403,13 +477,17 @@ def main(argv: list[str] | None = None) -> int:
                              "(the reports still read every finished run)")
     parser.add_argument("--reports-only", action="store_true",
                         help="run nothing; render the reports, answers and index from the runs finished so far")
+    parser.add_argument("--archived", action="store_true",
+                        help="count a run not finished here as finished when its archived results (reports/<study>/"
+                             "runs/<run>/, committed by another machine) are current, and report it from there")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         settings = load_runner_settings(Path(args.study), {
             "jobs": args.jobs, "eval_profile": args.eval_profile, "evals": args.evals, "notebooks": args.notebooks,
             "ray": args.ray})
-        summary = run_study(Path(args.study), settings, reports_only=args.reports_only, only=args.only)
+        summary = run_study(Path(args.study), settings, reports_only=args.reports_only, only=args.only,
+                            archived=args.archived)
     except ConfigError as err:
         log.error("%s", err)
         return 2

@@ -139,6 +139,41 @@ def test_the_lambda_zero_control_is_compared_tensor_for_tensor(tmp_path):
     row = answers.weights_check(study, runs).iloc[0]
     assert (row["SAEs equal to TopK"], row["largest Δ element (abs.)"]) == (0, 0.5)
     assert math.isnan(row[answers.PENALTY_SHARE])  # no history
+    # archived on another machine: no weights, their digests; equal digests are equal SAEs, unequal ones an unknown Δ
+    archive = tmp_path / "archive" / "st"
+    for run in ("topk_s0", "sgo_t0.02_l0.02_s0"):
+        run_files.archive_run(study / run, archive / run)
+        assert not (archive / run / run_files.SAE_DIR).exists() and (archive / run / "evals" / "core.json").exists()
+    row = answers.weights_check(archive, runs).iloc[0]
+    assert (row["SAEs compared"], row["SAEs equal to TopK"]) == (1, 0) and math.isnan(row["largest Δ element (abs.)"])
+    save_file(weights, str(control / run_files.SAE_DIR / "sae_weights.safetensors"))
+    run_files.archive_run(control, archive / control.name)  # replaces the older copy whole
+    row = answers.weights_check(archive, runs).iloc[0]
+    assert (row["SAEs equal to TopK"], row["largest Δ element (abs.)"]) == (1, 0.0)
+    shutil.rmtree(archive / "topk_s0")  # the baseline only here, with its weights: its digest is computed
+    (archive / "topk_s0").symlink_to(study / "topk_s0", target_is_directory=True)
+    assert answers.weights_check(archive, runs).iloc[0]["SAEs equal to TopK"] == 1
+
+
+def test_an_sae_digest_tells_equal_weights_from_any_changed_element(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    from saelib import run_files
+
+    def digest(name, tensors):
+        (tmp_path / name / run_files.SAE_DIR).mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp_path / name / run_files.SAE_DIR / "sae_weights.safetensors"))
+        return run_files.sae_digest(tmp_path / name)
+
+    w = {"W_dec": torch.randn(5, 3), "b": torch.zeros(3, dtype=torch.bfloat16)}
+    assert digest("a", w) == digest("b", {k: v.clone() for k, v in w.items()})
+    changed = w["W_dec"].clone()
+    changed[4, 2] = torch.nextafter(changed[4, 2], torch.tensor(1e9))  # one element, by one ulp
+    first = run_files.sae_digest(tmp_path / "a")
+    assert digest("c", {**w, "W_dec": changed})["W_dec"] != first["W_dec"]
+    assert digest("d", {**w, "b": w["b"].float()})["b"] != first["b"]  # the dtype counts
+    assert run_files.sae_digest(tmp_path / "none") is None
 
 
 def test_penalty_share_is_the_last_tenth_of_the_logged_steps(tmp_path):

@@ -3,6 +3,7 @@ a second call does nothing, a killed run resumes where it stopped, a failing run
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -80,6 +81,8 @@ def test_study_runs_in_parallel_then_does_nothing(study, caplog):
     assert "runs with no params file" in caplog.text and "old_s0" in caplog.text
     timings = study_timings(study_runs(study), settings())
     assert sorted(timings["run"]) == ["topk_s0", "topk_s1", "topk_s2"] and (timings["seconds"] > 0).all()
+    recorded = json.loads((runs / "topk_s0" / ".runner" / "evaluate.time.json").read_text())["commit"]
+    assert recorded is None or len(recorded.removesuffix("+dirty")) == 40  # the code's commit, in a checkout
     again = run_study(study, settings())
     assert list(again["status"]) == ["current"] * 3
     assert "nothing to do" in caplog.text
@@ -171,6 +174,38 @@ def test_reports_only_runs_nothing_and_renders_the_index_from_the_finished_runs(
     assert not (study.parent.parent / "runs" / "mini" / "topk_s2").exists()  # not run
     assert index.exists() and "2 of 3 runs finished and current, 1 pending" in caplog.text
     assert main([str(study), "--reports-only", "--notebooks", "notebooks/evaluate.ipynb"]) == 0
+
+
+def test_a_study_finished_on_several_machines_reads_the_archived_runs(study, caplog):
+    """Each finished run's results (no weights) are archived beside the reports; on a machine without those runs,
+    ``archived=True`` counts a current archive copy as finished and reports from it; a stale one is run again."""
+    caplog.set_level(logging.INFO)
+    root = study.parent.parent
+    stub_notebook(root / "notebooks" / "compare.ipynb", 'study_dir = ""',
+                  "import json\nfrom pathlib import Path\n"
+                  "print(json.dumps(sorted(p.name for p in Path(study_dir).iterdir() if p.is_dir())))")
+    with_compare = settings(study_notebooks=["notebooks/compare.ipynb"])
+    (study / "topk_s2.yaml").unlink()
+    run_study(study, with_compare, only=["topk_s0"])  # machine 1: one run
+    archive = root / "reports" / "mini" / "runs"
+    assert sorted(p.name for p in archive.iterdir()) == ["topk_s0"]
+    assert (archive / "topk_s0" / ".runner" / "evaluate.json").exists()
+    assert not (archive / "topk_s0" / "steps.jsonl").exists()  # results only
+    shutil.rmtree(root / "runs")  # machine 2: a fresh clone with the committed archive
+    (study / "topk_s2.yaml").write_text("seed: 2\n")
+    summary = run_study(study, with_compare, archived=True).set_index("run")
+    assert dict(summary["status"]) == {"topk_s0": "archived", "topk_s1": "done", "topk_s2": "done"}
+    assert not (root / "runs" / "mini" / "topk_s0").exists()  # not run again
+    assert "1 run(s) finished on another machine" in caplog.text
+    executed = nbformat.read(root / "runs" / "mini" / "compare.ipynb", as_version=4)
+    assert json.loads(executed.cells[-1].outputs[0]["text"]) == ["topk_s0", "topk_s1", "topk_s2"]
+    timings = study_timings(study_runs(study), settings(), {"topk_s0": archive / "topk_s0"})
+    assert sorted(timings["run"]) == ["topk_s0", "topk_s1", "topk_s2"]
+    assert sorted(p.name for p in archive.iterdir()) == ["topk_s0", "topk_s1", "topk_s2"]
+    assert list(run_study(study, with_compare, archived=True)["status"]) == ["archived", "current", "current"]
+    (study / "topk_s0.yaml").write_text("seed: 0\nk: 8\n")  # the archived copy is of another configuration
+    assert run_study(study, with_compare, archived=True).set_index("run").loc["topk_s0", "status"] == "done"
+    assert main([str(study), "--reports-only", "--archived", "--notebooks", "notebooks/evaluate.ipynb"]) == 0
 
 
 def test_notebooks_run_on_unix_sockets_and_leave_no_socket_folder(tmp_path):
