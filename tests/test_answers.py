@@ -356,3 +356,52 @@ def test_no_frontier_figure_without_two_configurations_to_place(tmp_path):
     assert frontier_png(one, tmp_path / "f.png") is None and not (tmp_path / "f.png").exists()
     two = one + [{**one[0], "config": "ortsae_l10", "architecture": "ortsae_topk", "lambda": 10.0, "seeds": 1}]
     assert frontier_png(two, tmp_path / "f.png") == tmp_path / "f.png"  # one seed: points without intervals
+
+
+
+def _recompute_and_compare(study: str, archive: Path, reports: Path) -> None:
+    import io
+
+    from saelib.run_files import _jsonable
+
+    got = answers.study_answers(study, archive, reports_dir=None)
+    for key, table in got.tables.items():
+        committed = pd.read_csv(reports / f"answers_{key}.csv")
+        recomputed = pd.read_csv(io.StringIO(table.to_csv(index=False)))
+        if key == "penalty":
+            committed, recomputed = (t.drop(columns="largest Δ element (abs.)") for t in (committed, recomputed))
+        pd.testing.assert_frame_equal(recomputed, committed, obj=f"{study}/answers_{key}.csv")
+    recomputed = json.loads(json.dumps(got.summary, default=_jsonable))
+    summary = json.loads((reports / "summary.json").read_text())
+    assert json.dumps(recomputed, sort_keys=True) == json.dumps(summary, sort_keys=True)  # NaN compares as text
+
+
+ARCHIVES = sorted(p for p in (Path(__file__).parents[1] / "reports").glob("*/runs") if (p.parent / "answers.md").exists())
+
+
+@pytest.mark.parametrize("archive", ARCHIVES, ids=lambda p: p.parent.name)
+def test_the_committed_answers_follow_from_the_committed_archive(archive):
+    """Whoever checks a study can recompute its answers from the archived results committed beside them
+    (reports/<study>/runs/, no weights): every table equals its committed CSV — the weights check by digest, so only
+    its largest-Δ column (needs the weights) is left out — and summary.json its summary."""
+    _recompute_and_compare(archive.parent.name, archive, archive.parent)
+
+
+def test_answers_recomputed_from_an_archive_equal_those_of_the_runs(tmp_path):
+    """The check above on the fixture study: answers written from the runs, recomputed from their archive copies;
+    a changed archived number is caught."""
+    from saelib import run_files
+
+    study = tmp_path / "runs" / "st"
+    shutil.copytree(FIXTURE, study)
+    answers.write_answers("st", study, tmp_path / "reports", readme=None)
+    archive = tmp_path / "reports" / "st" / "runs"
+    for run in study.iterdir():
+        run_files.archive_run(run, archive / run.name)
+    _recompute_and_compare("st", archive, tmp_path / "reports" / "st")
+    core = archive / "topk_s1" / "evals" / "core.json"
+    result = json.loads(core.read_text())
+    result["eval_result_metrics"]["reconstruction_quality"]["explained_variance"] += 0.01
+    core.write_text(json.dumps(result))
+    with pytest.raises(AssertionError):
+        _recompute_and_compare("st", archive, tmp_path / "reports" / "st")
