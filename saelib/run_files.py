@@ -134,6 +134,9 @@ def write_derived_run(folder: Path, run_cfg: dict, write_sae) -> Path:
 #: What a run's archive copy holds (no weights: those stay in ``runs/``): everything the study's reports read.
 ARCHIVED = (RUN_CFG_FILE, METRICS_FILE, HISTORY_FILE, "evals", ".runner")
 SAE_DIGEST_FILE = "sae_digest.json"
+ARCHIVE_MAX_DETAILS = 1000
+"""An archived eval result keeps its ``eval_result_details`` up to this many rows (per-letter absorption, per-task
+probing); longer ones are per-latent statistics no report reads, dropped from the copy (their count recorded)."""
 
 
 def sae_digest(run_dir: Path) -> dict[str, str] | None:
@@ -160,7 +163,8 @@ def sae_digest(run_dir: Path) -> dict[str, str] | None:
 
 
 def archive_run(run_dir: Path, dest: Path) -> Path:
-    """Copy a finished run's results — :data:`ARCHIVED` and its SAE's digest, not its weights — to ``dest`` (e.g.
+    """Copy a finished run's results — :data:`ARCHIVED` (per-latent eval details dropped, see
+    :data:`ARCHIVE_MAX_DETAILS`) and its SAE's digest, not its weights — to ``dest`` (e.g.
     ``reports/<study>/runs/<run>/``, committed, so a study finished over several machines can be reassembled and
     checked). Built under a ``.partial`` name and swapped in whole: ``dest`` is never half old, half new."""
     run_dir, dest = Path(run_dir), Path(dest)
@@ -174,6 +178,13 @@ def archive_run(run_dir: Path, dest: Path) -> Path:
                 shutil.copytree(src, partial / name, ignore=shutil.ignore_patterns("*.partial*"))
             elif src.exists():
                 shutil.copy2(src, partial / name)
+        for path in sorted((partial / "evals").glob("*.json")):  # per-latent rows: 4.5 MB a core eval at 16k
+            result = read_json(path)
+            rows = result.get("eval_result_details") if isinstance(result, dict) else None
+            if isinstance(rows, list) and len(rows) > ARCHIVE_MAX_DETAILS:
+                result["eval_result_details"] = []
+                result["saelib_archive"] = {"eval_result_details_dropped": len(rows), "kept_in": f"{run_dir.name}/evals"}
+                write_json_atomic(path, result)
         digest = sae_digest(run_dir)
         if digest is not None:
             write_json_atomic(partial / SAE_DIGEST_FILE, digest)

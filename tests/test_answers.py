@@ -396,8 +396,15 @@ def test_answers_recomputed_from_an_archive_equal_those_of_the_runs(tmp_path):
     shutil.copytree(FIXTURE, study)
     answers.write_answers("st", study, tmp_path / "reports", readme=None)
     archive = tmp_path / "reports" / "st" / "runs"
+    core = study / "topk_s0" / "evals" / "core.json"
+    result = json.loads(core.read_text())
+    result["eval_result_details"] = [{"index": i, "feature_density": 0.0} for i in range(run_files.ARCHIVE_MAX_DETAILS + 1)]
+    core.write_text(json.dumps(result))
     for run in study.iterdir():
         run_files.archive_run(run, archive / run.name)
+    archived = json.loads((archive / "topk_s0" / "evals" / "core.json").read_text())
+    assert archived["eval_result_details"] == [] and archived["saelib_archive"]["eval_result_details_dropped"] == 1001
+    assert json.loads((archive / "topk_s0" / "evals" / "absorption.json").read_text())["eval_result_details"]  # kept
     _recompute_and_compare("st", archive, tmp_path / "reports" / "st")
     core = archive / "topk_s1" / "evals" / "core.json"
     result = json.loads(core.read_text())
