@@ -207,9 +207,12 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     text["frontier"] = ("Seed means [95 % interval] of each TopK, SGO and OrtSAE configuration; a penalty acts where "
                         "its points leave TopK's." + ("\n\n" + FRONTIER_LINK if frontier_figure else "")
                         if len(front) > 1 else "No SGO or OrtSAE runs beside TopK in this study.")
-    text["controls"] = (f"{int(controls['reproduces'].sum())} of {len(controls)} claimed effects reproduce (the 95 % "
-                        "interval of the paired difference excludes 0 on the claimed side)." if len(controls)
-                        else "No Matryoshka or OrtSAE runs in this study.")
+    claimed_side = (controls["difference"] < 0) == (controls["claimed"] == "lower") if len(controls) else []
+    text["controls"] = ("No Matryoshka or OrtSAE runs in this study." if not len(controls) else
+                        f"One seed: no interval, so no verdict; {int(sum(claimed_side))} of {len(controls)} "
+                        "differences point the claimed way." if controls["seeds"].max() < 2 else
+                        f"{int(controls['reproduces'].sum())} of {len(controls)} claimed effects reproduce (the 95 % "
+                        "interval of the paired difference excludes 0 on the claimed side).")
     text["power"] = ("Minimum detectable paired difference from TopK (95 %, 80 % power) with the seeds each comparison "
                      "has, from the per-seed differences pooled over every configuration; a null is a null only "
                      "below it." if power["seeds"].ge(2).any() else "One seed: no paired spread, so no MDE.")

@@ -412,3 +412,19 @@ def test_answers_recomputed_from_an_archive_equal_those_of_the_runs(tmp_path):
     core.write_text(json.dumps(result))
     with pytest.raises(AssertionError):
         _recompute_and_compare("st", archive, tmp_path / "reports" / "st")
+
+
+def test_a_control_with_one_seed_gets_no_verdict(tmp_path):
+    """One seed has no interval: the answers say so instead of "0 of N reproduce"."""
+    study = tmp_path / "st"
+    for run in ("topk_s0", "topk_s1"):
+        shutil.copytree(FIXTURE / run, study / run)
+    shutil.copytree(FIXTURE / "sgo_t0.02_l0.02_s0", study / "ortsae_s0")
+    cfg = json.loads((study / "ortsae_s0" / "cfg.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("competition_")}
+    (study / "ortsae_s0" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "ortsae_topk", "orth_pen": 10.0,
+                                                             "run_name": "ortsae_s0"}))
+    got = answers.study_answers("st", study, reports_dir=None)
+    controls = got.tables["controls"]
+    assert len(controls) and (controls["seeds"] == 1).all() and not controls["reproduces"].any()
+    assert "One seed: no interval, so no verdict" in got.markdown and "claimed effects reproduce" not in got.markdown
