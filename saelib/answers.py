@@ -221,7 +221,8 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
               "power": power}
     if against is not None:  # the penalty table names its baseline too
         weights = against.merge(weights, on="config")
-    md = {"controls": controls.assign(difference=[cell(r) for r in controls.rename(columns={
+    md = {"controls": controls.assign(reproduces=controls["reproduces"].where(controls["seeds"] >= 2, "— (1 seed)"),
+                                      difference=[cell(r) for r in controls.rename(columns={
               "ci_low": "low", "ci_high": "high"}).assign(verdict="").itertuples()]).drop(
               columns=["ci_low", "ci_high", "seeds", "source", *(["against"] if against is None else [])]
           ).to_markdown(index=False) if len(controls) else "",
