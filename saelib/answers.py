@@ -171,6 +171,17 @@ def _counts(long: pd.DataFrame) -> str:
             f"no detectable difference of {len(tested)} comparisons (≈ {0.05 * len(tested):.1f} expected by chance).")
 
 
+def precision_words(precisions: dict[str, list[str]]) -> str:
+    """``summary.precisions`` in words; a mix (a study finished on machines with and without native bf16) is said
+    loudly, since its runs are not comparable as they stand."""
+    def side(name: str, values: list[str]) -> str:
+        if len(values) > 1:
+            return f"**{name} precision mixed ({', '.join(values)}): runs not comparable as they stand**"
+        return f"{name} in {values[0]}"
+    return ", ".join(side(name, precisions[key]) for name, key in (("LM", "lm"), ("SAE", "sae")) if precisions[key]) \
+        or "precision not recorded"
+
+
 def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("reports")) -> Answers:
     """The answers' markdown and tables; the headline figure goes to ``reports_dir/<study>/headline.png`` (not at all
     when ``reports_dir`` is None, e.g. from a notebook)."""
@@ -238,7 +249,8 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     cfg = run_files.read_json(Path(study_dir) / runs["run"].iloc[0] / run_files.RUN_CFG_FILE)
     caption = (f"_Study `{study}`: {len(runs)} runs, {len(order)} configurations, seeds "
                f"{sorted(runs['seed'].unique())}; {cfg['model_name']} layer {cfg['hook_layer']}, d_sae {cfg['d_sae']:,}, "
-               f"k {cfg['k']}, {cfg['training_tokens']:,} training tokens. Cells: difference from TopK"
+               f"k {cfg['k']}, {cfg['training_tokens']:,} training tokens; {precision_words(summary['precisions'])}. "
+               "Cells: difference from TopK"
                f"{' (column against: the TopK configuration trained like it)' if against is not None else ''} paired "
                f"by seed [95 % interval] and verdict (n.d.: no detectable difference)")
     parts = [f"{caption}; competition levels: mean [95 % interval]. The same numbers: `answers_<question>.csv`._"]

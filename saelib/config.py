@@ -523,3 +523,14 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 __all__ = ["RunConfig", "ConfigError", "build_config", "config_from_notebook", "load_params_file", "save_config",
            "ARCHITECTURES", "OFFLINE_DATASET", "PROFILES"]
+
+
+def precisions_used(cfgs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The precisions runs were measured in, from their ``cfg.json``: ``{"lm": [...], "sae": [...]}``, each distinct
+    and sorted. The SAE side counts only architectures with an ``sae_precision`` setting (the others always train in
+    float32); runs written before these fields existed are skipped. More than one value on a side means the runs
+    are not comparable as they stand (a study finished over machines with and without native bf16)."""
+    lm = {c["lm_precision_used"] for c in cfgs if "lm_precision_used" in c}
+    sae = {c["sae_precision_used"] for c in cfgs if "sae_precision_used" in c
+           and c.get("architecture") in ARCHITECTURES and "sae_precision" in arch_fields(c["architecture"])}
+    return {"lm": sorted(lm), "sae": sorted(sae)}

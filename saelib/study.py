@@ -42,8 +42,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from saelib import run_files
-from saelib.config import GRID_FILE, ConfigError, RunConfig, build_config, grid_runs, with_defaults
+from saelib.config import (GRID_FILE, ConfigError, RunConfig, build_config, grid_runs, precisions_used,
+                            with_defaults)
 from saelib.evals.results import SEED_SUFFIX
+from saelib.sparse_step import bf16_native
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +277,31 @@ def run_notebooks(run: Run, notebooks: list[Path], settings: RunnerSettings, thr
     return status, error, (time.time() - start) / 60
 
 
+def precision_clash(runs: list[Run], todo: list[Run], archived: dict[str, Path]) -> str | None:
+    """Why the runs in ``todo`` would not be comparable with the study's finished ones (here or ``archived``): on
+    this machine ``auto`` resolves to another LM or SAE precision than the finished runs were measured in (a study
+    finished over machines with and without native bf16). None when they agree."""
+    names = {run.name for run in todo}
+    done = []
+    for run in runs:
+        path = (archived[run.name] if run.name in archived else run.cfg.run_dir) / run_files.RUN_CFG_FILE
+        if run.name not in names and path.exists():
+            done.append(run_files.read_json(path))
+    try:
+        new = [{**run.cfg.resolved_precisions(), "architecture": run.cfg.architecture} for run in todo]
+    except ValueError as err:  # bf16 forced where it is not native: the run could not start
+        return str(err)
+    before, after = precisions_used(done), precisions_used(done + new)
+    for side in ("lm", "sae"):
+        if len(after[side]) > 1 and after[side] != before[side]:
+            here = sorted(set(after[side]) - set(before[side]))
+            return (f"{side}_precision: the study's finished runs were measured in {', '.join(before[side])}, but "
+                    f"'auto' resolves to {', '.join(here)} on this machine (native bf16: "
+                    f"{bf16_native(todo[0].cfg.device)}), so runs trained here would not be comparable with them; "
+                    "run the rest where the precision matches, or pass --mixed-precision to go on anyway")
+    return None
+
+
 def select_runs(runs: list[Run], only: list[str]) -> list[Run]:
     """The runs whose names match one of the shell patterns ``only`` (``topk_s0``, ``sgo_t0.02_l0*``), in study
     order; a pattern that matches no run is an error (a typo must not run nothing silently)."""
@@ -286,13 +313,15 @@ def select_runs(runs: list[Run], only: list[str]) -> list[Run]:
 
 
 def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool = False,
-              only: list[str] | None = None, archived: bool = False) -> pd.DataFrame:
+              only: list[str] | None = None, archived: bool = False, mixed_precision: bool = False) -> pd.DataFrame:
     """Run every pending notebook of a study; returns the summary (one row per run). ``reports_only``: run nothing,
     render the study's reports, answers and index from the runs finished so far (a look at a study part-way).
     ``only``: run just the runs matching these name patterns (the others stay as they are, and the reports still
     read every finished run). ``archived``: a run not finished here whose archive copy (``reports/<study>/runs/``,
     written by an earlier machine for the same config, notebooks and parameters) is current counts as finished, and
-    the reports read it from there — a study run over several machines, one part each."""
+    the reports read it from there — a study run over several machines, one part each. A machine whose ``auto``
+    precision differs from the finished runs' refuses to run more (:func:`precision_clash`) unless
+    ``mixed_precision``."""
     t_start = time.time()
     runs = study_runs(study_params)
     from_archive = archived_runs(runs, settings) if archived else {}
@@ -302,6 +331,11 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
         selected = {run.name for run in select_runs(runs, only)}
         skipped = [run for run, _ in todo if run.name not in selected]
         todo = [(run, notebooks) for run, notebooks in todo if run.name in selected]
+    clash = None if reports_only or not todo else precision_clash(runs, [run for run, _ in todo], from_archive)
+    if clash and not mixed_precision:
+        raise ConfigError(clash)
+    if clash:
+        log.warning("study %s: --mixed-precision: %s", runs[0].cfg.study, clash.split(";")[0])
     study = runs[0].cfg.study
     study_dir = runs[0].cfg.run_dir.parent
     stray = sorted(p.name for p in study_dir.glob("*/") if (p / run_files.RUN_CFG_FILE).exists()) if study_dir.is_dir() else []
@@ -480,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archived", action="store_true",
                         help="count a run not finished here as finished when its archived results (reports/<study>/"
                              "runs/<run>/, committed by another machine) are current, and report it from there")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="run even where 'auto' resolves to another LM/SAE precision than the finished runs used "
+                             "(refused otherwise: the runs would not be comparable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -487,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             "jobs": args.jobs, "eval_profile": args.eval_profile, "evals": args.evals, "notebooks": args.notebooks,
             "ray": args.ray})
         summary = run_study(Path(args.study), settings, reports_only=args.reports_only, only=args.only,
-                            archived=args.archived)
+                            archived=args.archived, mixed_precision=args.mixed_precision)
     except ConfigError as err:
         log.error("%s", err)
         return 2

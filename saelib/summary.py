@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from saelib import run_files
+from saelib.config import precisions_used
 from saelib.plots import FRONTIER_PANELS
 from saelib.stats import mean_ci
 
@@ -74,11 +75,12 @@ def frontier(results: pd.DataFrame, runs: pd.DataFrame, quality: pd.DataFrame) -
 
 def study_summary(study_dir: Path, results: pd.DataFrame, runs: pd.DataFrame, quality: pd.DataFrame,
                   power: pd.DataFrame, controls: pd.DataFrame) -> dict:
-    cfg = run_files.read_json(Path(study_dir) / runs["run"].iloc[0] / run_files.RUN_CFG_FILE)
+    cfgs = [run_files.read_json(Path(study_dir) / run / run_files.RUN_CFG_FILE) for run in runs["run"]]
+    cfg = cfgs[0]
     return {
         "model": cfg["model_name"], "hook_layer": cfg["hook_layer"], "d_sae": cfg["d_sae"], "k": cfg["k"],
         "training_tokens": cfg["training_tokens"], "seeds": sorted(int(s) for s in runs["seed"].unique()),
-        "runs": int(len(runs)),
+        "runs": int(len(runs)), "precisions": precisions_used(cfgs),
         "mde": {r.metric: _finite(r.mde) for r in power.itertuples()},
         "mde_relative_to_topk": {r.metric: _finite(r.mde_relative) for r in power.itertuples()},
         "positive_controls": {f"{r.config}/{r.metric}": {

@@ -333,6 +333,27 @@ def test_summary_json_holds_what_a_checker_needs(tmp_path):
     assert frontier["topk"]["ev"] == pytest.approx(np.mean(ev))
 
 
+def test_the_answers_state_the_precisions_and_a_mix_loudly(tmp_path):
+    """Each run's cfg.json records the LM and SAE precision ``auto`` resolved to; the answers and summary.json say
+    which, and a study finished on machines with and without native bf16 is flagged as not comparable."""
+    study = tmp_path / "st"
+    shutil.copytree(FIXTURE, study)
+    got = answers.study_answers("st", study, reports_dir=None)
+    assert got.summary["precisions"] == {"lm": [], "sae": []} and "precision not recorded" in got.markdown
+    for cfg_path in study.glob("*/cfg.json"):
+        cfg = json.loads(cfg_path.read_text())
+        cfg.update(lm_precision_used="bfloat16", sae_precision_used="bfloat16")
+        cfg_path.write_text(json.dumps(cfg))
+    got = answers.study_answers("st", study, reports_dir=None)
+    assert got.summary["precisions"] == {"lm": ["bfloat16"], "sae": ["bfloat16"]}
+    assert "LM in bfloat16, SAE in bfloat16" in got.markdown and "mixed" not in got.markdown
+    cfg = json.loads((study / "topk_s1" / "cfg.json").read_text())
+    (study / "topk_s1" / "cfg.json").write_text(json.dumps({**cfg, "lm_precision_used": "float32"}))
+    got = answers.study_answers("st", study, reports_dir=None)
+    assert got.summary["precisions"] == {"lm": ["bfloat16", "float32"], "sae": ["bfloat16"]}
+    assert "**LM precision mixed (bfloat16, float32): runs not comparable as they stand**, SAE in bfloat16" in got.brief
+
+
 def test_the_frontier_figure_and_table_show_each_configuration_with_its_intervals(tmp_path):
     out = answers.write_answers("fx", FIXTURE, tmp_path, readme=None)
     text = out.read_text()

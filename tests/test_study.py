@@ -208,6 +208,35 @@ def test_a_study_finished_on_several_machines_reads_the_archived_runs(study, cap
     assert main([str(study), "--reports-only", "--archived", "--notebooks", "notebooks/evaluate.ipynb"]) == 0
 
 
+def test_a_machine_whose_auto_precision_differs_from_the_finished_runs_refuses_to_run_more(study, monkeypatch):
+    """A study finished over several machines must not mix precisions silently: where ``auto`` resolves otherwise
+    than the finished runs were measured in (no native bf16 here), the runner refuses in one line naming the field,
+    before anything runs, unless told ``--mixed-precision``."""
+    import saelib.sparse_step
+    import saelib.study
+
+    root = study.parent.parent
+    (study / "topk_s2.yaml").unlink()
+    run_study(study, settings(), only=["topk_s0"])
+    (root / "runs" / "mini" / "topk_s0" / "cfg.json").write_text(json.dumps(
+        {"architecture": "topk", "lm_precision_used": "bfloat16", "sae_precision_used": "bfloat16"}))
+    for module in (saelib.sparse_step, saelib.study):
+        monkeypatch.setattr(module, "bf16_native", lambda device="cpu": False)
+    with pytest.raises(ConfigError, match=r"^lm_precision: the study's finished runs were measured in bfloat16, but "
+                                          r"'auto' resolves to float32 on this machine \(native bf16: False\)"):
+        run_study(study, settings())
+    assert not (root / "runs" / "mini" / "topk_s1").exists()  # refused before anything ran
+    assert main([str(study), "--notebooks", "notebooks/evaluate.ipynb", "--eval-profile", "smoke"]) == 2
+    assert run_study(study, settings(), reports_only=True).set_index("run").loc["topk_s1", "status"] == "pending"
+    summary = run_study(study, settings(), mixed_precision=True).set_index("run")
+    assert summary.loc["topk_s1", "status"] == "done"
+    for module in (saelib.sparse_step, saelib.study):  # a machine where 'auto' means what it meant: no clash
+        monkeypatch.setattr(module, "bf16_native", lambda device="cpu": True)
+    (study / "topk_s2.yaml").write_text("seed: 2\n")
+    shutil.rmtree(root / "runs" / "mini" / "topk_s1")
+    assert run_study(study, settings()).set_index("run").loc["topk_s2", "status"] == "done"
+
+
 def test_notebooks_run_on_unix_sockets_and_leave_no_socket_folder(tmp_path):
     """Side-by-side notebooks must not race for TCP ports (CI lost a tiny-study run to "Kernel died before replying
     to kernel_info"): saelib.notebook.execute starts kernels on the ipc transport and removes their socket folder."""
