@@ -182,6 +182,17 @@ def precision_words(precisions: dict[str, list[str]]) -> str:
         or "precision not recorded"
 
 
+def compute_words(compute: dict) -> str:
+    """``summary.compute`` in words: the notebook time on record, per notebook and per machine."""
+    if not compute["notebook_hours"]:
+        return "no notebook times on record"
+    notebooks = ", ".join(f"{k} {v:.1f} h" for k, v in compute["by_notebook"].items())
+    machines = "; ".join(f"{k}: {v:.1f} h" for k, v in compute["by_machine"].items())
+    threads = "/".join(map(str, compute["threads"]))
+    return (f"{compute['notebook_hours']:.1f} h of notebook time on record ({notebooks}; {threads} threads; "
+            f"{machines})")
+
+
 def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("reports")) -> Answers:
     """The answers' markdown and tables; the headline figure goes to ``reports_dir/<study>/headline.png`` (not at all
     when ``reports_dir`` is None, e.g. from a notebook)."""
@@ -249,7 +260,8 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     cfg = run_files.read_json(Path(study_dir) / runs["run"].iloc[0] / run_files.RUN_CFG_FILE)
     caption = (f"_Study `{study}`: {len(runs)} runs, {len(order)} configurations, seeds "
                f"{sorted(runs['seed'].unique())}; {cfg['model_name']} layer {cfg['hook_layer']}, d_sae {cfg['d_sae']:,}, "
-               f"k {cfg['k']}, {cfg['training_tokens']:,} training tokens; {precision_words(summary['precisions'])}. "
+               f"k {cfg['k']}, {cfg['training_tokens']:,} training tokens; {precision_words(summary['precisions'])}; "
+               f"{compute_words(summary['compute'])}. "
                "Cells: difference from TopK"
                f"{' (column against: the TopK configuration trained like it)' if against is not None else ''} paired "
                f"by seed [95 % interval] and verdict (n.d.: no detectable difference)")

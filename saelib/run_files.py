@@ -132,7 +132,9 @@ def write_derived_run(folder: Path, run_cfg: dict, write_sae) -> Path:
 
 
 #: What a run's archive copy holds (no weights: those stay in ``runs/``): everything the study's reports read.
-ARCHIVED = (RUN_CFG_FILE, METRICS_FILE, HISTORY_FILE, "evals", ".runner")
+RUNNER_DIR = ".runner"
+"""A run's stamps and times from the study runner (``<notebook>.json``, ``<notebook>.time.json``)."""
+ARCHIVED = (RUN_CFG_FILE, METRICS_FILE, HISTORY_FILE, "evals", RUNNER_DIR)
 SAE_DIGEST_FILE = "sae_digest.json"
 ARCHIVE_MAX_DETAILS = 1000
 """An archived eval result keeps its ``eval_result_details`` up to this many rows (per-letter absorption, per-task

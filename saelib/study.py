@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -50,7 +51,7 @@ from saelib.sparse_step import bf16_native
 log = logging.getLogger(__name__)
 
 RUNNER_FILE = "_runner.yaml"
-STAMP_DIR = ".runner"
+STAMP_DIR = run_files.RUNNER_DIR
 ARCHIVE_DIR = "runs"
 """``reports/<study>/runs/<run>/``: each finished run's results, archived beside the reports (no weights)."""
 BASELINE = "topk"
@@ -240,10 +241,29 @@ def execute_notebook(run: Run, notebook: Path, parameters: dict[str, Any], threa
         run_files.write_json_atomic(path, stamp(run, notebook, parameters))
         run_files.write_json_atomic(path.with_suffix(".time.json"), {
             "seconds": round(time.time() - started, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "threads": threads, "commit": code_commit()})
+            "threads": threads, "commit": code_commit(), "machine": machine(run.cfg.device)})
         return True, ""
     lines = [ln for ln in log_path.read_text().splitlines() if "failed" in ln or "Error" in ln]
     return False, (lines[-1] if lines else f"exit code {code}; see {log_path}")[:300]
+
+
+def machine(device: str = "cpu") -> str:
+    """The machine a notebook ran on, in words, recorded beside its time: a study finished over several machines
+    states its compute per machine (their speeds differ by 2× and more). The CPU's model name and core count, bf16
+    where native, and the GPU where the run used one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    words = f"{cpu}, {os.cpu_count()} cores" + (", bf16" if bf16_native("cpu") else "")
+    if str(device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            words += f"; {torch.cuda.get_device_name(torch.device(device))}"
+    return words
 
 
 def code_commit() -> str | None:

@@ -80,7 +80,7 @@ def study_summary(study_dir: Path, results: pd.DataFrame, runs: pd.DataFrame, qu
     return {
         "model": cfg["model_name"], "hook_layer": cfg["hook_layer"], "d_sae": cfg["d_sae"], "k": cfg["k"],
         "training_tokens": cfg["training_tokens"], "seeds": sorted(int(s) for s in runs["seed"].unique()),
-        "runs": int(len(runs)), "precisions": precisions_used(cfgs),
+        "runs": int(len(runs)), "precisions": precisions_used(cfgs), "compute": compute_on_record(study_dir, runs["run"]),
         "mde": {r.metric: _finite(r.mde) for r in power.itertuples()},
         "mde_relative_to_topk": {r.metric: _finite(r.mde_relative) for r in power.itertuples()},
         "positive_controls": {f"{r.config}/{r.metric}": {
@@ -89,6 +89,21 @@ def study_summary(study_dir: Path, results: pd.DataFrame, runs: pd.DataFrame, qu
             for r in controls.itertuples()},
         "sgo_frontier": frontier(results, runs, quality),
     }
+
+
+def compute_on_record(study_dir: Path, runs) -> dict:
+    """The notebook time on record for ``runs`` (``<run>/.runner/<notebook>.time.json``, written by the study runner
+    as each notebook finishes, kept in the archive): hours in all, per notebook and per machine (a study finished over
+    several machines states its cost on each), and the thread counts. Hours to 2 decimals."""
+    rows = [{"notebook": path.name.removesuffix(".time.json"), **run_files.read_json(path)}
+            for run in runs for path in sorted((Path(study_dir) / run / run_files.RUNNER_DIR).glob("*.time.json"))]
+    times = pd.DataFrame(rows, columns=["notebook", "seconds", "threads", "machine"]).fillna(
+        {"machine": "not recorded"})
+    hours = times["seconds"] / 3600
+    return {"notebook_hours": round(float(hours.sum()), 2),
+            "by_notebook": {k: round(float(v), 2) for k, v in hours.groupby(times["notebook"]).sum().items()},
+            "by_machine": {k: round(float(v), 2) for k, v in hours.groupby(times["machine"]).sum().items()},
+            "threads": sorted(int(t) for t in times["threads"].dropna().unique())}
 
 
 def _finite(x) -> float | None:

@@ -354,6 +354,26 @@ def test_the_answers_state_the_precisions_and_a_mix_loudly(tmp_path):
     assert "**LM precision mixed (bfloat16, float32): runs not comparable as they stand**, SAE in bfloat16" in got.brief
 
 
+def test_the_answers_state_the_compute_on_record_per_notebook_and_machine(tmp_path):
+    """The study runner writes each notebook's time (and machine) beside its stamp; the answers add them up, per
+    notebook and per machine, so a study finished over several machines states its cost on each."""
+    study = tmp_path / "st"
+    shutil.copytree(FIXTURE, study)
+    assert answers.study_answers("st", study, reports_dir=None).summary["compute"]["notebook_hours"] == 0
+    times = {("topk_s0", "train"): (1800, "CPU A, 2 cores, bf16"), ("topk_s0", "evaluate"): (720, "CPU A, 2 cores, bf16"),
+             ("topk_s1", "train"): (3600, "CPU B, 2 cores"), ("sgo_t0.02_l0.02_s0", "train"): (1080, None)}
+    for (run, nb), (seconds, machine) in times.items():
+        (study / run / ".runner").mkdir(exist_ok=True)
+        (study / run / ".runner" / f"{nb}.time.json").write_text(json.dumps(
+            {"seconds": seconds, "threads": 2, **({"machine": machine} if machine else {})}))
+    got = answers.study_answers("st", study, reports_dir=None)
+    assert got.summary["compute"] == {"notebook_hours": 2.0, "by_notebook": {"evaluate": 0.2, "train": 1.8},
+                                      "by_machine": {"CPU A, 2 cores, bf16": 0.7, "CPU B, 2 cores": 1.0,
+                                                     "not recorded": 0.3}, "threads": [2]}
+    assert ("2.0 h of notebook time on record (evaluate 0.2 h, train 1.8 h; 2 threads; CPU A, 2 cores, bf16: 0.7 h; "
+            "CPU B, 2 cores: 1.0 h; not recorded: 0.3 h)") in got.markdown
+
+
 def test_the_frontier_figure_and_table_show_each_configuration_with_its_intervals(tmp_path):
     out = answers.write_answers("fx", FIXTURE, tmp_path, readme=None)
     text = out.read_text()

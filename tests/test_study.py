@@ -3,6 +3,7 @@ a second call does nothing, a killed run resumes where it stopped, a failing run
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import nbformat
 import pytest
 
 from saelib.config import ConfigError, build_config
-from saelib.study import RunnerSettings, load_runner_settings, main, run_study, study_runs, study_timings
+from saelib.study import (RunnerSettings, load_runner_settings, machine, main, run_study, study_runs,
+                          study_timings)
 
 STUB = '''
 import json, os
@@ -81,8 +83,10 @@ def test_study_runs_in_parallel_then_does_nothing(study, caplog):
     assert "runs with no params file" in caplog.text and "old_s0" in caplog.text
     timings = study_timings(study_runs(study), settings())
     assert sorted(timings["run"]) == ["topk_s0", "topk_s1", "topk_s2"] and (timings["seconds"] > 0).all()
-    recorded = json.loads((runs / "topk_s0" / ".runner" / "evaluate.time.json").read_text())["commit"]
+    timing = json.loads((runs / "topk_s0" / ".runner" / "evaluate.time.json").read_text())
+    recorded = timing["commit"]
     assert recorded is None or len(recorded.removesuffix("+dirty")) == 40  # the code's commit, in a checkout
+    assert timing["machine"] == machine() and f", {os.cpu_count()} cores" in timing["machine"]  # and the machine's
     again = run_study(study, settings())
     assert list(again["status"]) == ["current"] * 3
     assert "nothing to do" in caplog.text
