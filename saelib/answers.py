@@ -260,13 +260,13 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     cfg = run_files.read_json(Path(study_dir) / runs["run"].iloc[0] / run_files.RUN_CFG_FILE)
     caption = (f"_Study `{study}`: {len(runs)} runs, {len(order)} configurations, seeds "
                f"{sorted(runs['seed'].unique())}; {cfg['model_name']} layer {cfg['hook_layer']}, d_sae {cfg['d_sae']:,}, "
-               f"k {cfg['k']}, {cfg['training_tokens']:,} training tokens; {precision_words(summary['precisions'])}; "
-               f"{compute_words(summary['compute'])}. "
-               "Cells: difference from TopK"
+               f"k {cfg['k']}, {cfg['training_tokens']:,} training tokens. Cells: difference from TopK"
                f"{' (column against: the TopK configuration trained like it)' if against is not None else ''} paired "
                f"by seed [95 % interval] and verdict (n.d.: no detectable difference)")
-    parts = [f"{caption}; competition levels: mean [95 % interval]. The same numbers: `answers_<question>.csv`._"]
-    brief = [f"{caption}. Every table, and the same numbers as CSV: `reports/{study}/`._",
+    provenance = f"_{precision_words(summary['precisions'])}; {compute_words(summary['compute'])}._"
+    parts = [f"{caption}; competition levels: mean [95 % interval]. The same numbers: `answers_<question>.csv`._",
+             provenance]
+    brief = [f"{caption}. Every table, and the same numbers as CSV: `reports/{study}/`._", provenance,
              *(f"**{q}** {text[key].replace(FRONTIER_LINK, '').strip()}" + (f"\n\n{md[key]}" if key == "quality"
                                                                            else "") for key, q in QUESTIONS.items()),
              *([FIGURE_LINK] if figure else [])]
