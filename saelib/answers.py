@@ -188,9 +188,8 @@ def compute_words(compute: dict) -> str:
         return "no notebook times on record"
     notebooks = ", ".join(f"{k} {v:.1f} h" for k, v in compute["by_notebook"].items())
     machines = "; ".join(f"{k}: {v:.1f} h" for k, v in compute["by_machine"].items())
-    threads = "/".join(map(str, compute["threads"]))
-    return (f"{compute['notebook_hours']:.1f} h of notebook time on record ({notebooks}; {threads} threads; "
-            f"{machines})")
+    threads = f"{'/'.join(map(str, compute['threads']))} threads; " if compute["threads"] else ""
+    return f"{compute['notebook_hours']:.1f} h of notebook time on record ({notebooks}; {threads}{machines})"
 
 
 def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("reports")) -> Answers:

@@ -522,7 +522,7 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 
 __all__ = ["RunConfig", "ConfigError", "build_config", "config_from_notebook", "load_params_file", "save_config",
-           "ARCHITECTURES", "OFFLINE_DATASET", "PROFILES"]
+           "ARCHITECTURES", "OFFLINE_DATASET", "PROFILES", "precisions_used"]
 
 
 def precisions_used(cfgs: list[dict[str, Any]]) -> dict[str, list[str]]:

@@ -261,8 +261,10 @@ def machine(device: str = "cpu") -> str:
     if str(device).startswith("cuda"):
         import torch
 
-        if torch.cuda.is_available():
+        try:
             words += f"; {torch.cuda.get_device_name(torch.device(device))}"
+        except (RuntimeError, AssertionError, ValueError):  # no such GPU here: the CPU is still worth recording
+            pass
     return words
 
 
@@ -297,26 +299,29 @@ def run_notebooks(run: Run, notebooks: list[Path], settings: RunnerSettings, thr
     return status, error, (time.time() - start) / 60
 
 
-def precision_clash(runs: list[Run], todo: list[Run], archived: dict[str, Path]) -> str | None:
-    """Why the runs in ``todo`` would not be comparable with the study's finished ones (here or ``archived``): on
-    this machine ``auto`` resolves to another LM or SAE precision than the finished runs were measured in (a study
-    finished over machines with and without native bf16). None when they agree."""
-    names = {run.name for run in todo}
+def precision_clash(runs: list[Run], todo: list[Run], archived: dict[str, Path], settings: RunnerSettings
+                    ) -> str | None:
+    """Why the runs in ``todo`` would not be comparable with the study's finished ones (current here, or
+    ``archived``): for runs left at ``auto``, this machine resolves the LM or SAE precision otherwise than the
+    finished ``auto`` runs were measured in (a study finished over machines with and without native bf16). None when
+    they agree, when no finished run recorded it, or when the finished runs already mix (the answers say so). A
+    device this machine lacks raises a ConfigError naming ``device``."""
     done = []
     for run in runs:
-        path = (archived[run.name] if run.name in archived else run.cfg.run_dir) / run_files.RUN_CFG_FILE
-        if run.name not in names and path.exists():
-            done.append(run_files.read_json(path))
+        folder = archived.get(run.name) or (run.cfg.run_dir if all_current(run, settings) else None)
+        if folder is not None and (folder / run_files.RUN_CFG_FILE).exists():
+            done.append(run_files.read_json(folder / run_files.RUN_CFG_FILE))
     try:
-        new = [{**run.cfg.resolved_precisions(), "architecture": run.cfg.architecture} for run in todo]
-    except ValueError as err:  # bf16 forced where it is not native: the run could not start
-        return str(err)
-    before, after = precisions_used(done), precisions_used(done + new)
+        new = [{**run.cfg.to_dict(), **run.cfg.resolved_precisions()} for run in todo]
+    except ValueError as err:  # a device this machine lacks, or bf16 forced where it is not native
+        raise ConfigError(str(err)) from err
     for side in ("lm", "sae"):
-        if len(after[side]) > 1 and after[side] != before[side]:
-            here = sorted(set(after[side]) - set(before[side]))
-            return (f"{side}_precision: the study's finished runs were measured in {', '.join(before[side])}, but "
-                    f"'auto' resolves to {', '.join(here)} on this machine (native bf16: "
+        def auto(cfgs):
+            return precisions_used([c for c in cfgs if c.get(f"{side}_precision", "auto") == "auto"])[side]
+        before, here = auto(done), auto(new)
+        if len(before) == 1 and set(here) - set(before):
+            return (f"{side}_precision: the study's finished runs at 'auto' were measured in {before[0]}, but 'auto' "
+                    f"resolves to {', '.join(sorted(set(here) - set(before)))} on this machine (native bf16: "
                     f"{bf16_native(todo[0].cfg.device)}), so runs trained here would not be comparable with them; "
                     "run the rest where the precision matches, or pass --mixed-precision to go on anyway")
     return None
@@ -351,7 +356,12 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
         selected = {run.name for run in select_runs(runs, only)}
         skipped = [run for run, _ in todo if run.name not in selected]
         todo = [(run, notebooks) for run, notebooks in todo if run.name in selected]
-    clash = None if reports_only or not todo else precision_clash(runs, [run for run, _ in todo], from_archive)
+    clash = None
+    if todo and not reports_only and settings.ray:  # the runs resolve 'auto' on the workers, not here
+        log.info("study %s: precision check left to the Ray workers' runs (each records what 'auto' resolved to)",
+                 runs[0].cfg.study)
+    elif todo and not reports_only:
+        clash = precision_clash(runs, [run for run, _ in todo], from_archive, settings)
     if clash and not mixed_precision:
         raise ConfigError(clash)
     if clash:

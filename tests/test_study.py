@@ -11,8 +11,8 @@ import nbformat
 import pytest
 
 from saelib.config import ConfigError, build_config
-from saelib.study import (RunnerSettings, load_runner_settings, machine, main, run_study, study_runs,
-                          study_timings)
+from saelib.study import (RunnerSettings, load_runner_settings, machine, main, precision_clash, run_study,
+                          study_runs, study_timings)
 
 STUB = '''
 import json, os
@@ -214,31 +214,45 @@ def test_a_study_finished_on_several_machines_reads_the_archived_runs(study, cap
 
 def test_a_machine_whose_auto_precision_differs_from_the_finished_runs_refuses_to_run_more(study, monkeypatch):
     """A study finished over several machines must not mix precisions silently: where ``auto`` resolves otherwise
-    than the finished runs were measured in (no native bf16 here), the runner refuses in one line naming the field,
-    before anything runs, unless told ``--mixed-precision``."""
+    than the finished ``auto`` runs were measured in (no native bf16 here), the runner refuses in one line naming the
+    field, before anything runs, unless told ``--mixed-precision``. A half-trained run folder is not a finished run,
+    and runs with an explicit precision are not compared; a device this machine lacks is refused whatever the flag."""
     import saelib.sparse_step
     import saelib.study
 
     root = study.parent.parent
-    (study / "topk_s2.yaml").unlink()
     run_study(study, settings(), only=["topk_s0"])
-    (root / "runs" / "mini" / "topk_s0" / "cfg.json").write_text(json.dumps(
-        {"architecture": "topk", "lm_precision_used": "bfloat16", "sae_precision_used": "bfloat16"}))
+    finished = root / "runs" / "mini" / "topk_s0" / "cfg.json"
+    finished.write_text(json.dumps({"architecture": "topk", "lm_precision_used": "bfloat16",
+                                    "sae_precision_used": "bfloat16"}))
+    (root / "runs" / "mini" / "topk_s2").mkdir()  # started on this machine, never finished: not a finished run
+    (root / "runs" / "mini" / "topk_s2" / "cfg.json").write_text(json.dumps(
+        {"architecture": "topk", "lm_precision_used": "float32", "sae_precision_used": "float32"}))
     for module in (saelib.sparse_step, saelib.study):
         monkeypatch.setattr(module, "bf16_native", lambda device="cpu": False)
-    with pytest.raises(ConfigError, match=r"^lm_precision: the study's finished runs were measured in bfloat16, but "
-                                          r"'auto' resolves to float32 on this machine \(native bf16: False\)"):
-        run_study(study, settings())
+    with pytest.raises(ConfigError, match=r"^lm_precision: the study's finished runs at 'auto' were measured in "
+                                          r"bfloat16, but 'auto' resolves to float32 on this machine \(native bf16: "
+                                          r"False\)"):
+        run_study(study, settings(), only=["topk_s1"])
     assert not (root / "runs" / "mini" / "topk_s1").exists()  # refused before anything ran
-    assert main([str(study), "--notebooks", "notebooks/evaluate.ipynb", "--eval-profile", "smoke"]) == 2
+    assert main([str(study), "--only", "topk_s1", "--notebooks", "notebooks/evaluate.ipynb", "--eval-profile",
+                 "smoke"]) == 2
     assert run_study(study, settings(), reports_only=True).set_index("run").loc["topk_s1", "status"] == "pending"
-    summary = run_study(study, settings(), mixed_precision=True).set_index("run")
+    finished.write_text(json.dumps({"architecture": "topk", "lm_precision": "bfloat16", "lm_precision_used": "bfloat16",
+                                    "sae_precision": "bfloat16", "sae_precision_used": "bfloat16"}))
+    assert precision_clash(study_runs(study), study_runs(study)[1:2], {}, settings()) is None  # set, not 'auto'
+    finished.write_text(json.dumps({"architecture": "topk", "lm_precision_used": "bfloat16",
+                                    "sae_precision_used": "bfloat16"}))
+    summary = run_study(study, settings(), only=["topk_s1"], mixed_precision=True).set_index("run")
     assert summary.loc["topk_s1", "status"] == "done"
     for module in (saelib.sparse_step, saelib.study):  # a machine where 'auto' means what it meant: no clash
         monkeypatch.setattr(module, "bf16_native", lambda device="cpu": True)
-    (study / "topk_s2.yaml").write_text("seed: 2\n")
     shutil.rmtree(root / "runs" / "mini" / "topk_s1")
-    assert run_study(study, settings()).set_index("run").loc["topk_s2", "status"] == "done"
+    assert run_study(study, settings(), only=["topk_s1"]).set_index("run").loc["topk_s1", "status"] == "done"
+    monkeypatch.setattr(saelib.study.RunConfig, "resolved_precisions", lambda self: (_ for _ in ()).throw(
+        ValueError("device: 'cuda' was asked for, but this machine has no CUDA device")))
+    with pytest.raises(ConfigError, match="^device: 'cuda' was asked for"):  # not a clash to wave through
+        run_study(study, settings(), mixed_precision=True)
 
 
 def test_notebooks_run_on_unix_sockets_and_leave_no_socket_folder(tmp_path):
