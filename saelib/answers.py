@@ -143,6 +143,8 @@ def penalty_share(run_dirs: list[Path]) -> float:
 
 
 def _weights_sentences(weights: pd.DataFrame) -> str:
+    if weights.empty:
+        return "No SGO runs beside TopK in this study."
     compared = weights[weights["SAEs compared"] > 0]
     if compared.empty:
         return "No saved SAEs to compare with TopK's (the quality table compares their evals)."
@@ -247,7 +249,8 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
               "ci_low": "low", "ci_high": "high"}).assign(verdict="").itertuples()]).drop(
               columns=["ci_low", "ci_high", "seeds", "source", *(["against"] if against is None else [])]
           ).to_markdown(index=False) if len(controls) else "",
-          "penalty": table_markdown(penalty, order, weights) if len(penalty) else weights.to_markdown(index=False),
+          "penalty": table_markdown(penalty, order, weights) if len(penalty) else
+          weights.to_markdown(index=False) if len(weights) else "",
           "quality": table_markdown(quality, order, against),
           "frontier": front.to_markdown(index=False) if len(front) > 1 else "",
           "competition": table_markdown(patterns, order),

@@ -470,3 +470,5 @@ def test_a_control_with_one_seed_gets_no_verdict(tmp_path):
     assert len(controls) and (controls["seeds"] == 1).all() and not controls["reproduces"].any()
     assert "One seed: no interval, so no verdict" in got.markdown and "claimed effects reproduce" not in got.markdown
     assert "False" not in got.markdown.split("### Does the penalty")[0]  # the table says "— (1 seed)", not False
+    penalty = got.markdown.split("### Does the penalty reach the weights?")[1].split("###")[0]
+    assert penalty.strip() == "No SGO runs beside TopK in this study."  # no empty table under it
