@@ -259,10 +259,10 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
           "power": power.set_index("metric").round(4).to_markdown() if power["seeds"].ge(2).any() else ""}
     figure = None if reports_dir is None else headline_png(
         pd.concat([quality, penalty]), FIGURE_METRICS, order, Path(reports_dir) / study / "headline.png")
-    cfg = run_files.read_json(Path(study_dir) / runs["run"].iloc[0] / run_files.RUN_CFG_FILE)
     caption = (f"_Study `{study}`: {len(runs)} runs, {len(order)} configurations, seeds "
-               f"{sorted(runs['seed'].unique())}; {cfg['model_name']} layer {cfg['hook_layer']}, d_sae {cfg['d_sae']:,}, "
-               f"k {cfg['k']}, {cfg['training_tokens']:,} training tokens. Cells: difference from TopK"
+               f"{sorted(runs['seed'].unique())}; {summary['model']} layer {summary['hook_layer']}, d_sae "
+               f"{summary['d_sae']:,}, k {summary['k']}, {summary['training_tokens']:,} training tokens. Cells: "
+               "difference from TopK"
                f"{' (column against: the TopK configuration trained like it)' if against is not None else ''} paired "
                f"by seed [95 % interval] and verdict (n.d.: no detectable difference)")
     provenance = f"_{precision_words(summary['precisions'])}; {compute_words(summary['compute'])}._"

@@ -521,10 +521,6 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
-__all__ = ["RunConfig", "ConfigError", "build_config", "config_from_notebook", "load_params_file", "save_config",
-           "ARCHITECTURES", "OFFLINE_DATASET", "PROFILES", "precisions_used"]
-
-
 def precisions_used(cfgs: list[dict[str, Any]]) -> dict[str, list[str]]:
     """The precisions runs were measured in, from their ``cfg.json``: ``{"lm": [...], "sae": [...]}``, each distinct
     and sorted. The SAE side counts only architectures with an ``sae_precision`` setting (the others always train in
@@ -534,3 +530,7 @@ def precisions_used(cfgs: list[dict[str, Any]]) -> dict[str, list[str]]:
     sae = {c["sae_precision_used"] for c in cfgs if "sae_precision_used" in c
            and c.get("architecture") in ARCHITECTURES and "sae_precision" in arch_fields(c["architecture"])}
     return {"lm": sorted(lm), "sae": sorted(sae)}
+
+
+__all__ = ["RunConfig", "ConfigError", "build_config", "config_from_notebook", "load_params_file", "save_config",
+           "ARCHITECTURES", "OFFLINE_DATASET", "PROFILES", "precisions_used"]

@@ -327,6 +327,21 @@ def precision_clash(runs: list[Run], todo: list[Run], archived: dict[str, Path],
     return None
 
 
+def check_precision(runs: list[Run], todo: list[Run], archived: dict[str, Path], settings: RunnerSettings,
+                    mixed_precision: bool) -> None:
+    """Refuse (ConfigError) to run ``todo`` where :func:`precision_clash` finds one, unless ``mixed_precision`` (then
+    a warning); under Ray the runs resolve ``auto`` on the workers, so the check is theirs."""
+    if settings.ray:
+        log.info("study %s: precision check left to the Ray workers' runs (each records what 'auto' resolved to)",
+                 runs[0].cfg.study)
+        return
+    clash = precision_clash(runs, todo, archived, settings)
+    if clash and not mixed_precision:
+        raise ConfigError(clash)
+    if clash:
+        log.warning("study %s: --mixed-precision: %s", runs[0].cfg.study, clash.split(";")[0])
+
+
 def select_runs(runs: list[Run], only: list[str]) -> list[Run]:
     """The runs whose names match one of the shell patterns ``only`` (``topk_s0``, ``sgo_t0.02_l0*``), in study
     order; a pattern that matches no run is an error (a typo must not run nothing silently)."""
@@ -356,16 +371,8 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
         selected = {run.name for run in select_runs(runs, only)}
         skipped = [run for run, _ in todo if run.name not in selected]
         todo = [(run, notebooks) for run, notebooks in todo if run.name in selected]
-    clash = None
-    if todo and not reports_only and settings.ray:  # the runs resolve 'auto' on the workers, not here
-        log.info("study %s: precision check left to the Ray workers' runs (each records what 'auto' resolved to)",
-                 runs[0].cfg.study)
-    elif todo and not reports_only:
-        clash = precision_clash(runs, [run for run, _ in todo], from_archive, settings)
-    if clash and not mixed_precision:
-        raise ConfigError(clash)
-    if clash:
-        log.warning("study %s: --mixed-precision: %s", runs[0].cfg.study, clash.split(";")[0])
+    if todo and not reports_only:
+        check_precision(runs, [run for run, _ in todo], from_archive, settings, mixed_precision)
     study = runs[0].cfg.study
     study_dir = runs[0].cfg.run_dir.parent
     stray = sorted(p.name for p in study_dir.glob("*/") if (p / run_files.RUN_CFG_FILE).exists()) if study_dir.is_dir() else []
