@@ -21,6 +21,11 @@ from saelib.summary import frontier_table, positive_controls, study_summary
 BASELINE = "topk"
 QUALITY = {k: v for k, v in HEADLINE.items() if v[1] != 0}
 """Metrics with a direction (higher or lower is better): the quality question's columns."""
+MDE_TARGETS = {"absorption/mean.mean_absorption_fraction_score": (0.25, True),
+               "sparse_probing/sae.sae_top_1_test_accuracy": (0.02, False),
+               "core/model_performance_preservation.ce_loss_score": (0.005, False)}
+"""The powered study's MDE targets (issue 14): metric → (MDE wanted, whether relative to TopK's mean): absorption
+≤ 25 % of TopK's mean fraction, probing top-1 ≤ 0.02, CE-loss recovered ≤ 0.005."""
 OWN_TAU = "penalised pairs' weighted cos² (own τ)"
 FIGURE_METRICS = ["absorption (mean fraction)", "sparse probing top-1", "unlearning proxy score",
                   "CE-loss recovered", OWN_TAU]
@@ -221,7 +226,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
             else "No competition results for TopK.",
             "threshold": f"τ sweep at λ = {sweep_lambda:g}. {_counts(sweep)}" if sweep["config"].nunique() > 1 else
             "No τ sweep (SGO at one λ over several τ) in this study."}
-    power = mde_table(results, QUALITY, baseline=BASELINE, baselines=baselines)
+    power = mde_table(results, QUALITY, baseline=BASELINE, baselines=baselines, targets=MDE_TARGETS)
     controls = positive_controls(quality, runs)
     summary = study_summary(study_dir, results, runs, quality, power, controls)
     front = frontier_table(summary["sgo_frontier"])
@@ -238,7 +243,8 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
                         "interval of the paired difference excludes 0 on the claimed side).")
     text["power"] = ("Minimum detectable paired difference from TopK (95 %, 80 % power) with the seeds each comparison "
                      "has, from the per-seed differences pooled over every configuration; a null is a null only "
-                     "below it." if power["seeds"].ge(2).any() else "One seed: no paired spread, so no MDE.")
+                     f"below it. {_targets_sentence(power)}" if power["seeds"].ge(2).any() else
+                     "One seed: no paired spread, so no MDE.")
     tables = {"controls": controls, "penalty": weights.merge(penalty, on="config", how="left"), "quality": quality,
               "frontier": pd.DataFrame(summary["sgo_frontier"]), "competition": patterns, "threshold": sweep,
               "power": power}
@@ -256,7 +262,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
           "competition": table_markdown(patterns, order),
           "threshold": table_markdown(sweep, order, runs.drop_duplicates("config")[["config", "tau"]])
           if sweep["config"].nunique() > 1 else "",
-          "power": power.set_index("metric").round(4).to_markdown() if power["seeds"].ge(2).any() else ""}
+          "power": power_markdown(power) if power["seeds"].ge(2).any() else ""}
     figure = None if reports_dir is None else headline_png(
         pd.concat([quality, penalty]), FIGURE_METRICS, order, Path(reports_dir) / study / "headline.png")
     caption = (f"_Study `{study}`: {len(runs)} runs, {len(order)} configurations, seeds "
@@ -278,6 +284,33 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
         markdown, brief = (m.replace(" (1 seed)", "").replace("._\n", ". One seed: single measurements, no "
                                                               "intervals, no verdicts._\n", 1) for m in (markdown, brief))
     return Answers(markdown, brief, figure, tables, summary)
+
+
+def _targets_sentence(power: pd.DataFrame) -> str:
+    """How many MDE targets the study meets, and the seeds each missed one would need at the measured spread."""
+    aimed = power[power["target"].notna()]
+    if not len(aimed):
+        return ""
+    missed = [f"{r.metric} {_seeds_needed(r.seeds_for_target)}" for r in aimed.itertuples()
+              if r.meets_target is not None and not r.meets_target]
+    return (f"{sum(bool(m) for m in aimed['meets_target'] if m is not None)} of {len(aimed)} MDE targets met"
+            + (f"; seeds each missed target needs at this spread: {', '.join(missed)}." if missed else "."))
+
+
+def _seeds_needed(n) -> str:
+    return "more than 64" if n != n else f"{int(n)}"
+
+
+def power_markdown(power: pd.DataFrame) -> str:
+    """The MDE table, target columns blank where a metric has no target."""
+    table = power.set_index("metric").round(4).astype(object)
+    aimed = power.set_index("metric")["target"].notna()
+    table["target"] = [f"{t:.4g}" if a else "" for t, a in zip(power["target"], aimed)]
+    table["meets_target"] = [("yes" if m else "no") if a and m is not None else "" for m, a in
+                             zip(power["meets_target"], aimed)]
+    table["seeds_for_target"] = [_seeds_needed(n) if a and sd == sd else "" for n, a, sd in
+                                 zip(power["seeds_for_target"], aimed, power["sd_of_difference"])]
+    return table.to_markdown()
 
 
 def write_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports"),

@@ -161,6 +161,24 @@ def minimum_detectable_difference(sd: float, n: int, alpha: float = 0.05, power:
     return float(brentq(lambda d: paired_power(d, sd, n, alpha) - power, 0.0, hi, xtol=sd * 1e-9))
 
 
+def seeds_for_mde(sd: float, target: float, alpha: float = 0.05, power: float = 0.8, max_seeds: int = 64) -> int | None:
+    """The fewest seeds (≥ 2) whose minimum detectable paired difference is at most ``target`` with per-seed
+    differences of standard deviation ``sd``; None when even ``max_seeds`` do not reach it. The MDE falls
+    monotonically with the seeds, so the first one found by bisection is the answer."""
+    if not target > 0:
+        raise ValueError(f"target: expected a difference > 0, got {target!r}")
+    if minimum_detectable_difference(sd, max_seeds, alpha, power) > target:
+        return None
+    lo, hi = 1, max_seeds  # MDE(lo) > target (or lo < 2), MDE(hi) <= target
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mid >= 2 and minimum_detectable_difference(sd, mid, alpha, power) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def _check_power_args(sd: float, n: int, alpha: float) -> None:
     if not sd >= 0:
         raise ValueError(f"sd: expected a standard deviation >= 0, got {sd!r}")
@@ -171,12 +189,16 @@ def _check_power_args(sd: float, n: int, alpha: float) -> None:
 
 
 def mde_table(results: pd.DataFrame, metrics: dict[str, tuple[str, int]], baseline: str = "topk",
-              by: str = "config", power: float = 0.8, baselines: Mapping[str, str] | None = None) -> pd.DataFrame:
+              by: str = "config", power: float = 0.8, baselines: Mapping[str, str] | None = None,
+              targets: Mapping[str, tuple[float, bool]] | None = None) -> pd.DataFrame:
     """Per metric, the minimum detectable paired difference against ``baseline`` (95 %, ``power``) with the seeds
     the study has. The per-seed differences' standard deviation is pooled over every group compared with the
     baseline (each group's variance weighted by its degrees of freedom); ``seeds`` is the typical (median) number
     of seeds a comparison has. Also the (default) baseline's mean and the MDE relative to it. ``baselines`` as in
-    :func:`paired_vs_baseline`."""
+    :func:`paired_vs_baseline`. ``targets``: metric key → (MDE wanted, whether relative to the baseline's mean);
+    for those metrics ``target`` (absolute), ``meets_target`` and ``seeds_for_target`` (the fewest seeds that would
+    reach it at the pooled spread; NaN beyond 64 or without a spread)."""
+    targets = dict(targets or {})
     base, diffs = _paired_differences(results, metrics, baseline, by, baselines)
     rows = []
     for key, (name, _) in metrics.items():
@@ -192,10 +214,20 @@ def mde_table(results: pd.DataFrame, metrics: dict[str, tuple[str, int]], baseli
         n = int(np.median(ns)) if ns else 0
         mde = minimum_detectable_difference(sd, n, power=power) if n >= 2 else math.nan
         base_mean = float(base[key].mean())
-        rows.append({"metric": name, "seeds": n, "sd_of_difference": sd, "mde": mde, "baseline_mean": base_mean,
-                     "mde_relative": mde / abs(base_mean) if base_mean else math.nan})
+        row = {"metric": name, "seeds": n, "sd_of_difference": sd, "mde": mde, "baseline_mean": base_mean,
+               "mde_relative": mde / abs(base_mean) if base_mean else math.nan,
+               "target": math.nan, "meets_target": None, "seeds_for_target": math.nan}
+        if key in targets:
+            value, relative = targets[key]
+            row["target"] = target = value * abs(base_mean) if relative else value
+            if mde == mde:
+                row["meets_target"] = bool(mde <= target)
+            if sd == sd and target > 0:
+                needed = seeds_for_mde(sd, target, power=power)
+                row["seeds_for_target"] = math.nan if needed is None else needed
+        rows.append(row)
     return pd.DataFrame(rows, columns=["metric", "seeds", "sd_of_difference", "mde", "baseline_mean",
-                                       "mde_relative"])
+                                       "mde_relative", "target", "meets_target", "seeds_for_target"])
 
 
 def noise_components(values: pd.DataFrame) -> dict[str, float]:

@@ -83,6 +83,10 @@ def study_summary(study_dir: Path, results: pd.DataFrame, runs: pd.DataFrame, qu
         "runs": int(len(runs)), "precisions": precisions_used(cfgs), "compute": compute_on_record(study_dir, runs["run"]),
         "mde": {r.metric: _finite(r.mde) for r in power.itertuples()},
         "mde_relative_to_topk": {r.metric: _finite(r.mde_relative) for r in power.itertuples()},
+        "mde_targets": {r.metric: {"target": _finite(r.target), "mde": _finite(r.mde), "meets": r.meets_target,
+                                   "seeds_for_target": None if r.seeds_for_target != r.seeds_for_target
+                                   else int(r.seeds_for_target)}
+                        for r in power.itertuples() if r.target == r.target},
         "positive_controls": {f"{r.config}/{r.metric}": {
             "metric": r.metric, "claimed": r.claimed, "seeds": int(r.seeds), "difference": _finite(r.difference),
             "ci_low": _finite(r.ci_low), "ci_high": _finite(r.ci_high), "reproduces": bool(r.reproduces)}

@@ -71,8 +71,11 @@ def test_the_quality_table_holds_the_paired_differences_and_verdicts(tmp_path):
     power = pd.read_csv(tmp_path / "fx" / "answers_power.csv").set_index("metric")
     from saelib.stats import mde_table
 
-    expected = mde_table(answers.study_results(FIXTURE), answers.QUALITY).set_index("metric")
-    pd.testing.assert_frame_equal(power, expected, check_dtype=False)
+    expected = mde_table(answers.study_results(FIXTURE), answers.QUALITY,
+                         targets=answers.MDE_TARGETS).set_index("metric")
+    pd.testing.assert_frame_equal(power.drop(columns="meets_target"), expected.drop(columns="meets_target"),
+                                  check_dtype=False)
+    assert list(power["meets_target"].dropna()) == list(expected["meets_target"].dropna())
     assert (power["seeds"] == 2).all()
     for metric in ("explained variance", "sparse probing top-1"):  # the markdown table shows the CSV's numbers
         assert float(_md_cell(text, metric, "mde")) == pytest.approx(power.loc[metric, "mde"], abs=5e-5)
@@ -321,6 +324,19 @@ def test_summary_json_holds_what_a_checker_needs(tmp_path):
                                                                                  [0, 1])
     power = pd.read_csv(tmp_path / "reports" / "fixture" / "answers_power.csv").set_index("metric")
     assert summary["mde"]["explained variance"] == pytest.approx(power.loc["explained variance", "mde"])
+    targets = summary["mde_targets"]  # the three targets, each with the seeds it needs at this spread
+    assert set(targets) == {"absorption (mean fraction)", "sparse probing top-1", "CE-loss recovered"}
+    absorption = targets["absorption (mean fraction)"]
+    assert absorption["target"] == pytest.approx(0.25 * power.loc["absorption (mean fraction)", "baseline_mean"])
+    assert absorption["meets"] == (absorption["mde"] <= absorption["target"])
+    assert targets["CE-loss recovered"]["target"] == 0.005
+    text = (tmp_path / "reports" / "fixture" / "answers.md").read_text()
+    met = sum(t["meets"] for t in targets.values())
+    assert f"{met} of 3 MDE targets met" in text
+    for metric, t in targets.items():
+        if not t["meets"]:
+            needed = t["seeds_for_target"]
+            assert f"{metric} {needed if needed is not None else 'more than 64'}" in text
     assert summary["positive_controls"] == {}  # the fixture has no Matryoshka or OrtSAE runs
     frontier = {e["config"]: e for e in summary["sgo_frontier"]}
     assert set(frontier) == {"topk", "sgo_t0.02_l0.02", "sgo_t0.05_l0.02"}

@@ -96,6 +96,37 @@ def test_mde_is_the_difference_detected_with_80_percent_power_in_a_direct_simula
     assert rough == pytest.approx(mde, rel=0.1) if n >= 3 else rough < 0.9 * mde
 
 
+@pytest.mark.parametrize("sd,target", [(0.01, 0.02), (0.0313, 0.0307), (0.0222, 0.02), (1.0, 0.05)])
+def test_seeds_for_a_target_are_the_fewest_whose_mde_reaches_it(sd, target):
+    from saelib.stats import minimum_detectable_difference, seeds_for_mde
+
+    n = seeds_for_mde(sd, target)
+    if n is None:  # 400 seeds for 0.05 at sd 1: beyond the 64 searched
+        assert minimum_detectable_difference(sd, 64) > target
+        return
+    assert minimum_detectable_difference(sd, n) <= target
+    assert n == 2 or minimum_detectable_difference(sd, n - 1) > target
+    # checked against a direct count: the first n in a plain scan
+    assert n == next(m for m in range(2, 65) if minimum_detectable_difference(sd, m) <= target)
+
+
+def test_mde_table_states_each_target_and_the_seeds_it_needs():
+    from saelib.stats import mde_table, minimum_detectable_difference, seeds_for_mde
+
+    rows = [("topk", s, m, v) for s, v in enumerate([0.90, 0.80, 0.70]) for m in ("ev", "abs", "none")]
+    rows += [("a", s, m, v) for s, v in enumerate([0.91, 0.82, 0.70]) for m in ("ev", "abs", "none")]
+    table = mde_table(tidy(rows), {"e/ev": ("EV", +1), "e/abs": ("abs", -1), "e/none": ("none", -1)},
+                      targets={"e/ev": (0.05, False), "e/abs": (0.001, True)}).set_index("metric")
+    sd = 0.01  # differences .01 .02 .00
+    assert table.loc["EV", "target"] == 0.05 and table.loc["abs", "target"] == pytest.approx(0.0008)  # 0.1 % of 0.8
+    assert minimum_detectable_difference(sd, 3) <= 0.05 and table.loc["EV", "meets_target"] == True  # noqa: E712
+    assert table.loc["abs", "meets_target"] == False and table.loc["none", "meets_target"] is None  # noqa: E712
+    assert seeds_for_mde(sd, 0.0008) is None and math.isnan(table.loc["abs", "seeds_for_target"])  # beyond 64
+    assert table.loc["EV", "seeds_for_target"] == seeds_for_mde(sd, 0.05) == 3
+    with pytest.raises(ValueError, match="target: expected a difference > 0"):
+        seeds_for_mde(sd, 0.0)
+
+
 def test_mde_table_pools_the_differences_of_every_comparison():
     from saelib.stats import mde_table, minimum_detectable_difference
 
