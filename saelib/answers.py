@@ -199,9 +199,11 @@ def compute_words(compute: dict) -> str:
     return f"{compute['notebook_hours']:.1f} h of notebook time on record ({notebooks}; {threads}{machines})"
 
 
-def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("reports")) -> Answers:
+def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("reports"),
+                  planned: list[str] | None = None) -> Answers:
     """The answers' markdown and tables; the headline figure goes to ``reports_dir/<study>/headline.png`` (not at all
-    when ``reports_dir`` is None, e.g. from a notebook)."""
+    when ``reports_dir`` is None, e.g. from a notebook). ``planned``: every run the study declares (the runner's
+    list); when some have no results yet, the caption and summary.json say the study is part-way and which."""
     results = study_results(study_dir)
     if results.empty:
         raise ValueError(f"study_dir: {study_dir} holds no eval results; run the study first")
@@ -229,6 +231,8 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
     power = mde_table(results, QUALITY, baseline=BASELINE, baselines=baselines, targets=MDE_TARGETS)
     controls = positive_controls(quality, runs)
     summary = study_summary(study_dir, results, runs, quality, power, controls)
+    pending = sorted(set(planned or []) - set(runs["run"]))
+    summary.update(planned_runs=len(set(planned or []) | set(runs["run"])), pending_runs=pending)
     front = frontier_table(summary["sgo_frontier"])
     frontier_figure = None if reports_dir is None else frontier_png(
         summary["sgo_frontier"], Path(reports_dir) / study / "frontier.png")
@@ -265,7 +269,9 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
           "power": power_markdown(power) if power["seeds"].ge(2).any() else ""}
     figure = None if reports_dir is None else headline_png(
         pd.concat([quality, penalty]), FIGURE_METRICS, order, Path(reports_dir) / study / "headline.png")
-    caption = (f"_Study `{study}`: {len(runs)} runs, {len(order)} configurations, seeds "
+    caption = (f"_Study `{study}`: {len(runs)} runs"
+               + (f" of {summary['planned_runs']} planned (**part-way**: {len(pending)} still to run)" if pending else "")
+               + f", {len(order)} configurations, seeds "
                f"{sorted(runs['seed'].unique())}; {summary['model']} layer {summary['hook_layer']}, d_sae "
                f"{summary['d_sae']:,}, k {summary['k']}, {summary['training_tokens']:,} training tokens. Cells: "
                "difference from TopK"
@@ -314,10 +320,10 @@ def power_markdown(power: pd.DataFrame) -> str:
 
 
 def write_answers(study: str, study_dir: Path, reports_dir: Path = Path("reports"),
-                  readme: Path | None = Path("README.md")) -> Path:
+                  readme: Path | None = Path("README.md"), planned: list[str] | None = None) -> Path:
     """``reports/<study>/answers.md``, ``answers_<question>.csv`` and ``headline.png``; the README block (the brief),
     if any."""
-    answers = study_answers(study, study_dir, reports_dir)
+    answers = study_answers(study, study_dir, reports_dir, planned)
     folder = Path(reports_dir) / study
     folder.mkdir(parents=True, exist_ok=True)
     for key, table in answers.tables.items():

@@ -467,7 +467,8 @@ def render_study_reports(study: str, study_dir: Path, runs: list[Run], settings:
             from saelib.reports import build_index
 
             try:
-                log.info("answers: %s", write_answers(study, results_dir, REPORTS_DIR))
+                log.info("answers: %s", write_answers(study, results_dir, REPORTS_DIR,
+                                                      planned=[run.name for run in runs]))
             except Exception as err:  # noqa: BLE001 — no results yet, no TopK baseline, ...: the index is still built
                 (REPORTS_DIR / study / "answers.md").unlink(missing_ok=True)  # never show answers from older results
                 log.warning("answers: none (%s: %s)", type(err).__name__, err)

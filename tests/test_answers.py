@@ -421,7 +421,10 @@ def _recompute_and_compare(study: str, archive: Path, reports: Path) -> None:
 
     from saelib.run_files import _jsonable
 
-    got = answers.study_answers(study, archive, reports_dir=None)
+    summary = json.loads((reports / "summary.json").read_text())
+    pending = summary.get("pending_runs", [])  # a study part-way: the runs it still declares
+    got = answers.study_answers(study, archive, reports_dir=None,
+                                planned=[p.name for p in archive.iterdir() if p.is_dir()] + pending)
     for key, table in got.tables.items():
         committed = pd.read_csv(reports / f"answers_{key}.csv")
         recomputed = pd.read_csv(io.StringIO(table.to_csv(index=False)))
@@ -429,7 +432,6 @@ def _recompute_and_compare(study: str, archive: Path, reports: Path) -> None:
             committed, recomputed = (t.drop(columns="largest Δ element (abs.)") for t in (committed, recomputed))
         pd.testing.assert_frame_equal(recomputed, committed, obj=f"{study}/answers_{key}.csv")
     recomputed = json.loads(json.dumps(got.summary, default=_jsonable))
-    summary = json.loads((reports / "summary.json").read_text())
     assert json.dumps(recomputed, sort_keys=True) == json.dumps(summary, sort_keys=True)  # NaN compares as text
 
 
@@ -488,3 +490,22 @@ def test_a_control_with_one_seed_gets_no_verdict(tmp_path):
     assert "False" not in got.markdown.split("### Does the penalty")[0]  # the table says "— (1 seed)", not False
     penalty = got.markdown.split("### Does the penalty reach the weights?")[1].split("###")[0]
     assert penalty.strip() == "No SGO runs beside TopK in this study."  # no empty table under it
+
+
+def test_a_study_part_way_says_so_and_which_runs_are_pending(tmp_path):
+    """The runner passes every run the study declares: answers written before the last one finished say how many are
+    still to run (caption, README brief) and summary.json lists them; a finished study says nothing of the kind."""
+    study = tmp_path / "runs" / "fixture"
+    shutil.copytree(FIXTURE, study)
+    done = sorted(p.name for p in study.iterdir() if p.is_dir())
+    answers.write_answers("fixture", study, tmp_path / "reports", readme=None, planned=done + ["topk_s2", "sgo_z_s0"])
+    text = (tmp_path / "reports" / "fixture" / "answers.md").read_text()
+    summary = json.loads((tmp_path / "reports" / "fixture" / "summary.json").read_text())
+    assert f"{len(done)} runs of {len(done) + 2} planned (**part-way**: 2 still to run)" in text.splitlines()[0]
+    assert (summary["planned_runs"], summary["pending_runs"]) == (len(done) + 2, ["sgo_z_s0", "topk_s2"])
+    brief = answers.study_answers("fixture", study, None, planned=done + ["topk_s2"]).brief
+    assert "**part-way**: 1 still to run" in brief
+    answers.write_answers("fixture", study, tmp_path / "reports", readme=None, planned=done)
+    summary = json.loads((tmp_path / "reports" / "fixture" / "summary.json").read_text())
+    assert "part-way" not in (tmp_path / "reports" / "fixture" / "answers.md").read_text()
+    assert (summary["planned_runs"], summary["pending_runs"]) == (len(done), [])

@@ -153,7 +153,7 @@ def test_runs_go_seed_by_seed_with_the_baseline_first(study):
         "topk_s0", "gram_s0", "topk_s1", "batchtopk_s1", "gram_s1", "topk_s2"]
 
 
-def test_only_runs_the_selected_runs_and_a_pattern_matching_none_is_an_error(study):
+def test_only_runs_the_selected_runs_and_a_pattern_matching_none_is_an_error(study, monkeypatch):
     (study / "sgo_t0.02_l0_s0.yaml").write_text("seed: 0\n")
     summary = run_study(study, settings(), only=["topk_s1", "sgo_*"]).set_index("run")
     assert summary.loc["topk_s1", "status"] == summary.loc["sgo_t0.02_l0_s0", "status"] == "done"
@@ -163,6 +163,13 @@ def test_only_runs_the_selected_runs_and_a_pattern_matching_none_is_an_error(stu
         run_study(study, settings(), only=["topk_s9"])
     assert main([str(study), "--only", "topk_s0", "--notebooks", "notebooks/evaluate.ipynb"]) == 0
     assert (study.parent.parent / "runs" / "mini" / "topk_s0" / "marker.json").exists()
+    import saelib.answers  # the answers hear of every run the study declares, so a study part-way says so
+
+    planned = []
+    monkeypatch.setattr(saelib.answers, "write_answers", lambda *a, planned_=planned, **kw: planned_.extend(
+        kw["planned"]) or Path(a[2]) / "answers.md")
+    run_study(study, settings(), only=["topk_s0"], reports_only=True)
+    assert sorted(planned) == ["sgo_t0.02_l0_s0", "topk_s0", "topk_s1", "topk_s2"]
     assert not (study.parent.parent / "runs" / "mini" / "topk_s2").exists()
 
 
