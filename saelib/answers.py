@@ -230,9 +230,8 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
             "No τ sweep (SGO at one λ over several τ) in this study."}
     power = mde_table(results, QUALITY, baseline=BASELINE, baselines=baselines, targets=MDE_TARGETS)
     controls = positive_controls(quality, runs)
-    summary = study_summary(study_dir, results, runs, quality, power, controls)
-    pending = sorted(set(planned or []) - set(runs["run"]))
-    summary.update(planned_runs=len(set(planned or []) | set(runs["run"])), pending_runs=pending)
+    summary = study_summary(study_dir, results, runs, quality, power, controls, planned)
+    pending = summary["pending_runs"]
     front = frontier_table(summary["sgo_frontier"])
     frontier_figure = None if reports_dir is None else frontier_png(
         summary["sgo_frontier"], Path(reports_dir) / study / "frontier.png")

@@ -74,13 +74,14 @@ def frontier(results: pd.DataFrame, runs: pd.DataFrame, quality: pd.DataFrame) -
 
 
 def study_summary(study_dir: Path, results: pd.DataFrame, runs: pd.DataFrame, quality: pd.DataFrame,
-                  power: pd.DataFrame, controls: pd.DataFrame) -> dict:
+                  power: pd.DataFrame, controls: pd.DataFrame, planned: list[str] | None = None) -> dict:
     cfgs = [run_files.read_json(Path(study_dir) / run / run_files.RUN_CFG_FILE) for run in runs["run"]]
     cfg = cfgs[0]
     return {
         "model": cfg["model_name"], "hook_layer": cfg["hook_layer"], "d_sae": cfg["d_sae"], "k": cfg["k"],
         "training_tokens": cfg["training_tokens"], "seeds": sorted(int(s) for s in runs["seed"].unique()),
-        "runs": int(len(runs)), "precisions": precisions_used(cfgs), "compute": compute_on_record(study_dir, runs["run"]),
+        "runs": int(len(runs)), "planned_runs": len(set(planned or []) | set(runs["run"])),
+        "pending_runs": sorted(set(planned or []) - set(runs["run"])), "precisions": precisions_used(cfgs), "compute": compute_on_record(study_dir, runs["run"]),
         "mde": {r.metric: _finite(r.mde) for r in power.itertuples()},
         "mde_relative_to_topk": {r.metric: _finite(r.mde_relative) for r in power.itertuples()},
         "mde_targets": {r.metric: {"target": _finite(r.target), "mde": _finite(r.mde), "meets": r.meets_target,
