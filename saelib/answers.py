@@ -16,7 +16,7 @@ from saelib.evals.competition import competition_patterns
 from saelib.evals.results import HEADLINE, against_column, matched_baselines, study_results
 from saelib.plots import frontier_png, headline_png
 from saelib.stats import mde_table, paired_vs_baseline
-from saelib.summary import frontier_table, positive_controls, study_summary
+from saelib.summary import absorption_check, frontier_table, positive_controls, study_summary
 
 BASELINE = "topk"
 QUALITY = {k: v for k, v in HEADLINE.items() if v[1] != 0}
@@ -32,6 +32,7 @@ FIGURE_METRICS = ["absorption (mean fraction)", "sparse probing top-1", "unlearn
 QUESTIONS = {"controls": "Do the positive controls reproduce (Matryoshka, OrtSAE against TopK, as their papers claim)?",
              "penalty": "Does the penalty reach the weights?",
              "quality": "Does sparsity-guided orthogonality beat TopK, standard and other orthogonal SAEs?",
+             "absorption": "Is a change in absorption a change in what fires (the firing-based check)?",
              "competition": "Which feature-competition patterns exist?",
              "frontier": "Where do the orthogonality penalties sit between absorption and reconstruction?",
              "threshold": "How does the competition threshold τ matter?",
@@ -230,7 +231,9 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
             "No τ sweep (SGO at one λ over several τ) in this study."}
     power = mde_table(results, QUALITY, baseline=BASELINE, baselines=baselines, targets=MDE_TARGETS)
     controls = positive_controls(quality, runs)
-    summary = study_summary(study_dir, results, runs, quality, power, controls, planned)
+    check, check_verdicts = absorption_check(results, baselines, BASELINE)
+    text["absorption"] = _absorption_sentences(check, check_verdicts)
+    summary = study_summary(study_dir, results, runs, quality, power, controls, planned, (check, check_verdicts))
     pending = summary["pending_runs"]
     front = frontier_table(summary["sgo_frontier"])
     frontier_figure = None if reports_dir is None else frontier_png(
@@ -249,7 +252,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
                      f"below it. {_targets_sentence(power)}" if power["seeds"].ge(2).any() else
                      "One seed: no paired spread, so no MDE.")
     tables = {"controls": controls, "penalty": weights.merge(penalty, on="config", how="left"), "quality": quality,
-              "frontier": pd.DataFrame(summary["sgo_frontier"]), "competition": patterns, "threshold": sweep,
+              "frontier": pd.DataFrame(summary["sgo_frontier"]), "competition": patterns, "absorption": check, "threshold": sweep,
               "power": power}
     if against is not None:  # the penalty table names its baseline too
         weights = against.merge(weights, on="config")
@@ -261,6 +264,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
           "penalty": table_markdown(penalty, order, weights) if len(penalty) else
           weights.to_markdown(index=False) if len(weights) else "",
           "quality": table_markdown(quality, order, against),
+          "absorption": table_markdown(check, order) if len(check) else "",
           "frontier": front.to_markdown(index=False) if len(front) > 1 else "",
           "competition": table_markdown(patterns, order),
           "threshold": table_markdown(sweep, order, runs.drop_duplicates("config")[["config", "tau"]])
@@ -289,6 +293,29 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
         markdown, brief = (m.replace(" (1 seed)", "").replace("._\n", ". One seed: single measurements, no "
                                                               "intervals, no verdicts._\n", 1) for m in (markdown, brief))
     return Answers(markdown, brief, figure, tables, summary)
+
+
+def _absorption_sentences(check: pd.DataFrame, verdicts: dict) -> str:
+    """Per configuration whose SAEBench absorption differs from TopK's: whether the firing-based check confirms it,
+    with the two parts of the main latents' silence (counted by SAEBench, not counted)."""
+    if check.empty:
+        return "No firing-based absorption results in this study."
+    cells = {(r.config, r.metric): cell(r) for r in check.itertuples()}
+    names = list(dict.fromkeys(check["metric"]))
+    acting = [c for c, v in verdicts.items() if v["confirmed"] is not None]
+    if not acting:
+        return ("No configuration's SAEBench absorption differs detectably from TopK's: nothing for the firing-based "
+                "check to confirm." if check["seeds"].ge(2).any() else
+                "One seed: no intervals, so nothing to confirm.")
+    out = []
+    for c in acting:
+        saebench, silent, *parts = (cells.get((c, name), "n/a") for name in names)
+        word = "confirmed" if verdicts[c]["confirmed"] else "**not confirmed**"
+        out.append(f"{c}: SAEBench's absorption {saebench}; {word} by the firing-based check (main latents silent "
+                   f"{silent}" + (f"; of these words, counted by SAEBench {parts[0]}, not counted {parts[1]}"
+                                  if len(parts) == 2 else "") + ").")
+    return " ".join(out) + (" A penalty that only turns firing absorbers' decoders away from the probe moves words "
+                            "from counted to not counted and leaves the silence as it was.")
 
 
 def _targets_sentence(power: pd.DataFrame) -> str:

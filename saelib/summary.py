@@ -12,7 +12,7 @@ import pandas as pd
 from saelib import run_files
 from saelib.config import precisions_used
 from saelib.plots import FRONTIER_PANELS
-from saelib.stats import mean_ci
+from saelib.stats import NO_INTERVAL, mean_ci, paired_vs_baseline
 
 #: architecture → (what its paper claims, {metric: direction claimed against TopK: -1 lower, +1 higher})
 CONTROLS = {
@@ -26,6 +26,49 @@ CONTROLS = {
 FRONTIER = {"explained variance": "ev", "absorption (mean fraction)": "absorption",
             "main latents silent (firing-based absorption)": "firing_absorption", "sparse probing top-1": "probing"}
 FRONTIER_ARCHS = ("topk", "sgo_topk", "ortsae_topk")
+
+
+SILENT = "absorption/firing.mean_main_silent_rate"
+UNCOUNTED = "absorption/firing.mean_silent_uncounted_rate"
+COUNTED = "absorption/firing.mean_silent_counted_rate"
+#: SAEBench's absorption beside the firing-based check and its two parts (issue 14 item 5): "eval/metric" → (name,
+#: direction). The words whose main latents are silent are those SAEBench counts as absorbed plus those it does not
+#: (no firing latent passes its decoder-cosine filter, or they carry too little of the probe's projection).
+ABSORPTION_CHECK = {"absorption/mean.mean_absorption_fraction_score": ("absorption (mean fraction)", -1),
+                    SILENT: ("main latents silent (firing-based absorption)", -1),
+                    COUNTED: ("silent, counted by SAEBench", 0),
+                    UNCOUNTED: ("silent, not counted by SAEBench (decoder-cosine filter)", 0)}
+
+
+def absorption_check(results: pd.DataFrame, baselines: dict[str, str] | None = None,
+                     baseline: str = "topk") -> tuple[pd.DataFrame, dict]:
+    """Does a configuration's change in SAEBench's absorption survive the firing-based check? The paired differences
+    from TopK of ``ABSORPTION_CHECK``'s metrics (the counted part = silent − not counted, per run) and, per
+    configuration, ``{"saebench": verdict, "firing": verdict, "confirmed": bool | None}``: ``confirmed`` is None where
+    SAEBench's absorption shows no difference (or has one seed), else whether the main latents' silence moved the
+    same way with an interval that excludes 0. A penalty that only turns absorbers' decoders away from the probe
+    moves words from counted to not counted and leaves the silence as it was: not confirmed."""
+    keyed = results.assign(key=results["eval"] + "/" + results["metric"])
+    if baseline not in set(keyed.loc[keyed["key"] == SILENT, "config"]):  # runs from before the firing-based check
+        return pd.DataFrame(columns=["config", "metric", "seeds", "difference", "low", "high", "verdict",
+                                     "baseline"]), {}
+    parts = keyed[keyed["key"].isin([SILENT, UNCOUNTED])].pivot_table(index="run", columns="key", values="value",
+                                                                       aggfunc="first")
+    counted = (parts[SILENT] - parts[UNCOUNTED]).dropna() if {SILENT, UNCOUNTED} <= set(parts.columns) else \
+        pd.Series(dtype=float)
+    counted_rows = results.drop_duplicates("run").set_index("run").loc[counted.index].rename_axis("run") \
+        .reset_index().assign(eval="absorption", metric=COUNTED.split("/", 1)[1], value=counted.values)[results.columns]
+    long = paired_vs_baseline(pd.concat([results, counted_rows], ignore_index=True), ABSORPTION_CHECK,
+                              baseline=baseline, baselines=baselines)
+    names = {key: name for key, (name, _) in ABSORPTION_CHECK.items()}
+    verdicts = {}
+    for config, rows in long.groupby("config", sort=False):
+        by = rows.set_index("metric")["verdict"]
+        saebench, firing = by.get(names["absorption/mean.mean_absorption_fraction_score"]), by.get(names[SILENT])
+        acts = saebench in ("better", "worse")
+        verdicts[config] = {"saebench": saebench, "firing": firing,
+                            "confirmed": (firing == saebench) if acts and firing not in (None, NO_INTERVAL) else None}
+    return long, verdicts
 
 
 def positive_controls(quality: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -74,7 +117,10 @@ def frontier(results: pd.DataFrame, runs: pd.DataFrame, quality: pd.DataFrame) -
 
 
 def study_summary(study_dir: Path, results: pd.DataFrame, runs: pd.DataFrame, quality: pd.DataFrame,
-                  power: pd.DataFrame, controls: pd.DataFrame, planned: list[str] | None = None) -> dict:
+                  power: pd.DataFrame, controls: pd.DataFrame, planned: list[str] | None = None,
+                  absorption: tuple[pd.DataFrame, dict] | None = None) -> dict:
+    """``reports/<study>/summary.json``. ``absorption``: :func:`absorption_check`'s table and verdicts."""
+    check, verdicts = absorption if absorption is not None else (pd.DataFrame(columns=["config", "metric"]), {})
     cfgs = [run_files.read_json(Path(study_dir) / run / run_files.RUN_CFG_FILE) for run in runs["run"]]
     cfg = cfgs[0]
     return {
@@ -93,6 +139,10 @@ def study_summary(study_dir: Path, results: pd.DataFrame, runs: pd.DataFrame, qu
             "ci_low": _finite(r.ci_low), "ci_high": _finite(r.ci_high), "reproduces": bool(r.reproduces)}
             for r in controls.itertuples()},
         "sgo_frontier": frontier(results, runs, quality),
+        "absorption_check": {config: {**v, "differences": {
+            r.metric: {"difference": _finite(r.difference), "ci_low": _finite(r.low), "ci_high": _finite(r.high),
+                       "seeds": int(r.seeds)} for r in check[check["config"] == config].itertuples()}}
+            for config, v in verdicts.items()},
     }
 
 

@@ -296,6 +296,42 @@ def test_a_one_seed_study_says_so_once_instead_of_in_every_cell(tmp_path):
     assert "One seed" not in answers.study_answers("fx", FIXTURE, reports_dir=None).markdown
 
 
+def test_the_firing_based_check_tells_a_metric_change_from_a_feature_change():
+    """Issue 14 item 5 on crafted numbers. ``filter``: SAEBench's absorption falls while the main latents' silence
+    stays (the words move from counted to not counted: a decoder-cosine filter effect) → not confirmed; ``fires``:
+    absorption and silence fall together → confirmed; ``none``: no SAEBench difference → nothing to confirm. The
+    counted part is silent − not counted per run, paired like the rest."""
+    from saelib.summary import COUNTED, SILENT, UNCOUNTED, absorption_check
+
+    base = {0: 0.10, 1: 0.12, 2: 0.11}
+    silent, uncounted = {0: 0.17, 1: 0.18, 2: 0.16}, {0: 0.07, 1: 0.08, 2: 0.075}
+    plan = {"topk": (0.0, 0.0, 0.0), "filter": (-0.03, 0.0, +0.02), "fires": (-0.03, -0.03, 0.0),
+            "none": (0.0, 0.0, 0.0)}
+    rows = []
+    for config, (d_abs, d_silent, d_uncounted) in plan.items():
+        arch = "topk" if config == "topk" else "sgo_topk"
+        jitter = {0: 0.0, 1: 0.001, 2: -0.0005} if config != "topk" else {0: 0.0, 1: 0.0, 2: 0.0}
+        rows += _rows(config, arch, np.nan, np.nan, {s: v + d_abs + jitter[s] for s, v in base.items()}, ABSORPTION)
+        rows += _rows(config, arch, np.nan, np.nan, {s: v + d_silent + jitter[s] for s, v in silent.items()}, SILENT)
+        rows += _rows(config, arch, np.nan, np.nan, {s: v + d_uncounted - jitter[s] for s, v in uncounted.items()},
+                      UNCOUNTED)
+    long, verdicts = absorption_check(pd.DataFrame(rows, columns=COLUMNS))
+    assert verdicts["filter"] == {"saebench": "better", "firing": "no detectable difference", "confirmed": False}
+    assert verdicts["fires"] == {"saebench": "better", "firing": "better", "confirmed": True}
+    assert verdicts["none"]["confirmed"] is None and "topk" not in verdicts
+    counted = _cell(long, "filter", "silent, counted by SAEBench")
+    expected = mean_ci(np.array([(silent[s] + j) - (uncounted[s] + 0.02 - j) - (silent[s] - uncounted[s])
+                                 for s, j in {0: 0.0, 1: 0.001, 2: -0.0005}.items()]))
+    assert counted.difference == pytest.approx(expected.mean) == pytest.approx(-0.02 + 2 * 0.0005 / 3)
+    assert (counted.low, counted.high) == pytest.approx((expected.low, expected.high))
+    assert COUNTED.endswith("mean_silent_counted_rate")
+    text = answers._absorption_sentences(long, verdicts)
+    assert "filter: SAEBench's absorption **better**" in text and "**not confirmed**" in text
+    assert "fires: SAEBench's absorption **better**" in text and "none:" not in text
+    # a study without the firing-based numbers (older runs) says so instead of failing
+    assert absorption_check(pd.DataFrame(rows[:3], columns=COLUMNS))[0].empty
+
+
 @pytest.mark.parametrize("shift, reproduces", [(-0.03, True), (+0.03, False), (-0.0005, False)])
 def test_a_positive_control_reproduces_only_when_its_interval_is_on_the_claimed_side(shift, reproduces):
     from saelib.summary import positive_controls

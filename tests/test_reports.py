@@ -31,9 +31,11 @@ def test_index_shows_the_answers_as_tables_that_fit_the_page(tmp_path):
     answers = page.read_text().split("<h2>Answers</h2>")[1].split("<h2>")[0]
     for question in QUESTIONS.values():
         assert f"<h3>{question}</h3>" in answers
-    # one verdict table per question, every one rendered; the fixture has no Matryoshka/OrtSAE run to control with
+    # one verdict table per question, every one rendered; the fixture has no Matryoshka/OrtSAE run to control with,
+    # and its runs predate the firing-based absorption numbers
     assert "No Matryoshka or OrtSAE runs in this study." in answers
-    assert answers.count("<table>") == len(QUESTIONS) - 1
+    assert "No firing-based absorption results in this study." in answers
+    assert answers.count("<table>") == len(QUESTIONS) - 2
     assert '>sgo_t0.02_l0.02</td>' in answers and '<img src="headline.png"' in answers
     assert fits_width(page)
 
