@@ -230,7 +230,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
             "threshold": f"τ sweep at λ = {sweep_lambda:g}. {_counts(sweep)}" if sweep["config"].nunique() > 1 else
             "No τ sweep (SGO at one λ over several τ) in this study."}
     power = mde_table(results, QUALITY, baseline=BASELINE, baselines=baselines, targets=MDE_TARGETS)
-    controls = positive_controls(quality, runs)
+    controls = positive_controls(quality, runs, results)
     check, check_verdicts = absorption_check(results, baselines, BASELINE)
     text["absorption"] = _absorption_sentences(check, check_verdicts)
     summary = study_summary(study_dir, results, runs, quality, power, controls, planned, (check, check_verdicts))
@@ -246,19 +246,24 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
                         f"One seed: no interval, so no verdict; {int(sum(claimed_side))} of {len(controls)} "
                         "differences point the claimed way." if controls["seeds"].max() < 2 else
                         f"{int(controls['reproduces'].sum())} of {len(controls)} claimed effects reproduce (the 95 % "
-                        "interval of the paired difference excludes 0 on the claimed side).")
+                        "interval of the paired difference excludes 0 on the claimed side)." + _claims_sentence(controls))
     text["power"] = ("Minimum detectable paired difference from TopK (95 %, 80 % power) with the seeds each comparison "
                      "has, from the per-seed differences pooled over every configuration; a null is a null only "
                      f"below it. {_targets_sentence(power)}" if power["seeds"].ge(2).any() else
                      "One seed: no paired spread, so no MDE.")
     tables = {"controls": controls, "penalty": weights.merge(penalty, on="config", how="left"), "quality": quality,
-              "frontier": pd.DataFrame(summary["sgo_frontier"]), "competition": patterns, "absorption": check, "threshold": sweep,
-              "power": power}
+              "frontier": pd.DataFrame(summary["sgo_frontier"]), "competition": patterns, "absorption": check,
+              "threshold": sweep, "power": power}
     if against is not None:  # the penalty table names its baseline too
         weights = against.merge(weights, on="config")
     md = {"controls": controls.assign(reproduces=controls["reproduces"].where(controls["seeds"] >= 2, "— (1 seed)"),
                                       difference=[cell(r) for r in controls.rename(columns={
-              "ci_low": "low", "ci_high": "high"}).assign(verdict="").itertuples()]).drop(
+              "ci_low": "low", "ci_high": "high"}).assign(verdict="").itertuples()],
+                                      claimed_difference=[f"{x:+.3g}" if x == x else "" for x in
+                                                          controls["claimed_difference"]],
+                                      claim_excluded=[{True: "yes", False: "no"}.get(x, "") for x in
+                                                      controls["claim_excluded"]]).rename(columns={
+              "claimed_difference": "size claimed", "claim_excluded": "claim ruled out"}).drop(
               columns=["ci_low", "ci_high", "seeds", "source", *(["against"] if against is None else [])]
           ).to_markdown(index=False) if len(controls) else "",
           "penalty": table_markdown(penalty, order, weights) if len(penalty) else
@@ -293,6 +298,16 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
         markdown, brief = (m.replace(" (1 seed)", "").replace("._\n", ". One seed: single measurements, no "
                                                               "intervals, no verdicts._\n", 1) for m in (markdown, brief))
     return Answers(markdown, brief, figure, tables, summary)
+
+
+def _claims_sentence(controls: pd.DataFrame) -> str:
+    """The controls whose paper reports a size: is that size inside the interval (the study cannot tell) or not?"""
+    sized = controls[controls["claim_excluded"].notna()]
+    if not len(sized):
+        return ""
+    words = [f"{r.config} {r.metric}: claimed {r.claimed_difference:+.3g}, "
+             + ("ruled out" if r.claim_excluded else "inside the interval") for r in sized.itertuples()]
+    return " Sizes the papers report, as a difference from TopK here: " + "; ".join(words) + "."
 
 
 def _absorption_sentences(check: pd.DataFrame, verdicts: dict) -> str:

@@ -296,6 +296,30 @@ def test_a_one_seed_study_says_so_once_instead_of_in_every_cell(tmp_path):
     assert "One seed" not in answers.study_answers("fx", FIXTURE, reports_dir=None).markdown
 
 
+@pytest.mark.parametrize("shift, excluded", [(0.0, True), (-0.075, False), (+0.02, True), (-0.2, True)])
+def test_a_controls_claimed_size_is_ruled_out_only_when_it_lies_outside_the_interval(shift, excluded):
+    """OrtSAE's paper reports −65 % absorption: as a difference from TopK here, −0.65 × TopK's mean (0.11). A null
+    interval around 0 rules it out; one that holds −0.0715 cannot tell; one wholly below it rules it out too (an
+    effect larger than claimed). One seed: no interval, so no ruling."""
+    from saelib.summary import positive_controls
+
+    base = {0: 0.10, 1: 0.12, 2: 0.11}
+    rows = _rows("topk", "topk", np.nan, np.nan, base, ABSORPTION)
+    rows += _rows("ort", "ortsae_topk", np.nan, 10.0, {s: v + shift + 0.002 * s for s, v in base.items()}, ABSORPTION)
+    results = pd.DataFrame(rows, columns=COLUMNS)
+    quality = paired_vs_baseline(results, answers.QUALITY, baseline="topk")
+    row = positive_controls(quality, results.drop_duplicates("run"), results).set_index("metric").loc[
+        "absorption (mean fraction)"]
+    assert row["claimed_difference"] == pytest.approx(-0.65 * 0.11)
+    assert row["claim_excluded"] == excluded
+    assert (row["ci_low"] <= row["claimed_difference"] <= row["ci_high"]) != excluded
+    one = results[results["seed"] == 0]
+    single = positive_controls(paired_vs_baseline(one, answers.QUALITY, baseline="topk"), one.drop_duplicates("run"),
+                               one).iloc[0]
+    assert single["claimed_difference"] == pytest.approx(-0.065) and single["claim_excluded"] is None
+    assert positive_controls(quality, results.drop_duplicates("run"))["claim_excluded"].isna().all()  # no results
+
+
 def test_the_firing_based_check_tells_a_metric_change_from_a_feature_change():
     """Issue 14 item 5 on crafted numbers. ``filter``: SAEBench's absorption falls while the main latents' silence
     stays (the words move from counted to not counted: a decoder-cosine filter effect) → not confirmed; ``fires``:
