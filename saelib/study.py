@@ -352,6 +352,53 @@ def select_runs(runs: list[Run], only: list[str]) -> list[Run]:
     return [run for run in runs if any(fnmatch.fnmatchcase(run.name, pattern) for pattern in only)]
 
 
+def warn_stray_runs(study_params: Path, study_dir: Path, runs: list[Run]) -> None:
+    """Warn about run folders in ``study_dir`` that no params file declares: the study's reports would read them."""
+    stray = sorted(p.name for p in study_dir.glob("*/") if (p / run_files.RUN_CFG_FILE).exists()) if study_dir.is_dir() else []
+    stray = [name for name in stray if name not in {r.name for r in runs}]
+    if stray:
+        log.warning("study %s: %s hold(s) runs with no params file in %s; the compare/competition reports and the "
+                    "answers read every run folder, so move them out of %s: %s", runs[0].cfg.study, study_dir,
+                    study_params, study_dir, ", ".join(stray))
+
+
+def execute_runs(study: str, todo: list[tuple[Run, list[Path]]], n_runs: int, settings: RunnerSettings,
+                 rows: dict[str, dict[str, Any]]) -> None:
+    """Execute ``todo`` (run, notebooks) in a thread pool of ``settings.jobs`` or as Ray tasks, recording each run's
+    status, minutes and error in ``rows``. A run that finishes is archived at once (:func:`archive_runs`'s copy), so a
+    study stopped part-way — killed, its machine lost — keeps every finished run's results in the archive."""
+    if settings.ray:
+        from saelib.ray_runner import RayPool
+
+        pool = RayPool(settings, todo)  # connects and checks the cluster's resources before anything runs
+        threads = pool.threads
+    else:
+        threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.jobs)
+        pool = ThreadPoolExecutor(max_workers=settings.jobs)
+    log.info("study %s: %d of %d runs to do, %s with %d thread(s) each", study, len(todo), n_runs,
+             f"as tasks on the Ray cluster at {settings.ray!r}" if settings.ray else f"{settings.jobs} at a time",
+             threads)
+    bar = tqdm(total=len(todo), desc=f"study {study}", unit="run")
+    lock = threading.Lock()
+
+    def finished(run: Run, status: str, error: str, minutes: float) -> None:
+        with lock:
+            if status == "done":
+                run_files.archive_run(run.cfg.run_dir, archive_path(run))
+            rows[run.name].update(status=status, minutes=round(minutes, 1), error=error)
+            bar.update(1)
+            bar.write(f"[{bar.n:>3}/{len(todo)}] {run.name}: {status} in {minutes:.1f} min"
+                      + (f" — {error}" if error else ""))
+
+    with pool:
+        if settings.ray:
+            for run, (status, error, minutes) in pool.results():
+                finished(run, status, error, minutes)
+        else:
+            list(pool.map(lambda item: finished(item[0], *run_notebooks(*item, settings, threads)), todo))
+    bar.close()
+
+
 def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool = False,
               only: list[str] | None = None, archived: bool = False, mixed_precision: bool = False) -> pd.DataFrame:
     """Run every pending notebook of a study; returns the summary (one row per run). ``reports_only``: run nothing,
@@ -375,12 +422,7 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
         check_precision(runs, [run for run, _ in todo], from_archive, settings, mixed_precision)
     study = runs[0].cfg.study
     study_dir = runs[0].cfg.run_dir.parent
-    stray = sorted(p.name for p in study_dir.glob("*/") if (p / run_files.RUN_CFG_FILE).exists()) if study_dir.is_dir() else []
-    stray = [name for name in stray if name not in {r.name for r in runs}]
-    if stray:
-        log.warning("study %s: %s hold(s) runs with no params file in %s; the compare/competition reports and the "
-                    "answers read every run folder, so move them out of %s: %s", study, study_dir, study_params,
-                    study_dir, ", ".join(stray))
+    warn_stray_runs(study_params, study_dir, runs)
     rows = {run.name: {"run": run.name, "status": "archived" if run.name in from_archive else "current",
                        "minutes": 0.0, "error": ""} for run in runs}
     if from_archive:
@@ -399,34 +441,7 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
         log.info("study %s: all %d %sruns are finished and current; nothing to do", study,
                  len(runs) - len(skipped), "selected " if only else "")
     else:
-        if settings.ray:
-            from saelib.ray_runner import RayPool
-
-            pool = RayPool(settings, todo)  # connects and checks the cluster's resources before anything runs
-            threads = pool.threads
-        else:
-            threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.jobs)
-            pool = ThreadPoolExecutor(max_workers=settings.jobs)
-        log.info("study %s: %d of %d runs to do, %s with %d thread(s) each", study, len(todo), len(runs),
-                 f"as tasks on the Ray cluster at {settings.ray!r}" if settings.ray else f"{settings.jobs} at a time",
-                 threads)
-        bar = tqdm(total=len(todo), desc=f"study {study}", unit="run")
-        lock = threading.Lock()
-
-        def finished(run: Run, status: str, error: str, minutes: float) -> None:
-            with lock:
-                rows[run.name].update(status=status, minutes=round(minutes, 1), error=error)
-                bar.update(1)
-                bar.write(f"[{bar.n:>3}/{len(todo)}] {run.name}: {status} in {minutes:.1f} min"
-                          + (f" — {error}" if error else ""))
-
-        with pool:
-            if settings.ray:
-                for run, (status, error, minutes) in pool.results():
-                    finished(run, status, error, minutes)
-            else:
-                list(pool.map(lambda item: finished(item[0], *run_notebooks(*item, settings, threads)), todo))
-        bar.close()
+        execute_runs(study, todo, len(runs), settings, rows)
     summary = pd.DataFrame(list(rows.values()))
     if todo:
         log.info("study %s: this call took %.1f min wall", study, (time.time() - t_start) / 60)

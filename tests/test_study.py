@@ -331,3 +331,17 @@ def test_every_committed_study_folder_loads(folder):
     settings = load_runner_settings(folder, {})
     assert settings.evals is None or set(settings.evals) <= {"core", "absorption", "sparse_probing", "unlearning",
                                                              "unlearning_proxy", "competition"}
+
+
+def test_each_run_is_archived_as_it_finishes_not_at_the_end_of_the_call(study):
+    """One run at a time: when topk_s1 starts, topk_s0's results are already in the archive, so a study killed
+    part-way (its machine lost) keeps every finished run's results."""
+    root = study.parent.parent
+    archive = root / "reports" / "mini" / "runs"
+    stub_notebook(root / "notebooks" / "evaluate.ipynb", 'params_file = ""\neval_profile = "smoke"',
+                  STUB + f"\nif cfg.seed == 1:\n    assert (Path({str(archive)!r}) / 'topk_s0' / '.runner' / "
+                         "'evaluate.json').exists(), 'topk_s0 not archived yet'\n")
+    (study / "topk_s2.yaml").unlink()
+    summary = run_study(study, settings(jobs=1)).set_index("run")
+    assert dict(summary["status"]) == {"topk_s0": "done", "topk_s1": "done"}
+    assert sorted(p.name for p in archive.iterdir()) == ["topk_s0", "topk_s1"]
