@@ -261,10 +261,13 @@ class ActivationStream:
         device = next(self.model.parameters()).device
         self._chunk = None  # the previous chunk goes before the next is built: one buffer in memory, not two
         rows = torch.empty(hi - lo, self.d_in, dtype=torch.float32, device=device)
-        skip, filled = lo - int(self.cum_rows[s0]), 0  # rows of sequence s0 that belong to the chunk before
-        for b in tqdm(range(s0, s1, self.lm_batch_size), desc=f"streaming {self.hook_name} (chunk {c + 1})",
+        # the LM sees the batches the cache gives it (sequences [b, b + lm_batch_size) for b a multiple of
+        # lm_batch_size): the same shapes, so the same bits on every CPU, whose kernels may round by batch shape
+        b0 = s0 // self.lm_batch_size * self.lm_batch_size
+        skip, filled = lo - int(self.cum_rows[b0]), 0  # rows of sequences b0… that belong to the chunk before
+        for b in tqdm(range(b0, s1, self.lm_batch_size), desc=f"streaming {self.hook_name} (chunk {c + 1})",
                       unit="batch", leave=False):
-            batch = torch.from_numpy(np.asarray(self.tokens_NS[b: min(b + self.lm_batch_size, s1)], dtype=np.int64))
+            batch = torch.from_numpy(np.asarray(self.tokens_NS[b: b + self.lm_batch_size], dtype=np.int64))
             acts = _hook_acts(self.model, batch.to(device), self.hook_name, self.layer, self.special.to(device))
             acts, skip = acts[skip:], 0
             take = min(len(acts), len(rows) - filled)

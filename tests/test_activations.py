@@ -211,6 +211,22 @@ def test_a_small_buffer_mixes_within_chunks_covers_the_epoch_and_resumes(tiny_mo
         assert all(torch.equal(a, b) for a, b in zip(resumed, batches[start:]))
 
 
+def test_each_chunk_is_computed_in_the_caches_lm_batches(tiny_model, tmp_path, monkeypatch):
+    """A CPU's kernels may round by batch shape (an Intel Xeon did, in fp32): the stream gives the LM the batches
+    the cache gave it, so its chunks equal the cache's rows bit for bit wherever a chunk starts or ends. Here the
+    LM's output carries its batch's size, so any other batching shows."""
+    from saelib import activations
+
+    real = activations._hook_acts
+    monkeypatch.setattr(activations, "_hook_acts", lambda model, tokens_BS, *a: real(model, tokens_BS, *a)
+                        + len(tokens_BS) / 1024)
+    key = CacheKey("tiny-random", HOOK, "synthetic", 1500, 32)
+    cache = build_activation_cache(tiny_model, synthetic_tokens(), key, tmp_path / "acts", {1}, lm_batch_size=8)
+    stream = tiny_stream(tiny_model, buffer_rows=400)  # chunks start inside sequences and inside LM batches
+    for c in range(stream.n_chunks):
+        assert np.array_equal(stream.chunk(c).numpy(), np.asarray(cache.acts[c * 400: (c + 1) * 400])), c
+
+
 def test_training_on_the_stream_equals_training_on_the_cache(tmp_path, tiny_model, tiny_cache):
     from saelib.train import train_sae
     from tests.test_train import tiny_cfg
