@@ -125,10 +125,20 @@ def weights_check(study_dir: Path, runs: pd.DataFrame, baselines: dict[str, str]
         deltas = [d for d in (delta(run, base[seed]) for run, seed in part[["run", "seed"]].values) if d is not None]
         rows.append({"config": config, "tau": part["tau"].iloc[0], "lambda": part["lambda"].iloc[0],
                      "SAEs compared": len(deltas), "SAEs equal to TopK": sum(d == 0 for d in deltas),
-                     "largest Δ element (abs.)": max((d for d in deltas if not math.isnan(d)), default=math.nan),
+                     DELTA: max((d for d in deltas if not math.isnan(d)), default=math.nan),
                      PENALTY_SHARE: penalty_share([Path(study_dir) / run for run in part["run"]])})
-    return pd.DataFrame(rows, columns=["config", "tau", "lambda", "SAEs compared", "SAEs equal to TopK",
-                                       "largest Δ element (abs.)", PENALTY_SHARE])
+    return pd.DataFrame(rows, columns=["config", "tau", "lambda", "SAEs compared", "SAEs equal to TopK", DELTA,
+                                       PENALTY_SHARE])
+
+
+DELTA = "largest Δ element (abs.)"
+
+
+def delta_words(weights: pd.DataFrame) -> list[str]:
+    """:func:`weights_check`'s largest difference for a reader: a number where the weights were here, else what is
+    known without them — the digests differ (a run or its TopK read from the archive), or nothing was compared."""
+    return ["—" if n == 0 else "differs (by digest; weights not on this machine)" if math.isnan(d) else f"{d:.4g}"
+            for d, n in zip(weights[DELTA], weights["SAEs compared"])]
 
 
 PENALTY_SHARE = "penalty / loss (last 10 % of steps)"
@@ -256,6 +266,7 @@ def study_answers(study: str, study_dir: Path, reports_dir: Path | None = Path("
               "threshold": sweep, "power": power}
     if against is not None:  # the penalty table names its baseline too
         weights = against.merge(weights, on="config")
+    weights = weights.assign(**{DELTA: delta_words(weights)}) if len(weights) else weights  # markdown only
     md = {"controls": controls.assign(reproduces=controls["reproduces"].where(controls["seeds"] >= 2, "— (1 seed)"),
                                       difference=[cell(r) for r in controls.rename(columns={
               "ci_low": "low", "ci_high": "high"}).assign(verdict="").itertuples()],

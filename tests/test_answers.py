@@ -149,6 +149,8 @@ def test_the_lambda_zero_control_is_compared_tensor_for_tensor(tmp_path):
         assert not (archive / run / run_files.SAE_DIR).exists() and (archive / run / "evals" / "core.json").exists()
     row = answers.weights_check(archive, runs).iloc[0]
     assert (row["SAEs compared"], row["SAEs equal to TopK"]) == (1, 0) and math.isnan(row["largest Δ element (abs.)"])
+    assert answers.delta_words(answers.weights_check(archive, runs)) == [
+        "differs (by digest; weights not on this machine)"]  # what the answers print, not "nan"
     save_file(weights, str(control / run_files.SAE_DIR / "sae_weights.safetensors"))
     run_files.archive_run(control, archive / control.name)  # replaces the older copy whole
     row = answers.weights_check(archive, runs).iloc[0]
