@@ -196,11 +196,12 @@ def archived_runs(runs: list[Run], settings: RunnerSettings) -> dict[str, Path]:
             if not all_current(run, settings) and all_current(run, settings, archive_path(run))}
 
 
-def archive_runs(runs: list[Run], settings: RunnerSettings) -> list[str]:
-    """Archive every run finished and current here (its results, no weights: :func:`saelib.run_files.archive_run`);
-    returns their names. The archive is committed with the reports, so the study's numbers can be checked, and a study
-    run over several machines reassembled (``--archived``)."""
-    done = [run for run in runs if all_current(run, settings)]
+def archive_runs(runs: list[Run], settings: RunnerSettings, skip: set[str] = frozenset()) -> list[str]:
+    """Archive every run finished and current here (its results, no weights: :func:`saelib.run_files.archive_run`)
+    but those in ``skip`` (archived already by this call); returns their names. The archive is committed with the
+    reports, so the study's numbers can be checked, and a study run over several machines reassembled
+    (``--archived``)."""
+    done = [run for run in runs if run.name not in skip and all_current(run, settings)]
     for run in done:
         run_files.archive_run(run.cfg.run_dir, archive_path(run))
     return [run.name for run in done]
@@ -363,10 +364,11 @@ def warn_stray_runs(study_params: Path, study_dir: Path, runs: list[Run]) -> Non
 
 
 def execute_runs(study: str, todo: list[tuple[Run, list[Path]]], n_runs: int, settings: RunnerSettings,
-                 rows: dict[str, dict[str, Any]]) -> None:
+                 rows: dict[str, dict[str, Any]]) -> set[str]:
     """Execute ``todo`` (run, notebooks) in a thread pool of ``settings.jobs`` or as Ray tasks, recording each run's
     status, minutes and error in ``rows``. A run that finishes is archived at once (:func:`archive_runs`'s copy), so a
-    study stopped part-way — killed, its machine lost — keeps every finished run's results in the archive."""
+    study stopped part-way — killed, its machine lost — keeps every finished run's results in the archive; returns
+    the names of the runs archived."""
     if settings.ray:
         from saelib.ray_runner import RayPool
 
@@ -380,11 +382,13 @@ def execute_runs(study: str, todo: list[tuple[Run, list[Path]]], n_runs: int, se
              threads)
     bar = tqdm(total=len(todo), desc=f"study {study}", unit="run")
     lock = threading.Lock()
+    archived: set[str] = set()
 
     def finished(run: Run, status: str, error: str, minutes: float) -> None:
         with lock:
             if status == "done":
                 run_files.archive_run(run.cfg.run_dir, archive_path(run))
+                archived.add(run.name)
             rows[run.name].update(status=status, minutes=round(minutes, 1), error=error)
             bar.update(1)
             bar.write(f"[{bar.n:>3}/{len(todo)}] {run.name}: {status} in {minutes:.1f} min"
@@ -397,6 +401,7 @@ def execute_runs(study: str, todo: list[tuple[Run, list[Path]]], n_runs: int, se
         else:
             list(pool.map(lambda item: finished(item[0], *run_notebooks(*item, settings, threads)), todo))
     bar.close()
+    return archived
 
 
 def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool = False,
@@ -423,6 +428,7 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
     study = runs[0].cfg.study
     study_dir = runs[0].cfg.run_dir.parent
     warn_stray_runs(study_params, study_dir, runs)
+    archived_now: set[str] = set()  # runs this call finished and archived
     rows = {run.name: {"run": run.name, "status": "archived" if run.name in from_archive else "current",
                        "minutes": 0.0, "error": ""} for run in runs}
     if from_archive:
@@ -441,11 +447,11 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
         log.info("study %s: all %d %sruns are finished and current; nothing to do", study,
                  len(runs) - len(skipped), "selected " if only else "")
     else:
-        execute_runs(study, todo, len(runs), settings, rows)
+        archived_now = execute_runs(study, todo, len(runs), settings, rows)
     summary = pd.DataFrame(list(rows.values()))
     if todo:
         log.info("study %s: this call took %.1f min wall", study, (time.time() - t_start) / 60)
-    archived_here = archive_runs(runs, settings)
+    archived_here = [*archived_now, *archive_runs(runs, settings, skip=archived_now)]  # the rest finished here before
     if archived_here:
         log.info("study %s: results of %d finished run(s) archived in %s", study, len(archived_here),
                  archive_path(runs[0]).parent)
