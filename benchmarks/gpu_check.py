@@ -51,9 +51,9 @@ def sync_for(device: torch.device):
 
 def sae_steps(device: torch.device, d_sae: int, batch: int, rounds: int) -> dict[str, float]:
     """Seconds per step of stock sae_lens TopK (bf16 autocast where native) and saelib's step, and SGO's overhead."""
-    from saelib.sparse_step import bf16_native
+    from saelib.sparse_step import resolve_precision
 
-    best = "bfloat16" if bf16_native(device) else "float32"
+    best = resolve_precision("auto", device)
     sgo = dict(orth_pen=0.02, competition_threshold=0.02, competition_warmup_steps=0, competition_window=10)
     steppers = {"stock": sae_lens_stepper("stock", d_sae, best, 10**6, device=str(device)),
                 "saelib": sae_lens_stepper("saelib_topk", d_sae, best, 10**6, device=str(device)),

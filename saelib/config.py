@@ -116,8 +116,9 @@ class RunConfig(PrecisionSettings, OrthSettings, SGOSettings, OrtSAESettings, L1
     device: str = "cpu"
     dtype: str = "float32"
     lm_precision: str = "auto"
-    """The language model's weights for activations and evals: ``auto`` (bf16 where native), ``float32`` or
-    ``bfloat16``. Activations are cached as fp32 either way; the cache is keyed by this choice."""
+    """The language model's weights for activations and evals: ``auto`` (bf16 where native and measured faster than
+    fp32), ``float32`` or ``bfloat16``. Activations are cached as fp32 either way; the cache is keyed by this
+    choice."""
 
     def __post_init__(self) -> None:
         self._validate()

@@ -43,8 +43,9 @@ class Settings:
 @dataclass
 class PrecisionSettings(Settings):
     sae_precision: str = "auto"
-    """Encoder matmul of the sparse TopK step (TopK family): ``auto`` (bf16 where native on the device, else fp32),
-    ``float32`` or ``bfloat16`` (an error where not native). Weights and Adam state stay fp32."""
+    """Encoder matmul of the sparse TopK step (TopK family): ``auto`` (bf16 where native on the device and its matmul
+    measured faster than fp32's, else fp32), ``float32`` or ``bfloat16`` (an error where not native). Weights and
+    Adam state stay fp32."""
 
     def check_settings(self) -> None:
         super().check_settings()

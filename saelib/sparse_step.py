@@ -3,7 +3,8 @@
 Same loss, same parameters and same saved form as sae_lens's ``TopKTrainingSAE``; only the arithmetic differs:
 
 * the encoder matmul stays dense (batch × d_sae pre-activations, no autograd graph, the bias and the decoder-norm
-  scale folded into it), in bf16 where the device has native bf16 (``sae_precision``), fp32 otherwise;
+  scale folded into it), in bf16 where the device has native bf16 and its matmul is measured faster than fp32's
+  (``sae_precision: auto``; :func:`auto_precision`), fp32 otherwise;
 * TopK then picks k latents per row; everything after it is sparse: the decoder's forward is an ``embedding_bag``
   over the k active rows of ``W_dec`` and its backward two sparse products (CSR × dense for ``W_dec``, a sampled
   product for the activations), and the encoder's backward touches only the active columns (a CSR × dense product
@@ -21,9 +22,16 @@ The trainer is sae_lens's own ``SAETrainer``; ``saelib.train`` only gives it a f
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, MatryoshkaBatchTopKTrainingSAE,
@@ -34,6 +42,9 @@ from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 from saelib.settings import PrecisionSettings
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+AUTO_ENV = "SAELIB_AUTO_PRECISION"  # holds what 'auto' means (a study keeping its finished runs' precision)
+BF16_MIN_SPEEDUP = 1.2  # 'auto' takes bf16 only where its matmul is at least this much faster than fp32's
+SPEED_FILE = "bf16_speed.json"
 _FREED_MEMORY_KEPT: bool | None = None
 
 
@@ -97,18 +108,123 @@ def device_here(device: str) -> bool:
     return True
 
 
+def cpu_id() -> str:
+    """This CPU in words that tell machines apart: its model name and, where the name is generic (a cloud VM's
+    "Intel(R) Xeon(R) Processor"), family, model and stepping."""
+    import platform
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model", "stepping") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    numbers = "/".join(fields[k] for k in ("cpu family", "model", "stepping") if k in fields)
+    return f"{name} ({numbers})" if numbers else name
+
+
+def _time_matmuls(repeats: int = 3) -> tuple[float, float]:
+    """The fastest of ``repeats`` interleaved fp32 and bf16 products (1,024 × 640) · (640 × 4,096) on this CPU, at
+    torch's thread count, after one warm-up round: a TopK SAE step's and an LM layer's shape, about 0.5 s in all."""
+    a, b = torch.randn(1024, 640), torch.randn(640, 4096)
+    pairs = {"float32": (a, b), "bfloat16": (a.bfloat16(), b.bfloat16())}
+    for x, y in pairs.values():
+        x @ y
+    best = {name: math.inf for name in pairs}
+    for _ in range(repeats):
+        for name, (x, y) in pairs.items():
+            start = time.perf_counter()
+            x @ y
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best["float32"], best["bfloat16"]
+
+
+def bf16_speedup(device: str | torch.device = "cpu") -> float:
+    """How many times faster a bf16 matmul runs than an fp32 one on ``device``: 0.0 where bf16 is not native, inf on
+    a CUDA GPU with bf16 (untimed). A CPU can report native bf16 (``avx512_bf16``) and still run it slower than fp32 —
+    measured on an Intel Xeon (family 6, model 207) at 0.5× — so a CPU's is timed (:func:`cpu_bf16_speedup`)."""
+    if not bf16_native(device):
+        return 0.0
+    if torch.device(device).type != "cpu":
+        return math.inf
+    return cpu_bf16_speedup(torch.get_num_threads())
+
+
+@lru_cache(maxsize=None)
+def cpu_bf16_speedup(threads: int) -> float:
+    """This CPU's bf16 ÷ fp32 matmul speed at ``threads`` threads, timed once per CPU, torch version and thread
+    count and kept in ``<cache>/bf16_speed.json``, so every process on the machine decides alike (a study's runs,
+    each notebook's kernel); a cache that cannot be written only costs the next process a new timing."""
+    from saelib.models import cache_root
+
+    key = f"{cpu_id()} | torch {torch.__version__} | {threads} threads"
+    path = cache_root() / SPEED_FILE
+    try:
+        known = json.loads(path.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), dict) and isinstance(known[key].get("speedup"), (int, float)):
+        return float(known[key]["speedup"])
+    fp32, bf16 = _time_matmuls()
+    speedup = round(fp32 / bf16, 3)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**known, key: {"float32_s": fp32, "bfloat16_s": bf16, "speedup": speedup}},
+                                  indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return speedup
+
+
+def auto_precision(device: str | torch.device) -> str:
+    """What ``auto`` means on ``device``: ``bfloat16`` where it is native and its matmul at least
+    ``BF16_MIN_SPEEDUP`` times fp32's (:func:`bf16_speedup`), else ``float32``. ``$SAELIB_AUTO_PRECISION`` holds it
+    instead (:func:`auto_held`; a bad value, or bf16 held where it is not native, is a ValueError naming it)."""
+    held = os.environ.get(AUTO_ENV)
+    if held:
+        if held not in ("float32", "bfloat16"):
+            raise ValueError(f"{AUTO_ENV}: expected 'float32' or 'bfloat16', got {held!r}")
+        if held == "bfloat16" and not bf16_native(device):
+            raise ValueError(f"{AUTO_ENV}: 'auto' is held at 'bfloat16', but {torch.device(device)} has no native "
+                             "bf16")
+        return held
+    return "bfloat16" if bf16_speedup(device) >= BF16_MIN_SPEEDUP else "float32"
+
+
+@contextmanager
+def auto_held(precision: str | None):
+    """Within the block, ``auto`` resolves to ``precision`` in this process and in the processes it starts (the
+    notebooks' kernels): a study finishing on a machine that alone would pick the other precision. None: no hold."""
+    before = os.environ.get(AUTO_ENV)
+    if precision is not None:
+        os.environ[AUTO_ENV] = precision
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(AUTO_ENV, None)
+        else:
+            os.environ[AUTO_ENV] = before
+
+
 def resolve_precision(precision: str, device: str | torch.device, field: str = "sae_precision") -> str:
-    """``auto`` → ``bfloat16`` where native on ``device``, else ``float32``. Forcing ``bfloat16`` where it is
-    not native raises a ValueError naming ``field``; a device this machine lacks raises one naming ``device``."""
+    """``auto`` → :func:`auto_precision` (bf16 where native and measured faster, else fp32). Forcing ``bfloat16``
+    where it is not native raises a ValueError naming ``field``; a device this machine lacks raises one naming
+    ``device``."""
     require_device(device)
     if precision not in PRECISIONS:
         raise ValueError(f"{field}: expected one of {list(PRECISIONS)}, got {precision!r}")
-    native = bf16_native(device)
-    if precision == "bfloat16" and not native:
+    if precision == "bfloat16" and not bf16_native(device):
         raise ValueError(f"{field}: 'bfloat16' was asked for, but {torch.device(device)} has no native bf16 "
                          "(it would be emulated, slower than fp32); use 'auto' or 'float32'")
     if precision == "auto":
-        return "bfloat16" if native else "float32"
+        return auto_precision(device)
     return precision
 
 

@@ -26,6 +26,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -46,7 +47,7 @@ from saelib import run_files
 from saelib.config import (GRID_FILE, ConfigError, RunConfig, build_config, grid_runs, precisions_used,
                             with_defaults)
 from saelib.evals.results import SEED_SUFFIX
-from saelib.sparse_step import bf16_native
+from saelib.sparse_step import auto_held, bf16_native, bf16_speedup
 
 log = logging.getLogger(__name__)
 
@@ -300,47 +301,81 @@ def run_notebooks(run: Run, notebooks: list[Path], settings: RunnerSettings, thr
     return status, error, (time.time() - start) / 60
 
 
-def precision_clash(runs: list[Run], todo: list[Run], archived: dict[str, Path], settings: RunnerSettings
-                    ) -> str | None:
-    """Why the runs in ``todo`` would not be comparable with the study's finished ones (current here, or
-    ``archived``): for runs left at ``auto``, this machine resolves the LM or SAE precision otherwise than the
-    finished ``auto`` runs were measured in (a study finished over machines with and without native bf16). None when
-    they agree, when no finished run recorded it, or when the finished runs already mix (the answers say so). A
-    device this machine lacks raises a ConfigError naming ``device``."""
+def finished_cfgs(runs: list[Run], archived: dict[str, Path], settings: RunnerSettings) -> list[dict[str, Any]]:
+    """The configs (``cfg.json``, with the precisions used) of the study's finished runs: current here, or
+    ``archived``. A half-trained run folder is not a finished run."""
     done = []
     for run in runs:
         folder = archived.get(run.name) or (run.cfg.run_dir if all_current(run, settings) else None)
         if folder is not None and (folder / run_files.RUN_CFG_FILE).exists():
             done.append(run_files.read_json(folder / run_files.RUN_CFG_FILE))
+    return done
+
+
+def auto_words(device: str) -> str:
+    """Why ``auto`` resolves as it does on this machine, in words (native bf16, and its measured speed)."""
+    speed = bf16_speedup(device)
+    return f"native bf16: {bf16_native(device)}" + (f", its matmul {speed:.2f}× fp32's speed" if 0 < speed < math.inf
+                                                     else "")
+
+
+def precision_clash(runs: list[Run], todo: list[Run], archived: dict[str, Path], settings: RunnerSettings
+                    ) -> str | None:
+    """Why the runs in ``todo`` would not be comparable with the study's finished ones (current here, or
+    ``archived``): for runs left at ``auto``, this machine resolves the LM or SAE precision otherwise than the
+    finished ``auto`` runs were measured in (a study finished over machines with and without native bf16, or where
+    bf16 is native but slower). None when they agree, when no finished run recorded it, or when the finished runs
+    already mix (the answers say so). A device this machine lacks raises a ConfigError naming ``device``."""
+    done = finished_cfgs(runs, archived, settings)
     try:
         new = [{**run.cfg.to_dict(), **run.cfg.resolved_precisions()} for run in todo]
-    except ValueError as err:  # a device this machine lacks, or bf16 forced where it is not native
+    except ValueError as err:  # a device this machine lacks, or bf16 forced (or held) where it is not native
         raise ConfigError(str(err)) from err
     for side in ("lm", "sae"):
-        def auto(cfgs):
-            return precisions_used([c for c in cfgs if c.get(f"{side}_precision", "auto") == "auto"])[side]
-        before, here = auto(done), auto(new)
+        before, here = finished_auto(done, side), finished_auto(new, side)
         if len(before) == 1 and set(here) - set(before):
             return (f"{side}_precision: the study's finished runs at 'auto' were measured in {before[0]}, but 'auto' "
-                    f"resolves to {', '.join(sorted(set(here) - set(before)))} on this machine (native bf16: "
-                    f"{bf16_native(todo[0].cfg.device)}), so runs trained here would not be comparable with them; "
+                    f"resolves to {', '.join(sorted(set(here) - set(before)))} on this machine "
+                    f"({auto_words(todo[0].cfg.device)}), so runs trained here would not be comparable with them; "
                     "run the rest where the precision matches, or pass --mixed-precision to go on anyway")
     return None
 
 
+def finished_auto(cfgs: list[dict[str, Any]], side: str) -> list[str]:
+    """The precisions the ``cfgs`` left at ``auto`` on ``side`` (``lm``, ``sae``) resolved to."""
+    return precisions_used([c for c in cfgs if c.get(f"{side}_precision", "auto") == "auto"])[side]
+
+
 def check_precision(runs: list[Run], todo: list[Run], archived: dict[str, Path], settings: RunnerSettings,
-                    mixed_precision: bool) -> None:
-    """Refuse (ConfigError) to run ``todo`` where :func:`precision_clash` finds one, unless ``mixed_precision`` (then
-    a warning); under Ray the runs resolve ``auto`` on the workers, so the check is theirs."""
+                    mixed_precision: bool) -> str | None:
+    """Where :func:`precision_clash` finds one, hold ``auto`` at the precision the study's finished runs used, if
+    this machine has it (bf16 native but slower, or the reverse) — the precision to hold, for :func:`auto_held`;
+    else refuse (ConfigError), unless ``mixed_precision`` (then a warning, and no hold). Under Ray the runs resolve
+    ``auto`` on the workers, so the check is theirs."""
     if settings.ray:
         log.info("study %s: precision check left to the Ray workers' runs (each records what 'auto' resolved to)",
                  runs[0].cfg.study)
-        return
+        return None
     clash = precision_clash(runs, todo, archived, settings)
-    if clash and not mixed_precision:
-        raise ConfigError(clash)
-    if clash:
+    if clash is None:
+        return None
+    if mixed_precision:
         log.warning("study %s: --mixed-precision: %s", runs[0].cfg.study, clash.split(";")[0])
+        return None
+    done = finished_cfgs(runs, archived, settings)
+    used = set(finished_auto(done, "lm")) | set(finished_auto(done, "sae"))
+    if len(used) == 1:
+        held = used.pop()
+        try:
+            with auto_held(held):
+                again = precision_clash(runs, todo, archived, settings)
+        except ConfigError:  # bf16 held where it is not native: cannot be held here
+            again = clash
+        if again is None:
+            log.warning("study %s: 'auto' held at %s, the precision the study's finished runs used; alone, this "
+                        "machine would pick the other (%s)", runs[0].cfg.study, held, auto_words(todo[0].cfg.device))
+            return held
+    raise ConfigError(clash)
 
 
 def select_runs(runs: list[Run], only: list[str]) -> list[Run]:
@@ -412,8 +447,8 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
     read every finished run). ``archived``: a run not finished here whose archive copy (``reports/<study>/runs/``,
     written by an earlier machine for the same config, notebooks and parameters) is current counts as finished, and
     the reports read it from there — a study run over several machines, one part each. A machine whose ``auto``
-    precision differs from the finished runs' refuses to run more (:func:`precision_clash`) unless
-    ``mixed_precision``."""
+    precision differs from the finished runs' holds ``auto`` at theirs where it can, else refuses to run more
+    (:func:`check_precision`) unless ``mixed_precision``."""
     t_start = time.time()
     runs = study_runs(study_params)
     from_archive = archived_runs(runs, settings) if archived else {}
@@ -423,8 +458,9 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
         selected = {run.name for run in select_runs(runs, only)}
         skipped = [run for run, _ in todo if run.name not in selected]
         todo = [(run, notebooks) for run, notebooks in todo if run.name in selected]
+    held = None
     if todo and not reports_only:
-        check_precision(runs, [run for run, _ in todo], from_archive, settings, mixed_precision)
+        held = check_precision(runs, [run for run, _ in todo], from_archive, settings, mixed_precision)
     study = runs[0].cfg.study
     study_dir = runs[0].cfg.run_dir.parent
     warn_stray_runs(study_params, study_dir, runs)
@@ -447,7 +483,8 @@ def run_study(study_params: Path, settings: RunnerSettings, reports_only: bool =
         log.info("study %s: all %d %sruns are finished and current; nothing to do", study,
                  len(runs) - len(skipped), "selected " if only else "")
     else:
-        archived_now = execute_runs(study, todo, len(runs), settings, rows)
+        with auto_held(held):  # the notebooks' kernels inherit it
+            archived_now = execute_runs(study, todo, len(runs), settings, rows)
     summary = pd.DataFrame(list(rows.values()))
     if todo:
         log.info("study %s: this call took %.1f min wall", study, (time.time() - t_start) / 60)

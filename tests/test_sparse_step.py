@@ -1,5 +1,6 @@
 """The sparse TopK step against sae_lens's own dense TopK step, on small sizes."""
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -106,8 +107,62 @@ def test_precision_is_resolved_and_validated(monkeypatch):
     with pytest.raises(ValueError, match=r"^sae_precision: expected one of \['auto', 'float32', 'bfloat16'\]"):
         resolve_precision("float16", "cpu")
     monkeypatch.setattr(s, "bf16_native", lambda device="cpu": True)
+    monkeypatch.setattr(s, "cpu_bf16_speedup", lambda threads: 3.7)  # Zen 5
     assert resolve_precision("auto", "cpu") == "bfloat16"
     assert resolve_precision("float32", "cpu") == "float32"
+    monkeypatch.setattr(s, "cpu_bf16_speedup", lambda threads: 0.55)  # native, but slower: an Intel Xeon (6/207)
+    assert resolve_precision("auto", "cpu") == "float32"
+    assert resolve_precision("bfloat16", "cpu") == "bfloat16"  # asked for: granted where native
+
+
+def test_auto_is_timed_once_per_machine_and_every_process_reads_the_same_answer(monkeypatch, tmp_path):
+    """bf16 native but slower than fp32 (a CPU that reports avx512_bf16 and runs it at half fp32's speed) makes
+    'auto' pick fp32; the timing is kept in the cache, so a second process neither times again nor decides otherwise."""
+    import saelib.sparse_step as s
+
+    timed = []
+    monkeypatch.setattr(s, "bf16_native", lambda device="cpu": True)
+    monkeypatch.setattr(s, "_time_matmuls", lambda: timed.append(1) or (0.034, 0.066))
+    s.cpu_bf16_speedup.cache_clear()
+    assert resolve_precision("auto", "cpu") == "float32" and len(timed) == 1
+    record = json.loads((tmp_path / "saelib-cache" / s.SPEED_FILE).read_text())
+    (entry,), = [list(record.values())]
+    assert entry == {"float32_s": 0.034, "bfloat16_s": 0.066, "speedup": 0.515}
+    assert f"torch {torch.__version__}" in next(iter(record)) and s.cpu_id() in next(iter(record))
+    s.cpu_bf16_speedup.cache_clear()  # a new process: reads the record
+    monkeypatch.setattr(s, "_time_matmuls", lambda: timed.append(1) or (0.034, 0.009))
+    assert resolve_precision("auto", "cpu") == "float32" and len(timed) == 1
+    (tmp_path / "saelib-cache" / s.SPEED_FILE).write_text("{not json")  # a damaged record is timed anew
+    s.cpu_bf16_speedup.cache_clear()
+    assert resolve_precision("auto", "cpu") == "bfloat16" and len(timed) == 2
+    s.cpu_bf16_speedup.cache_clear()
+    assert s.bf16_speedup("cpu") == pytest.approx(3.778) and len(timed) == 2
+    s.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setattr(s, "bf16_native", lambda device="cpu": False)
+    assert s.bf16_speedup("cpu") == 0.0 and len(timed) == 2  # not native: nothing to time
+
+
+def test_a_held_auto_overrides_the_timing_and_a_bad_hold_is_a_clear_error(monkeypatch):
+    import saelib.sparse_step as s
+
+    monkeypatch.setattr(s, "bf16_native", lambda device="cpu": True)
+    monkeypatch.setattr(s, "cpu_bf16_speedup", lambda threads: 0.55)
+    with s.auto_held("bfloat16"):
+        assert resolve_precision("auto", "cpu") == "bfloat16" and os.environ[s.AUTO_ENV] == "bfloat16"
+        with s.auto_held(None):  # no hold: the outer one stands
+            assert resolve_precision("auto", "cpu", "lm_precision") == "bfloat16"
+        assert resolve_precision("float32", "cpu") == "float32"  # a set precision is not 'auto'
+    assert s.AUTO_ENV not in os.environ and resolve_precision("auto", "cpu") == "float32"
+    monkeypatch.setenv(s.AUTO_ENV, "float16")
+    with pytest.raises(ValueError, match=r"^SAELIB_AUTO_PRECISION: expected 'float32' or 'bfloat16', got 'float16'$"):
+        resolve_precision("auto", "cpu")
+    monkeypatch.setenv(s.AUTO_ENV, "bfloat16")
+    monkeypatch.setattr(s, "bf16_native", lambda device="cpu": False)
+    with pytest.raises(ValueError, match="^SAELIB_AUTO_PRECISION: 'auto' is held at 'bfloat16', but cpu has no "):
+        resolve_precision("auto", "cpu")
+    with s.auto_held("float32"):
+        assert resolve_precision("auto", "cpu") == "float32"
+    assert os.environ[s.AUTO_ENV] == "bfloat16"  # what was there before is put back
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

@@ -32,6 +32,7 @@ for step in range(len(done) + 1, 4):  # resumes after the last step written, lik
         os._exit(1)  # the kernel dies mid-run
 (run / "sae").mkdir(exist_ok=True)
 (run / "marker.json").write_text(json.dumps({"eval_profile": eval_profile}))
+(run / "held.json").write_text(json.dumps(os.environ.get("SAELIB_AUTO_PRECISION")))  # what 'auto' was held at
 '''
 
 
@@ -219,11 +220,13 @@ def test_a_study_finished_on_several_machines_reads_the_archived_runs(study, cap
     assert main([str(study), "--reports-only", "--archived", "--notebooks", "notebooks/evaluate.ipynb"]) == 0
 
 
-def test_a_machine_whose_auto_precision_differs_from_the_finished_runs_refuses_to_run_more(study, monkeypatch):
+def test_a_machine_whose_auto_precision_differs_from_the_finished_runs_holds_it_or_refuses(study, monkeypatch,
+                                                                                            caplog):
     """A study finished over several machines must not mix precisions silently: where ``auto`` resolves otherwise
-    than the finished ``auto`` runs were measured in (no native bf16 here), the runner refuses in one line naming the
-    field, before anything runs, unless told ``--mixed-precision``. A half-trained run folder is not a finished run,
-    and runs with an explicit precision are not compared; a device this machine lacks is refused whatever the flag."""
+    than the finished ``auto`` runs were measured in, the runner holds ``auto`` at theirs where this machine has it
+    (bf16 native but slower), and where it has not (no native bf16) refuses in one line naming the field, before
+    anything runs, unless told ``--mixed-precision``. A half-trained run folder is not a finished run, and runs with an
+    explicit precision are not compared; a device this machine lacks is refused whatever the flag."""
     import saelib.sparse_step
     import saelib.study
 
@@ -254,8 +257,21 @@ def test_a_machine_whose_auto_precision_differs_from_the_finished_runs_refuses_t
     assert summary.loc["topk_s1", "status"] == "done"
     for module in (saelib.sparse_step, saelib.study):  # a machine where 'auto' means what it meant: no clash
         monkeypatch.setattr(module, "bf16_native", lambda device="cpu": True)
+    monkeypatch.setattr(saelib.sparse_step, "cpu_bf16_speedup", lambda threads: 3.7)
     shutil.rmtree(root / "runs" / "mini" / "topk_s1")
     assert run_study(study, settings(), only=["topk_s1"]).set_index("run").loc["topk_s1", "status"] == "done"
+    assert json.loads((root / "runs" / "mini" / "topk_s1" / "held.json").read_text()) is None
+    # bf16 native but slower here: alone, 'auto' would pick fp32; the study holds it at the finished runs' bf16
+    monkeypatch.setattr(saelib.sparse_step, "cpu_bf16_speedup", lambda threads: 0.55)
+    assert "resolves to float32 on this machine (native bf16: True, its matmul 0.55× fp32's speed)" in \
+        precision_clash(study_runs(study), study_runs(study)[1:2], {}, settings())
+    shutil.rmtree(root / "runs" / "mini" / "topk_s1")
+    with caplog.at_level(logging.WARNING, logger="saelib.study"):
+        assert run_study(study, settings(), only=["topk_s1"]).set_index("run").loc["topk_s1", "status"] == "done"
+    assert json.loads((root / "runs" / "mini" / "topk_s1" / "held.json").read_text()) == "bfloat16"
+    assert "'auto' held at bfloat16, the precision the study's finished runs used; alone, this machine would pick " \
+           "the other (native bf16: True, its matmul 0.55× fp32's speed)" in caplog.text
+    assert "SAELIB_AUTO_PRECISION" not in os.environ  # the hold ends with the call
     monkeypatch.setattr(saelib.study.RunConfig, "resolved_precisions", lambda self: (_ for _ in ()).throw(
         ValueError("device: 'cuda' was asked for, but this machine has no CUDA device")))
     with pytest.raises(ConfigError, match="^device: 'cuda' was asked for"):  # not a clash to wave through
