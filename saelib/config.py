@@ -220,7 +220,8 @@ class RunConfig(PrecisionSettings, OrthSettings, SGOSettings, OrtSAESettings, L1
         The SAE side is fp32 for architectures outside the sparse TopK step."""
         sae = resolve_precision(self.sae_precision, self.device) if "sae_precision" in arch_fields(self.architecture) \
             else "float32"
-        return {"sae_precision_used": sae, "lm_precision_used": resolve_precision(self.lm_precision, self.device)}
+        return {"sae_precision_used": sae,
+                "lm_precision_used": resolve_precision(self.lm_precision, self.device, "lm_precision")}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

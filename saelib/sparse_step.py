@@ -109,37 +109,47 @@ def device_here(device: str) -> bool:
 
 
 def cpu_id() -> str:
-    """This CPU in words that tell machines apart: its model name and, where the name is generic (a cloud VM's
-    "Intel(R) Xeon(R) Processor"), family, model and stepping."""
+    """This CPU in words that tell machines apart, for the bf16 timing's record: its name; family/model/stepping (a
+    cloud VM's name is as generic as "Intel(R) Xeon(R) Processor"), or an Arm CPU's implementer/part; and which bf16
+    instructions it exposes (two VMs on one CPU model can mask them differently)."""
     import platform
 
+    wanted = ("model name", "cpu family", "model", "stepping", "CPU implementer", "CPU part")
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "cpu family", "model", "stepping") and key.strip() not in fields:
-                fields[key.strip()] = value.strip()
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in wanted and key not in fields:
+                fields[key] = value
     except OSError:
         pass
     name = fields.get("model name") or platform.processor() or platform.machine()
-    numbers = "/".join(fields[k] for k in ("cpu family", "model", "stepping") if k in fields)
-    return f"{name} ({numbers})" if numbers else name
+    numbers = "/".join(fields[k] for k in wanted[1:] if k in fields)
+    flags = [flag for flag, has in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported),
+                                    ("amx", torch.cpu._is_amx_tile_supported)) if has()]
+    return f"{name} [{platform.machine()}" + (f" {numbers}" if numbers else "") + "".join(f" {f}" for f in flags) + "]"
 
 
-def _time_matmuls(repeats: int = 3) -> tuple[float, float]:
-    """The fastest of ``repeats`` interleaved fp32 and bf16 products (1,024 × 640) · (640 × 4,096) on this CPU, at
-    torch's thread count, after one warm-up round: a TopK SAE step's and an LM layer's shape, about 0.5 s in all."""
-    a, b = torch.randn(1024, 640), torch.randn(640, 4096)
-    pairs = {"float32": (a, b), "bfloat16": (a.bfloat16(), b.bfloat16())}
-    for x, y in pairs.values():
-        x @ y
-    best = {name: math.inf for name in pairs}
-    for _ in range(repeats):
-        for name, (x, y) in pairs.items():
-            start = time.perf_counter()
+def time_matmuls(m: int = 1024, k: int = 640, n: int = 4096, repeats: int = 3) -> dict[str, float]:
+    """Seconds of an (m × k) · (k × n) product on this CPU, ``{"float32": ..., "bfloat16": ...}``: the fastest of
+    ``repeats`` interleaved rounds after a warm-up, on one thread (so that every process times alike, whatever its
+    thread count). The default is a TopK SAE step's and an LM layer's shape: ≈ 0.4 s in all."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        pairs = {"float32": (a, b), "bfloat16": (a.bfloat16(), b.bfloat16())}
+        for x, y in pairs.values():
             x @ y
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best["float32"], best["bfloat16"]
+        best = {name: math.inf for name in pairs}
+        for _ in range(repeats):
+            for name, (x, y) in pairs.items():
+                start = time.perf_counter()
+                x @ y
+                best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return best
 
 
 def bf16_speedup(device: str | torch.device = "cpu") -> float:
@@ -150,17 +160,19 @@ def bf16_speedup(device: str | torch.device = "cpu") -> float:
         return 0.0
     if torch.device(device).type != "cpu":
         return math.inf
-    return cpu_bf16_speedup(torch.get_num_threads())
+    return cpu_bf16_speedup()
 
 
 @lru_cache(maxsize=None)
-def cpu_bf16_speedup(threads: int) -> float:
-    """This CPU's bf16 ÷ fp32 matmul speed at ``threads`` threads, timed once per CPU, torch version and thread
-    count and kept in ``<cache>/bf16_speed.json``, so every process on the machine decides alike (a study's runs,
-    each notebook's kernel); a cache that cannot be written only costs the next process a new timing."""
+def cpu_bf16_speedup() -> float:
+    """This CPU's bf16 ÷ fp32 matmul speed (:func:`time_matmuls`), timed once per CPU (:func:`cpu_id`) and torch
+    version and kept in ``$SAELIB_CACHE/bf16_speed.json`` (default ``~/.cache/saelib``), so every process on the
+    machine decides alike: a study's runs, each notebook's kernel. Delete the record to time again. A cache that
+    cannot be written only costs the next process a new timing."""
     from saelib.models import cache_root
+    from saelib.run_files import write_json_atomic
 
-    key = f"{cpu_id()} | torch {torch.__version__} | {threads} threads"
+    key = f"{cpu_id()} | torch {torch.__version__}"
     path = cache_root() / SPEED_FILE
     try:
         known = json.loads(path.read_text())
@@ -169,30 +181,30 @@ def cpu_bf16_speedup(threads: int) -> float:
         known = {}
     if isinstance(known.get(key), dict) and isinstance(known[key].get("speedup"), (int, float)):
         return float(known[key]["speedup"])
-    fp32, bf16 = _time_matmuls()
-    speedup = round(fp32 / bf16, 3)
+    seconds = time_matmuls()
+    speedup = round(seconds["float32"] / seconds["bfloat16"], 3)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**known, key: {"float32_s": fp32, "bfloat16_s": bf16, "speedup": speedup}},
-                                  indent=1))
-        os.replace(tmp, path)
+        write_json_atomic(path, {**known, key: {"float32_s": seconds["float32"], "bfloat16_s": seconds["bfloat16"],
+                                                "speedup": speedup}})
     except OSError:
         pass
     return speedup
 
 
-def auto_precision(device: str | torch.device) -> str:
+def auto_precision(device: str | torch.device, field: str = "sae_precision") -> str:
     """What ``auto`` means on ``device``: ``bfloat16`` where it is native and its matmul at least
     ``BF16_MIN_SPEEDUP`` times fp32's (:func:`bf16_speedup`), else ``float32``. ``$SAELIB_AUTO_PRECISION`` holds it
-    instead (:func:`auto_held`; a bad value, or bf16 held where it is not native, is a ValueError naming it)."""
-    held = os.environ.get(AUTO_ENV)
-    if held:
+    instead (:func:`auto_held`; empty or ``auto``: no hold); a bad value, or bf16 held where it is not native, is a
+    ValueError naming ``field`` and the variable."""
+    held = os.environ.get(AUTO_ENV, "")
+    if held not in ("", "auto"):
         if held not in ("float32", "bfloat16"):
-            raise ValueError(f"{AUTO_ENV}: expected 'float32' or 'bfloat16', got {held!r}")
+            raise ValueError(f"{field}: 'auto' is held by ${AUTO_ENV}, which must be 'float32' or 'bfloat16' (or "
+                             f"unset), got {held!r}")
         if held == "bfloat16" and not bf16_native(device):
-            raise ValueError(f"{AUTO_ENV}: 'auto' is held at 'bfloat16', but {torch.device(device)} has no native "
-                             "bf16")
+            raise ValueError(f"{field}: 'auto' is held at 'bfloat16' by ${AUTO_ENV}, but {torch.device(device)} has "
+                             f"no native bf16; unset {AUTO_ENV} or set {field}: float32")
         return held
     return "bfloat16" if bf16_speedup(device) >= BF16_MIN_SPEEDUP else "float32"
 
@@ -224,7 +236,7 @@ def resolve_precision(precision: str, device: str | torch.device, field: str = "
         raise ValueError(f"{field}: 'bfloat16' was asked for, but {torch.device(device)} has no native bf16 "
                          "(it would be emulated, slower than fp32); use 'auto' or 'float32'")
     if precision == "auto":
-        return auto_precision(device)
+        return auto_precision(device, field)
     return precision
 
 

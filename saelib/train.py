@@ -173,8 +173,8 @@ def train_sae(cfg: RunConfig, cache: ActivationCache | ActivationStream, run_dir
     keep_freed_memory()
     used = cfg.resolved_precisions()
     reset = run_files.prepare_run_dir(run_dir, {**cfg.to_dict(), **used}, cfg.training_key())
-    log.info("%s: SAE step in %s, LM in %s (auto resolves to bf16 where this machine has it natively)", run_dir,
-             used["sae_precision_used"], used["lm_precision_used"])
+    log.info("%s: SAE step in %s, LM in %s ('auto': bf16 where native and measured faster, or as a study holds it)",
+             run_dir, used["sae_precision_used"], used["lm_precision_used"])
     if not reset and (run_dir / run_files.SAE_DIR / SAE_CFG_FILENAME).exists():
         log.info("%s is already trained with this configuration; loading it", run_dir)
         return SAE.load_from_disk(run_dir / run_files.SAE_DIR, device=cfg.device)

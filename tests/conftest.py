@@ -16,9 +16,11 @@ _SHARED_CACHE = os.environ.get("SAELIB_CACHE")  # the converted model lives here
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch, request):
-    """Every test gets its own saelib cache, except real-model tests, which share the converted model."""
+    """Every test gets its own saelib cache, except real-model tests, which share the converted model; and no
+    hold on 'auto' (``$SAELIB_AUTO_PRECISION``)."""
     if "real_model" not in request.keywords:
         monkeypatch.setenv("SAELIB_CACHE", str(tmp_path / "saelib-cache"))
+    monkeypatch.delenv("SAELIB_AUTO_PRECISION", raising=False)  # a hold exported in the shell must not decide tests
 
 
 @pytest.fixture(scope="session")

@@ -157,6 +157,7 @@ def test_a_bf16_lm_pass_is_cached_apart_and_close_to_fp32(tmp_path, monkeypatch)
     from saelib.models import load_model
 
     monkeypatch.setattr(s, "bf16_native", lambda device="cpu": True)  # bf16 runs (emulated if need be) on any CPU
+    monkeypatch.setattr(s, "cpu_bf16_speedup", lambda: 1.0)  # untimed: emulated bf16 would take seconds to time
     cfg = build_config({"model_name": "tiny-random", "hook_layer": 0, "cache_tokens": 600, "batch_size": 100,
                         "training_tokens": 600, "eval_tokens": 100, "context_size": 32})
     monkeypatch.setattr("saelib.activations.split_tokens", lambda cfg, model, split: synthetic_tokens())

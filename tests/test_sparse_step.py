@@ -107,58 +107,103 @@ def test_precision_is_resolved_and_validated(monkeypatch):
     with pytest.raises(ValueError, match=r"^sae_precision: expected one of \['auto', 'float32', 'bfloat16'\]"):
         resolve_precision("float16", "cpu")
     monkeypatch.setattr(s, "bf16_native", lambda device="cpu": True)
-    monkeypatch.setattr(s, "cpu_bf16_speedup", lambda threads: 3.7)  # Zen 5
+    monkeypatch.setattr(s, "cpu_bf16_speedup", lambda: 3.7)  # Zen 5
     assert resolve_precision("auto", "cpu") == "bfloat16"
     assert resolve_precision("float32", "cpu") == "float32"
-    monkeypatch.setattr(s, "cpu_bf16_speedup", lambda threads: 0.55)  # native, but slower: an Intel Xeon (6/207)
+    monkeypatch.setattr(s, "cpu_bf16_speedup", lambda: 0.55)  # native, but slower: an Intel Xeon (6/207)
     assert resolve_precision("auto", "cpu") == "float32"
     assert resolve_precision("bfloat16", "cpu") == "bfloat16"  # asked for: granted where native
 
 
-def test_auto_is_timed_once_per_machine_and_every_process_reads_the_same_answer(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_speed_record():
+    """The in-process record of the bf16 timing, empty before the test and after it (pass or fail): a fake timing
+    must not decide 'auto' for the tests that follow."""
+    import saelib.sparse_step as s
+
+    s.cpu_bf16_speedup.cache_clear()
+    yield s.cpu_bf16_speedup.cache_clear
+    s.cpu_bf16_speedup.cache_clear()
+
+
+def test_auto_is_timed_once_per_machine_and_every_process_reads_the_same_answer(monkeypatch, tmp_path,
+                                                                                fresh_speed_record):
     """bf16 native but slower than fp32 (a CPU that reports avx512_bf16 and runs it at half fp32's speed) makes
     'auto' pick fp32; the timing is kept in the cache, so a second process neither times again nor decides otherwise."""
     import saelib.sparse_step as s
 
     timed = []
+
+    def timing(fp32, bf16):
+        return lambda: timed.append(1) or {"float32": fp32, "bfloat16": bf16}
+
     monkeypatch.setattr(s, "bf16_native", lambda device="cpu": True)
-    monkeypatch.setattr(s, "_time_matmuls", lambda: timed.append(1) or (0.034, 0.066))
-    s.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setattr(s, "time_matmuls", timing(0.034, 0.066))
     assert resolve_precision("auto", "cpu") == "float32" and len(timed) == 1
     record = json.loads((tmp_path / "saelib-cache" / s.SPEED_FILE).read_text())
-    (entry,), = [list(record.values())]
-    assert entry == {"float32_s": 0.034, "bfloat16_s": 0.066, "speedup": 0.515}
-    assert f"torch {torch.__version__}" in next(iter(record)) and s.cpu_id() in next(iter(record))
-    s.cpu_bf16_speedup.cache_clear()  # a new process: reads the record
-    monkeypatch.setattr(s, "_time_matmuls", lambda: timed.append(1) or (0.034, 0.009))
-    assert resolve_precision("auto", "cpu") == "float32" and len(timed) == 1
+    assert list(record.values()) == [{"float32_s": 0.034, "bfloat16_s": 0.066, "speedup": 0.515}]
+    assert list(record) == [f"{s.cpu_id()} | torch {torch.__version__}"]
+    assert not list((tmp_path / "saelib-cache").glob("*partial*"))
+    fresh_speed_record()  # a new process: reads the record, whatever its thread count
+    monkeypatch.setattr(s, "time_matmuls", timing(0.034, 0.009))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // 2))
+    try:
+        assert resolve_precision("auto", "cpu") == "float32" and len(timed) == 1
+    finally:
+        torch.set_num_threads(threads)
     (tmp_path / "saelib-cache" / s.SPEED_FILE).write_text("{not json")  # a damaged record is timed anew
-    s.cpu_bf16_speedup.cache_clear()
+    fresh_speed_record()
     assert resolve_precision("auto", "cpu") == "bfloat16" and len(timed) == 2
-    s.cpu_bf16_speedup.cache_clear()
+    fresh_speed_record()
     assert s.bf16_speedup("cpu") == pytest.approx(3.778) and len(timed) == 2
-    s.cpu_bf16_speedup.cache_clear()
     monkeypatch.setattr(s, "bf16_native", lambda device="cpu": False)
     assert s.bf16_speedup("cpu") == 0.0 and len(timed) == 2  # not native: nothing to time
+
+
+def test_the_matmul_timing_times_each_precision_on_one_thread_and_leaves_the_thread_count():
+    import saelib.sparse_step as s
+
+    threads = torch.get_num_threads()
+    seen = []
+    real = torch.Tensor.__matmul__
+
+    def spy(x, y):
+        seen.append((x.dtype, torch.get_num_threads()))
+        return real(x, y)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "__matmul__", spy)
+        seconds = s.time_matmuls(8, 8, 8, repeats=2)
+    assert set(seconds) == {"float32", "bfloat16"} and all(0 < t < 1 for t in seconds.values())
+    assert seen == [(torch.float32, 1), (torch.bfloat16, 1)] * 3 and torch.get_num_threads() == threads
 
 
 def test_a_held_auto_overrides_the_timing_and_a_bad_hold_is_a_clear_error(monkeypatch):
     import saelib.sparse_step as s
 
     monkeypatch.setattr(s, "bf16_native", lambda device="cpu": True)
-    monkeypatch.setattr(s, "cpu_bf16_speedup", lambda threads: 0.55)
+    monkeypatch.setattr(s, "cpu_bf16_speedup", lambda: 0.55)
     with s.auto_held("bfloat16"):
         assert resolve_precision("auto", "cpu") == "bfloat16" and os.environ[s.AUTO_ENV] == "bfloat16"
         with s.auto_held(None):  # no hold: the outer one stands
             assert resolve_precision("auto", "cpu", "lm_precision") == "bfloat16"
         assert resolve_precision("float32", "cpu") == "float32"  # a set precision is not 'auto'
     assert s.AUTO_ENV not in os.environ and resolve_precision("auto", "cpu") == "float32"
+    with pytest.raises(RuntimeError), s.auto_held("bfloat16"):
+        raise RuntimeError("a study stopped part-way")
+    assert s.AUTO_ENV not in os.environ  # the hold ends however its block ends
+    monkeypatch.setenv(s.AUTO_ENV, "auto")  # empty or 'auto': no hold
+    assert resolve_precision("auto", "cpu") == "float32"
     monkeypatch.setenv(s.AUTO_ENV, "float16")
-    with pytest.raises(ValueError, match=r"^SAELIB_AUTO_PRECISION: expected 'float32' or 'bfloat16', got 'float16'$"):
-        resolve_precision("auto", "cpu")
+    with pytest.raises(ValueError, match=r"^lm_precision: 'auto' is held by \$SAELIB_AUTO_PRECISION, which must be "
+                                         r"'float32' or 'bfloat16' \(or unset\), got 'float16'$"):
+        resolve_precision("auto", "cpu", "lm_precision")
     monkeypatch.setenv(s.AUTO_ENV, "bfloat16")
     monkeypatch.setattr(s, "bf16_native", lambda device="cpu": False)
-    with pytest.raises(ValueError, match="^SAELIB_AUTO_PRECISION: 'auto' is held at 'bfloat16', but cpu has no "):
+    with pytest.raises(ValueError, match=r"^sae_precision: 'auto' is held at 'bfloat16' by \$SAELIB_AUTO_PRECISION, "
+                                         r"but cpu has no native bf16; unset SAELIB_AUTO_PRECISION or set "
+                                         r"sae_precision: float32$"):
         resolve_precision("auto", "cpu")
     with s.auto_held("float32"):
         assert resolve_precision("auto", "cpu") == "float32"

@@ -11,8 +11,8 @@ import nbformat
 import pytest
 
 from saelib.config import ConfigError, build_config
-from saelib.study import (RunnerSettings, load_runner_settings, machine, main, precision_clash, run_study,
-                          study_runs, study_timings)
+from saelib.study import (RunnerSettings, check_precision, load_runner_settings, machine, main, precision_clash,
+                          run_study, study_runs, study_timings)
 
 STUB = '''
 import json, os
@@ -32,7 +32,8 @@ for step in range(len(done) + 1, 4):  # resumes after the last step written, lik
         os._exit(1)  # the kernel dies mid-run
 (run / "sae").mkdir(exist_ok=True)
 (run / "marker.json").write_text(json.dumps({"eval_profile": eval_profile}))
-(run / "held.json").write_text(json.dumps(os.environ.get("SAELIB_AUTO_PRECISION")))  # what 'auto' was held at
+(run / "held.json").write_text(json.dumps({"env": os.environ.get("SAELIB_AUTO_PRECISION"),  # what 'auto' was held at
+                                           "used": cfg.resolved_precisions()}))
 '''
 
 
@@ -257,20 +258,28 @@ def test_a_machine_whose_auto_precision_differs_from_the_finished_runs_holds_it_
     assert summary.loc["topk_s1", "status"] == "done"
     for module in (saelib.sparse_step, saelib.study):  # a machine where 'auto' means what it meant: no clash
         monkeypatch.setattr(module, "bf16_native", lambda device="cpu": True)
-    monkeypatch.setattr(saelib.sparse_step, "cpu_bf16_speedup", lambda threads: 3.7)
+    monkeypatch.setattr(saelib.sparse_step, "cpu_bf16_speedup", lambda: 3.7)
     shutil.rmtree(root / "runs" / "mini" / "topk_s1")
     assert run_study(study, settings(), only=["topk_s1"]).set_index("run").loc["topk_s1", "status"] == "done"
-    assert json.loads((root / "runs" / "mini" / "topk_s1" / "held.json").read_text()) is None
+    assert json.loads((root / "runs" / "mini" / "topk_s1" / "held.json").read_text())["env"] is None
     # bf16 native but slower here: alone, 'auto' would pick fp32; the study holds it at the finished runs' bf16
-    monkeypatch.setattr(saelib.sparse_step, "cpu_bf16_speedup", lambda threads: 0.55)
+    monkeypatch.setattr(saelib.sparse_step, "cpu_bf16_speedup", lambda: 0.55)
+    runs, todo = study_runs(study), study_runs(study)[1:2]
     assert "resolves to float32 on this machine (native bf16: True, its matmul 0.55× fp32's speed)" in \
-        precision_clash(study_runs(study), study_runs(study)[1:2], {}, settings())
-    shutil.rmtree(root / "runs" / "mini" / "topk_s1")
+        precision_clash(runs, todo, {}, settings())
     with caplog.at_level(logging.WARNING, logger="saelib.study"):
-        assert run_study(study, settings(), only=["topk_s1"]).set_index("run").loc["topk_s1", "status"] == "done"
-    assert json.loads((root / "runs" / "mini" / "topk_s1" / "held.json").read_text()) == "bfloat16"
+        assert check_precision(runs, todo, {}, settings(), mixed_precision=False) == "bfloat16"
     assert "'auto' held at bfloat16, the precision the study's finished runs used; alone, this machine would pick " \
            "the other (native bf16: True, its matmul 0.55× fp32's speed)" in caplog.text
+    assert check_precision(runs, todo, {}, settings(), mixed_precision=True) is None  # told to mix: no hold
+    # the reverse, run through to the kernels (fp32 runs on any CPU): finished in fp32, bf16 faster here
+    finished.write_text(json.dumps({"architecture": "topk", "lm_precision_used": "float32",
+                                    "sae_precision_used": "float32"}))
+    monkeypatch.setattr(saelib.sparse_step, "cpu_bf16_speedup", lambda: 3.7)
+    shutil.rmtree(root / "runs" / "mini" / "topk_s1")
+    assert run_study(study, settings(), only=["topk_s1"]).set_index("run").loc["topk_s1", "status"] == "done"
+    assert json.loads((root / "runs" / "mini" / "topk_s1" / "held.json").read_text()) == {
+        "env": "float32", "used": {"sae_precision_used": "float32", "lm_precision_used": "float32"}}
     assert "SAELIB_AUTO_PRECISION" not in os.environ  # the hold ends with the call
     monkeypatch.setattr(saelib.study.RunConfig, "resolved_precisions", lambda self: (_ for _ in ()).throw(
         ValueError("device: 'cuda' was asked for, but this machine has no CUDA device")))
