@@ -108,13 +108,8 @@ def device_here(device: str) -> bool:
     return True
 
 
-def cpu_id() -> str:
-    """This CPU in words that tell machines apart, for the bf16 timing's record: its name; family/model/stepping (a
-    cloud VM's name is as generic as "Intel(R) Xeon(R) Processor"), or an Arm CPU's implementer/part; and which bf16
-    instructions it exposes (two VMs on one CPU model can mask them differently)."""
-    import platform
-
-    wanted = ("model name", "cpu family", "model", "stepping", "CPU implementer", "CPU part")
+def cpu_fields(wanted: tuple[str, ...] = ("model name",)) -> dict[str, str]:
+    """The first value of each ``wanted`` field of ``/proc/cpuinfo`` present on this machine (none elsewhere)."""
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -123,11 +118,29 @@ def cpu_id() -> str:
                 fields[key] = value
     except OSError:
         pass
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    numbers = "/".join(fields[k] for k in wanted[1:] if k in fields)
+    return fields
+
+
+def cpu_name() -> str:
+    """This CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows of it."""
+    import platform
+
+    return cpu_fields().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_id() -> str:
+    """This CPU in words that tell machines apart, for the bf16 timing's record: its name; family/model/stepping (a
+    cloud VM's name is as generic as "Intel(R) Xeon(R) Processor"), or an Arm CPU's implementer/part; and which bf16
+    instructions it exposes (two VMs on one CPU model can mask them differently)."""
+    import platform
+
+    wanted = ("cpu family", "model", "stepping", "CPU implementer", "CPU part")
+    fields = cpu_fields(wanted)
+    numbers = "/".join(fields[k] for k in wanted if k in fields)
     flags = [flag for flag, has in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported),
                                     ("amx", torch.cpu._is_amx_tile_supported)) if has()]
-    return f"{name} [{platform.machine()}" + (f" {numbers}" if numbers else "") + "".join(f" {f}" for f in flags) + "]"
+    return (f"{cpu_name()} [{platform.machine()}" + (f" {numbers}" if numbers else "") + "".join(f" {f}" for f in flags)
+            + "]")
 
 
 def time_matmuls(m: int = 1024, k: int = 640, n: int = 4096, repeats: int = 3) -> dict[str, float]:

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from saelib import run_files
 from saelib.config import (GRID_FILE, ConfigError, RunConfig, build_config, grid_runs, precisions_used,
                             with_defaults)
 from saelib.evals.results import SEED_SUFFIX
-from saelib.sparse_step import auto_held, bf16_native, bf16_speedup
+from saelib.sparse_step import auto_held, bf16_native, bf16_speedup, cpu_name
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +252,7 @@ def machine(device: str = "cpu") -> str:
     """The machine a notebook ran on, in words, recorded beside its time: a study finished over several machines
     states its compute per machine (their speeds differ by 2× and more). The CPU's model name and core count, bf16
     where native, and the GPU where the run used one."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    words = f"{cpu}, {os.cpu_count()} cores" + (", bf16" if bf16_native("cpu") else "")
+    words = f"{cpu_name()}, {os.cpu_count()} cores" + (", bf16" if bf16_native("cpu") else "")
     if str(device).startswith("cuda"):
         import torch
 
