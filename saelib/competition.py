@@ -91,7 +91,10 @@ def _fold_numpy(table_keys, table_rates, raw_keys, tokens: int, weight: float) -
     tagged[len(raw):] += 1
     tagged.sort()
     key = tagged >> 1
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    first = np.empty(len(key), dtype=bool)  # where a run of equal keys begins
+    first[0] = True
+    np.not_equal(key[1:], key[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
     ends = np.r_[starts[1:], len(tagged)]
     in_table = (tagged[ends - 1] & 1).astype(bool)  # a pair's table entry sorts last among its equal keys
     counts = torch.from_numpy(ends - starts - in_table)
@@ -111,11 +114,14 @@ def _fold(table_keys, table_rates, raw_keys, tokens: int, weight: float) -> tupl
 
 
 def _top_positions(values: torch.Tensor, n: int) -> torch.Tensor:
-    """Ascending positions of the ``n`` largest values (numpy's partition on CPU: ≈ 2× torch.topk there)."""
+    """Ascending positions of the ``n`` largest values (numpy's partition on CPU: ≈ 2× torch.topk there; the
+    positions put in order by a mask, not a sort)."""
     if not _host_numpy(values):
         return values.topk(n, sorted=False).indices.sort().values
     v = values.numpy()
-    return torch.from_numpy(np.sort(np.argpartition(v, len(v) - n)[len(v) - n:]))
+    kept = np.zeros(len(v), dtype=bool)
+    kept[np.argpartition(v, len(v) - n)[len(v) - n:]] = True
+    return torch.from_numpy(np.flatnonzero(kept))
 
 
 class CompetitionStats:
@@ -189,7 +195,9 @@ class CompetitionStats:
 
     def scores(self) -> torch.Tensor:
         """Competition score s_ij = c_ij / min(p_i, p_j) of every pair in the table, in [0, 1]."""
-        i_P, j_P = self.pairs()
+        return self._scores(*self.pairs())
+
+    def _scores(self, i_P: torch.Tensor, j_P: torch.Tensor) -> torch.Tensor:
         rarer = torch.minimum(self.freq_F[i_P], self.freq_F[j_P]).clamp_min(1e-12)
         return (self.pair_rates / rarer).clamp(0.0, 1.0)
 
@@ -197,10 +205,10 @@ class CompetitionStats:
         """Pairs with score > ``threshold``: ``(i_C, j_C, score_C)``, cached until the next fold."""
         if self._competing_cache is not None and self._competing_cache[0] == threshold:
             return self._competing_cache[1]
-        score_P = self.scores()
-        keep = score_P > threshold
         i_P, j_P = self.pairs()
-        result = (i_P[keep], j_P[keep], score_P[keep])
+        score_P = self._scores(i_P, j_P)
+        keep = (score_P > threshold).nonzero().squeeze(1)  # one search, three gathers
+        result = (i_P.index_select(0, keep), j_P.index_select(0, keep), score_P.index_select(0, keep))
         self._competing_cache = (threshold, result)
         return result
 
