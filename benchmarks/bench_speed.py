@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_speed.py            # d_sae 4,096 and 16,384; batch 4,096, d_in 640, k 32
     .venv/bin/python benchmarks/bench_speed.py --quick    # d_sae 16,384 only, fewer rounds: ≈ 3 minutes
     .venv/bin/python benchmarks/bench_speed.py --layout-ab  # W_enc latent-major vs row-major only, 8 rounds: ≈ 3 minutes
+    .venv/bin/python benchmarks/bench_speed.py --sgo-ab     # saelib vs sgo_topk only, 10 rounds, then SGO's parts: ≈ 2 minutes
 
 Contenders, each in fp32 and (where this machine has native bf16) bf16, measured in interleaved rounds so that
 machine noise hits all alike; a row's time is the median over rounds of the mean step time within a round:
@@ -137,6 +138,59 @@ def layout_ab(precisions: list[str], rounds: int) -> None:
     print(json.dumps({k: round(v, 4) for k, v in ratios.items()}))
 
 
+SGO_PARTS = [  # (label, module, owner attribute path, function name): what sgo_ab times in place
+    ("statistics: a batch's update, fold included", "saelib.competition", "CompetitionStats", "update_fired"),
+    ("statistics: fold of a window (amortised)", "saelib.competition", "CompetitionStats", "flush"),
+    ("competing set (amortised)", "saelib.competition", "CompetitionStats", "competing"),
+    ("draw table (amortised)", "saelib.saes", None, "multinomial_table"),
+    ("pair draw", "saelib.saes", None, "draw_pairs"),
+    ("penalty forward", "saelib.saes", "_PairCos2", "forward"),
+    ("penalty backward", "saelib.saes", "_PairCos2", "backward"),
+]
+
+
+def sgo_ab(best: str, rounds: int) -> dict[str, float]:
+    """saelib's step against ``sgo_topk`` at 16k in its precision, interleaved in pairs (the SGO overhead alone,
+    with more rounds than the main table gives it), then the SGO step's parts timed in place over 30 steps: each
+    part's wall time per step, the fold and the competing set amortised over their windows. The fired-pairs row
+    includes the fold (it runs inside the update that fills a window)."""
+    import contextlib
+    import importlib
+
+    batches = [b for b, _ in zip(synthetic_batches(D_IN, BATCH, seed=16_384), range(6))]
+    sgo = dict(orth_pen=0.02, competition_threshold=0.02, competition_warmup_steps=0, competition_window=10)
+    steppers = {"saelib": sae_lens_stepper("saelib_topk", 16_384, best, 10**6),
+                "sgo": sae_lens_stepper("sgo_topk", 16_384, best, 10**6, **sgo)}
+    t = time_interleaved(steppers, {"saelib": 10, "sgo": 10}, batches, rounds, {"saelib": 2, "sgo": 10})
+    print(f"{best}, {rounds} interleaved rounds of 10 steps: saelib {t['saelib']:.4f} s/step, sgo {t['sgo']:.4f} "
+          f"s/step, overhead {t['sgo'] / t['saelib'] - 1:+.1%} ({(t['sgo'] - t['saelib']) * 1e3:.1f} ms a step)")
+    spent: dict[str, float] = dict.fromkeys([label for label, *_ in SGO_PARTS], 0.0)
+    with contextlib.ExitStack() as undo:
+        for label, module, owner, name in SGO_PARTS:
+            target = importlib.import_module(module)
+            target = getattr(target, owner) if owner else target
+            inner = getattr(target, name)
+
+            def timed(*args, _inner=inner, _label=label, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _inner(*args, **kwargs)
+                finally:
+                    spent[_label] += time.perf_counter() - start
+
+            setattr(target, name, timed)
+            undo.callback(setattr, target, name, inner)
+        steps = 30
+        for i in range(steps):
+            steppers["sgo"](batches[i % len(batches)])
+    print(f"SGO's parts, in place, over {steps} steps (ms a step):")
+    for label, sec in spent.items():
+        print(f"  {label:<44} {sec / steps * 1e3:7.2f}")
+    result = {"sgo_overhead_16k": t["sgo"] / t["saelib"] - 1, "sgo_extra_ms_16k": (t["sgo"] - t["saelib"]) * 1e3}
+    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- timing
 def time_interleaved(steppers: dict, steps: dict, batches: list, rounds: int, warmup: dict,
                      sync=lambda: None) -> dict[str, float]:
@@ -205,6 +259,8 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (saelib's training and evals call keep_freed_memory; "
                              "by default this benchmark does too, for every contender alike)")
+    parser.add_argument("--sgo-ab", action="store_true",
+                        help="only saelib's step against sgo_topk at 16k (its overhead, 10 rounds), then SGO's parts")
     parser.add_argument("--layout-ab", action="store_true",
                         help="only saelib's step with W_enc latent-major against row-major, each precision, 16k")
     args = parser.parse_args()
@@ -216,6 +272,9 @@ def main() -> None:
     if args.layout_ab:
         return layout_ab(precisions, args.rounds or 8)
     best = resolve_precision("auto", "cpu")  # what saelib trains in here: bf16 only where native and faster
+    if args.sgo_ab:
+        sgo_ab(best, args.rounds or 10)
+        return
     have_sparsify = sparsify_available()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {native} (its matmul "
           f"{bf16_speedup('cpu'):.2f}× fp32's speed, so saelib's 'auto' trains in {best}); "

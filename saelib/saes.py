@@ -129,8 +129,9 @@ def draw_pairs(w_P: torch.Tensor, n: int, generator: torch.Generator, table: np.
     replacement=True, generator=generator)`` draw for draw. With ``multinomial_table(w_P)`` given, the draws are
     the kernel's own — ``n`` uniform float64s from the generator, each placed by binary search (lower bound) in the
     table — with the table built once per competing set and the searches run in sorted order: 800k pairs,
-    16,384 draws, 1.5 ms where ``torch.multinomial`` took 4.0 (it rebuilds the table every call)."""
-    if table is None:
+    16,384 draws, 1.5 ms where ``torch.multinomial`` took 4.0 (it rebuilds the table every call). A single draw
+    is left to ``torch.multinomial``, which takes it another way (an argmax of exponentials)."""
+    if table is None or n == 1:
         return torch.multinomial(w_P, n, replacement=True, generator=generator)
     u = torch.rand(n, dtype=torch.float64, generator=generator).numpy()
     order = np.argsort(u)

@@ -10,7 +10,7 @@ from saelib import run_files
 from saelib.config import ConfigError, build_config
 from saelib.saes import (
     ORTH_LOSS, SGOTopKTrainingSAE, SGOTopKTrainingSAEConfig, chunked_max_cos2, competition_rows, gram_offdiag_cos2,
-    latent_balanced_weights, sampled_pair_cos2, weighted_pair_cos2,
+    _row_combinations, draw_pairs, latent_balanced_weights, multinomial_table, sampled_pair_cos2, weighted_pair_cos2,
 )
 from saelib.train import train_sae
 from tests.test_train import crash_then_resume, tiny_cfg
@@ -215,6 +215,36 @@ def test_sampled_penalty_is_an_unbiased_estimate_of_the_weighted_mean():
     assert estimates.std() > 0  # it does sample
     assert abs(estimates.mean().item() - exact) < 4 * estimates.std().item() / 20  # within 4 standard errors
     assert sampled_pair_cos2(W, i, j, w, 0, g).item() == pytest.approx(exact, rel=1e-5)  # 0 = exact
+
+
+@pytest.mark.parametrize("n_weights", [1, 5, 1000, 200_000])
+def test_pair_draws_from_the_kept_table_are_torch_multinomials_draws(n_weights):
+    g = torch.Generator().manual_seed(n_weights)
+    w = torch.rand(n_weights, generator=g) ** 4  # skewed, as competition scores are
+    w[::7] = 0.0 if n_weights > 1 else w[::7]  # zero weights are never drawn
+    table = multinomial_table(w)
+    assert table is not None and table.dtype.name == "float64" and table[-1] == 1.0
+    for n, seed in ((1, 0), (7, 1), (4096, 2)):
+        ours = draw_pairs(w, n, torch.Generator().manual_seed(seed), table)
+        theirs = torch.multinomial(w, n, replacement=True, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, theirs), (n, seed)
+    assert multinomial_table(w.double()) is None  # only float32 weights are reproduced; others go to torch
+    assert multinomial_table(torch.zeros(4)) is None
+    with pytest.raises(RuntimeError):  # and torch.multinomial names what is wrong with them
+        draw_pairs(torch.zeros(4), 2, torch.Generator(), multinomial_table(torch.zeros(4)))
+
+
+def test_row_combinations_is_the_sparse_product_in_a_fixed_order():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    rows = torch.tensor([4, 0, 4, 4, 7, 0])  # repeated entries, rows in any order, rows 1-3, 5, 6, 8 empty
+    cols = torch.tensor([1, 2, 1, 8, 7, 0])
+    vals = torch.rand(6, generator=g, dtype=torch.float64)
+    dense = torch.zeros(9, 9, dtype=torch.float64).index_put_((rows, cols), vals, accumulate=True)
+    ours = _row_combinations(rows, cols, vals, W)
+    torch.testing.assert_close(ours, dense @ W)
+    assert ours[[1, 2, 3, 5, 6, 8]].abs().sum() == 0
+    assert torch.equal(ours, _row_combinations(rows, cols, vals, W))
 
 
 def test_sample_pairs_validation():
