@@ -152,7 +152,7 @@ SGO_PARTS = [  # (label, module, owner attribute path, function name): what sgo_
 def sgo_ab(best: str, rounds: int) -> dict[str, float]:
     """saelib's step against ``sgo_topk`` at 16k in its precision, interleaved in pairs (the SGO overhead alone,
     with more rounds than the main table gives it), then the SGO step's parts timed in place over 30 steps: each
-    part's wall time per step, the fold and the competing set amortised over their windows. The fired-pairs row
+    part's wall time per step, the fold and the competing set amortised over their windows. The update row
     includes the fold (it runs inside the update that fills a window)."""
     import contextlib
     import importlib
