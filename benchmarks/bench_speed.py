@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_speed.py --quick    # d_sae 16,384 only, fewer rounds: ≈ 3 minutes
     .venv/bin/python benchmarks/bench_speed.py --layout-ab  # W_enc latent-major vs row-major only, 8 rounds: ≈ 3 minutes
     .venv/bin/python benchmarks/bench_speed.py --sgo-ab     # saelib vs sgo_topk only, 10 rounds, then SGO's parts: ≈ 2 minutes
+    .venv/bin/python benchmarks/bench_speed.py --lm         # the LM pass only, fp32/bf16, laid out for F.linear or not, and a whole fp32 forward: ≈ 2 minutes
 
 Contenders, each in fp32 and (where this machine has native bf16) bf16, measured in interleaved rounds so that
 machine noise hits all alike; a row's time is the median over rounds of the mean step time within a round:
@@ -212,10 +213,12 @@ def time_interleaved(steppers: dict, steps: dict, batches: list, rounds: int, wa
 
 
 def lm_pass(rounds: int, device: str = "cpu", batch: int = 16, sync=lambda: None,
-            check=lambda what, tensors: None) -> dict[str, float]:
+            check=lambda what, tensors: None, row_major: bool = False) -> dict[str, float]:
     """The embedded model to block 8 on ``batch`` × 128 tokens, fp32 and (where native) bf16 weights: tokens/s
     (median over ``rounds`` after a warm-up round) and the bf16 residual's relative error. ``check(what, tensors)``
-    sees the weights and activations (gpu_check: that they are on the GPU)."""
+    sees the weights and activations (gpu_check: that they are on the GPU). ``row_major``: also each model with
+    its weights row-major, as TransformerLens leaves them (``saelib.models.lay_out_for_linear`` undone), in the
+    same interleaved rounds: what that layout costs (``lm_layout_speedup_<precision>``)."""
     from saelib.models import load_model
     from saelib.sparse_step import bf16_native
 
@@ -225,6 +228,13 @@ def lm_pass(rounds: int, device: str = "cpu", batch: int = 16, sync=lambda: None
     tokens = tokens.to(device)
     models = {p: load_model("gemma-3-270m", device=device, precision=p)
               for p in (["float32", "bfloat16"] if bf16_native(device) else ["float32"])}
+    if row_major:
+        import copy
+
+        for p in list(models):
+            models[f"{p}/row-major"] = stock = copy.deepcopy(models[p])
+            for param in stock.parameters():
+                param.data = param.data.contiguous()
     for name, model in models.items():
         check(f"the LM's weights ({name})", model.parameters())
     out, acts = {}, {}
@@ -241,10 +251,45 @@ def lm_pass(rounds: int, device: str = "cpu", batch: int = 16, sync=lambda: None
                 acts[name] = cache[hook][:, 1:].float()
     check("the LM's activations", acts.values())
     for name in models:
-        out[f"lm_{name}_tokens_per_s"] = tokens.numel() / statistics.median(times[name])
+        out[f"lm_{name.replace('/', '_').replace('-', '_')}_tokens_per_s"] = \
+            tokens.numel() / statistics.median(times[name])
+    for name in [n for n in models if n.endswith("/row-major")]:
+        p = name.split("/")[0]
+        out[f"lm_layout_speedup_{p}"] = statistics.median(times[name]) / statistics.median(times[p])
+        assert torch.equal(acts[name], acts[p]), f"{name}: the layout changed the activations"
     if "bfloat16" in acts:
         a, b = acts["float32"], acts["bfloat16"]
         out["lm_bf16_residual_rel_error"] = float((a - b).norm() / a.norm())
+    return out
+
+
+def lm_full_forward(rounds: int, batch: int = 4) -> dict[str, float]:
+    """The embedded model's whole forward pass to the logits (what the evals' CE-loss and KL runs, unembedding
+    included) on ``batch`` × 128 tokens in fp32, its weights laid out for ``F.linear`` against row-major, interleaved:
+    tokens/s (median over ``rounds`` after a warm-up round); the logits must be equal."""
+    import copy
+
+    from saelib.models import load_model
+
+    tokens = torch.randint(3, 50_000, (batch, 128), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 2
+    models = {"laid out": load_model("gemma-3-270m", precision="float32")}
+    models["row-major"] = copy.deepcopy(models["laid out"])
+    for param in models["row-major"].parameters():
+        param.data = param.data.contiguous()
+    times: dict[str, list[float]] = {name: [] for name in models}
+    logits = {}
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            for name, model in models.items():
+                start = time.perf_counter()
+                logits[name] = model(tokens)
+                if r > 0:
+                    times[name].append(time.perf_counter() - start)
+    assert torch.equal(logits["laid out"], logits["row-major"]), "the layout changed the logits"
+    out = {f"lm_full_forward_{name.replace(' ', '_').replace('-', '_')}_tokens_per_s":
+           tokens.numel() / statistics.median(ts) for name, ts in times.items()}
+    out["lm_full_forward_layout_speedup"] = statistics.median(times["row-major"]) / statistics.median(times["laid out"])
     return out
 
 
@@ -259,6 +304,8 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (saelib's training and evals call keep_freed_memory; "
                              "by default this benchmark does too, for every contender alike)")
+    parser.add_argument("--lm", action="store_true",
+                        help="only the LM pass: fp32 and bf16, each also with TransformerLens's row-major weights")
     parser.add_argument("--sgo-ab", action="store_true",
                         help="only saelib's step against sgo_topk at 16k (its overhead, 10 rounds), then SGO's parts")
     parser.add_argument("--layout-ab", action="store_true",
@@ -274,6 +321,13 @@ def main() -> None:
     best = resolve_precision("auto", "cpu")  # what saelib trains in here: bf16 only where native and faster
     if args.sgo_ab:
         sgo_ab(best, args.rounds or 10)
+        return
+    if args.lm:
+        lm = lm_pass(rounds=args.rounds or 3, row_major=True)
+        lm.update(lm_full_forward(rounds=args.rounds or 3))
+        lm["lm_pass_speedup"] = lm.get("lm_bfloat16_tokens_per_s", lm["lm_float32_tokens_per_s"]) \
+            / lm["lm_float32_tokens_per_s"]
+        print(json.dumps({k: round(v, 4) for k, v in lm.items()}))
         return
     have_sparsify = sparsify_available()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {native} (its matmul "
@@ -339,10 +393,13 @@ def main() -> None:
     print(f"\n{'d_sae':>6}  {'step':<30} {'s/step':>8} {'tokens/s':>9}  note")
     for d_sae, name, sec, tps, note in rows:
         print(f"{d_sae:>6}  {name:<30} {sec:8.3f} {tps:9.0f}  {note}")
-    lm = lm_pass(rounds=2 if args.quick else 3)
+    lm = lm_pass(rounds=2 if args.quick else 3, row_major=True)
     print(f"\nLM pass, Gemma 3 270M to block 8, batch 16×128: fp32 {lm['lm_float32_tokens_per_s']:.0f} tokens/s"
           + (f", bf16 {lm['lm_bfloat16_tokens_per_s']:.0f} tokens/s "
              f"(residual rel. error {lm['lm_bf16_residual_rel_error']:.2%})" if native else " (no native bf16)"))
+    print("  weights row-major, as TransformerLens leaves them: " + ", ".join(
+        f"{p} {lm[f'lm_{p}_row_major_tokens_per_s']:.0f} tokens/s (laid out for F.linear: "
+        f"{lm[f'lm_layout_speedup_{p}']:.2f}×, same activations)" for p in precisions))
     results["lm_pass_speedup"] = lm.get("lm_bfloat16_tokens_per_s", lm["lm_float32_tokens_per_s"]) \
         / lm["lm_float32_tokens_per_s"]
     results.update(lm)

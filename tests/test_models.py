@@ -80,3 +80,43 @@ def test_model_loading_ignores_the_datasets_only_offline_variable(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert hub_problem(timeout=2, variables=("HF_HUB_OFFLINE",)).startswith("http://127.0.0.1:9 is unreachable")
+
+
+@pytest.mark.parametrize("extra", [{}, {"gated_mlp": True, "n_key_value_heads": 2, "normalization_type": "RMS"}])
+def test_weights_laid_out_for_linear_give_the_same_outputs_bit_for_bit_without_copies(extra):
+    """``lay_out_for_linear`` stores the weights as TransformerLens's forward hands them to ``F.linear``: same
+    values and shapes; every hook's activation and the logits equal the row-major model's bit for bit; and what
+    the forward took a copy of is now a view (the layout is what it was built for)."""
+    import copy
+
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from saelib.models import lay_out_for_linear
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=97, n_ctx=16,
+                                  act_fn="gelu", seed=0, **{"normalization_type": "LN", **extra})
+    stock = HookedTransformer(cfg).eval()
+    ours = lay_out_for_linear(copy.deepcopy(stock))
+    assert all(p.is_contiguous() for p in stock.parameters())
+    for (name, a), (_, b) in zip(stock.named_parameters(), ours.named_parameters()):
+        assert a.shape == b.shape and torch.equal(a, b), name
+    block = ours.blocks[0]
+    assert not block.mlp.W_in.is_contiguous() and block.mlp.W_in.T.is_contiguous()
+    assert ours.unembed.W_U.T.is_contiguous() and block.attn.W_O.permute(2, 0, 1).is_contiguous()
+    assert block.attn.W_Q.transpose(1, 2).is_contiguous()
+    if extra:
+        assert block.mlp.W_gate.T.is_contiguous() and block.attn._W_K.transpose(1, 2).is_contiguous()
+    tokens = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits_a, cache_a = stock.run_with_cache(tokens)
+        logits_b, cache_b = ours.run_with_cache(tokens)
+    assert torch.equal(logits_a, logits_b)
+    assert cache_a.keys() == cache_b.keys()
+    for name in cache_a.keys():
+        assert torch.equal(cache_a[name], cache_b[name]), name
+
+
+def test_load_model_lays_out_its_weights_for_linear():
+    model = load_model("tiny-random", precision="float32")
+    assert model.blocks[0].mlp.W_in.T.is_contiguous() and model.unembed.W_U.T.is_contiguous()
