@@ -82,21 +82,34 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", precision: str = 
 def lay_out_for_linear(model):
     """Store the weights of ``model`` (a ``HookedTransformer``) in the memory layout its forward pass hands to
     ``F.linear``, so that what it copies on every call becomes a view: TransformerLens passes ``W.T.contiguous()``
-    for the MLP's ``W_in`` / ``W_gate`` / ``W_out`` and the unembedding ``W_U``, ``rearrange(W_O, "h d m -> m (h d)")
-    .contiguous()`` for the attention output, and ``rearrange(W_Q, "h m d -> (h d) m")`` (a reshape that copies)
-    for the queries, keys and values. Same shapes, same values, and ``F.linear`` receives the same contiguous
-    matrices, so every output is bit for bit what it was (tested). Measured on the embedded model (2 threads, batch
-    16 × 128, to block 8): fp32 1,395 → 1,489 tokens/s, bf16 3,038 → 3,704; a full forward with the unembedding (the
-    evals' CE loss) 6.18 → 1.72 s for 4 × 128 tokens in fp32, as ``W_U.T.contiguous()`` copied 262,144 × 640
-    weights each call. Returns ``model``."""
-    for name, param in model.named_parameters():
-        kind = name.rsplit(".", 1)[-1]
-        if kind in ("W_in", "W_gate", "W_out", "W_U") and param.dim() == 2:
-            param.data = param.data.T.contiguous().T
-        elif kind in ("W_Q", "W_K", "W_V", "_W_K", "_W_V") and param.dim() == 3:
-            param.data = param.data.transpose(1, 2).contiguous().transpose(1, 2)
-        elif kind == "W_O" and param.dim() == 3:
-            param.data = param.data.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    for the gated MLP's ``W_in`` / ``W_gate`` / ``W_out`` and the unembedding ``W_U``,
+    ``rearrange(W_O, "h d m -> m (h d)").contiguous()`` for the attention output, and
+    ``rearrange(W_Q, "h m d -> (h d) m")`` for queries, keys and values (a reshape that copies when there are
+    several heads). ``F.linear`` then receives the same contiguous matrices as before, so every output is bit for
+    bit what it was, in fp32 and bf16 (tested). Left as they are: a plain MLP's weights (TransformerLens's
+    ``batch_addmm`` multiplies by the parameter itself: a new layout would change the kernel, not save a copy) and
+    a single head's ``W_Q`` / ``W_K`` / ``W_V`` (its rearrange is already a view; a contiguous copy would change the
+    bf16 kernel: Gemma 3 270M has one key/value head). Measured on the embedded model (2 threads, batch 16 × 128,
+    to block 8): fp32 1.09–1.13×, bf16 1.09–1.16×; a whole fp32 forward with the unembedding (the evals' CE loss)
+    2.1×, as ``W_U.T.contiguous()`` copied 262,144 × 640 weights each call. Returns ``model``."""
+    from transformer_lens.components import AbstractAttention, Unembed
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    def transposed(p):  # 2-D: stored so that p.T is contiguous
+        p.data = p.data.T.contiguous().T
+
+    for module in model.modules():
+        if isinstance(module, GatedMLP):
+            for p in (module.W_in, module.W_gate, module.W_out):
+                transposed(p)
+        elif isinstance(module, Unembed):
+            transposed(module.W_U)
+        elif isinstance(module, AbstractAttention):
+            for name, p in module.named_parameters(recurse=False):
+                if name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V") and p.dim() == 3 and p.shape[0] > 1:
+                    p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)  # rearranged to (h d) m: a view
+                elif name == "W_O" and p.dim() == 3:
+                    p.data = p.data.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # rearranged to m (h d): a view
     return model
 
 

@@ -114,10 +114,11 @@ def multinomial_table(w_P: torch.Tensor) -> np.ndarray | None:
     """The cumulative table ``torch.multinomial`` builds from ``w_P`` on the CPU (a sequential float32 running sum
     divided by the total, its last entry 1, as float64), built once so that ``draw_pairs`` need not rebuild it at
     every draw; None off the CPU (there ``torch.multinomial`` runs on the device)."""
-    if not competition._host_numpy(w_P) or w_P.dtype != torch.float32 or len(w_P) == 0:
-        return None
-    table = np.cumsum(w_P.numpy(), dtype=np.float32)
-    if not table[-1] > 0:
+    if not competition._host_numpy(w_P) or w_P.dtype != torch.float32 or not 0 < len(w_P) <= 2**24:
+        return None  # beyond 2^24 categories torch.multinomial refuses: it says so itself
+    w = w_P.numpy()
+    table = np.cumsum(w, dtype=np.float32)
+    if not (np.isfinite(table[-1]) and table[-1] > 0 and w.min() >= 0):
         return None  # let torch.multinomial name the bad weights
     table /= table[-1]
     table[-1] = 1.0

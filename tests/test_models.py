@@ -82,11 +82,22 @@ def test_model_loading_ignores_the_datasets_only_offline_variable(monkeypatch):
     assert hub_problem(timeout=2, variables=("HF_HUB_OFFLINE",)).startswith("http://127.0.0.1:9 is unreachable")
 
 
-@pytest.mark.parametrize("extra", [{}, {"gated_mlp": True, "n_key_value_heads": 2, "normalization_type": "RMS"}])
-def test_weights_laid_out_for_linear_give_the_same_outputs_bit_for_bit_without_copies(extra):
+LAYOUT_CASES = {  # one layer at real sizes: the bf16 kernels differ by operand layout at these, not at toy sizes
+    "plain MLP, 4 heads": dict(d_model=768, d_head=64, n_heads=12, d_mlp=3072, normalization_type="LN"),
+    "gated MLP, GQA with 2 key/value heads": dict(d_model=640, d_head=128, n_heads=4, n_key_value_heads=2,
+                                                 d_mlp=2048, gated_mlp=True, normalization_type="RMS"),
+    "Gemma 3 270M's layer: gated MLP, 1 key/value head": dict(d_model=640, d_head=256, n_heads=4,
+                                                               n_key_value_heads=1, d_mlp=2048, gated_mlp=True,
+                                                               normalization_type="RMS"),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+def test_weights_laid_out_for_linear_give_the_same_outputs_bit_for_bit_without_copies(case, dtype):
     """``lay_out_for_linear`` stores the weights as TransformerLens's forward hands them to ``F.linear``: same
-    values and shapes; every hook's activation and the logits equal the row-major model's bit for bit; and what
-    the forward took a copy of is now a view (the layout is what it was built for)."""
+    values and shapes; every hook's activation and the logits equal the row-major model's bit for bit, in fp32
+    and bf16; what the forward took a copy of is now a view, and what it did not copy is left as it was."""
     import copy
 
     import torch
@@ -94,20 +105,24 @@ def test_weights_laid_out_for_linear_give_the_same_outputs_bit_for_bit_without_c
 
     from saelib.models import lay_out_for_linear
 
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=97, n_ctx=16,
-                                  act_fn="gelu", seed=0, **{"normalization_type": "LN", **extra})
+    extra = LAYOUT_CASES[case]
+    cfg = HookedTransformerConfig(n_layers=1, d_vocab=1000, n_ctx=32, act_fn="gelu", seed=0,
+                                  dtype=getattr(torch, dtype), **extra)
     stock = HookedTransformer(cfg).eval()
     ours = lay_out_for_linear(copy.deepcopy(stock))
     assert all(p.is_contiguous() for p in stock.parameters())
     for (name, a), (_, b) in zip(stock.named_parameters(), ours.named_parameters()):
         assert a.shape == b.shape and torch.equal(a, b), name
     block = ours.blocks[0]
-    assert not block.mlp.W_in.is_contiguous() and block.mlp.W_in.T.is_contiguous()
     assert ours.unembed.W_U.T.is_contiguous() and block.attn.W_O.permute(2, 0, 1).is_contiguous()
     assert block.attn.W_Q.transpose(1, 2).is_contiguous()
-    if extra:
-        assert block.mlp.W_gate.T.is_contiguous() and block.attn._W_K.transpose(1, 2).is_contiguous()
-    tokens = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    if extra.get("gated_mlp"):
+        assert all(p.T.is_contiguous() for p in (block.mlp.W_in, block.mlp.W_gate, block.mlp.W_out))
+        kv_heads = extra["n_key_value_heads"]
+        assert block.attn._W_K.is_contiguous() == (kv_heads == 1)  # one head: its rearrange is a view already
+    else:
+        assert block.mlp.W_in.is_contiguous() and block.mlp.W_out.is_contiguous()  # addmm takes them as they are
+    tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits_a, cache_a = stock.run_with_cache(tokens)
         logits_b, cache_b = ours.run_with_cache(tokens)
@@ -119,4 +134,4 @@ def test_weights_laid_out_for_linear_give_the_same_outputs_bit_for_bit_without_c
 
 def test_load_model_lays_out_its_weights_for_linear():
     model = load_model("tiny-random", precision="float32")
-    assert model.blocks[0].mlp.W_in.T.is_contiguous() and model.unembed.W_U.T.is_contiguous()
+    assert model.unembed.W_U.T.is_contiguous() and model.blocks[0].attn.W_O.permute(2, 0, 1).is_contiguous()

@@ -230,6 +230,8 @@ def test_pair_draws_from_the_kept_table_are_torch_multinomials_draws(n_weights):
         assert torch.equal(ours, theirs), (n, seed)
     assert multinomial_table(w.double()) is None  # only float32 weights are reproduced; others go to torch
     assert multinomial_table(torch.zeros(4)) is None
+    assert multinomial_table(torch.tensor([1.0, -0.5, 2.0])) is None  # torch.multinomial refuses these itself
+    assert multinomial_table(torch.tensor([1.0, float("inf")])) is None
     with pytest.raises(RuntimeError):  # and torch.multinomial names what is wrong with them
         draw_pairs(torch.zeros(4), 2, torch.Generator(), multinomial_table(torch.zeros(4)))
 

@@ -177,6 +177,9 @@ def test_the_matmul_timing_times_each_precision_on_one_thread_and_leaves_the_thr
         seconds = s.time_matmuls(8, 8, 8, repeats=2)
     assert set(seconds) == {"float32", "bfloat16"} and all(0 < t < 1 for t in seconds.values())
     assert seen == [(torch.float32, 1), (torch.bfloat16, 1)] * 3 and torch.get_num_threads() == threads
+    state = torch.get_rng_state()
+    s.time_matmuls(8, 8, 8, repeats=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the timing never draws from the global RNG (a seeded init)
 
 
 def test_a_held_auto_overrides_the_timing_and_a_bad_hold_is_a_clear_error(monkeypatch):
