@@ -212,6 +212,17 @@ def time_interleaved(steppers: dict, steps: dict, batches: list, rounds: int, wa
     return {name: statistics.median(ts) for name, ts in per_round.items()}
 
 
+def row_major_copy(model):
+    """A copy of ``model`` with every weight row-major, as TransformerLens leaves them
+    (``saelib.models.lay_out_for_linear`` undone)."""
+    import copy
+
+    stock = copy.deepcopy(model)
+    for param in stock.parameters():
+        param.data = param.data.contiguous()
+    return stock
+
+
 def lm_pass(rounds: int, device: str = "cpu", batch: int = 16, sync=lambda: None,
             check=lambda what, tensors: None, row_major: bool = False) -> dict[str, float]:
     """The embedded model to block 8 on ``batch`` × 128 tokens, fp32 and (where native) bf16 weights: tokens/s
@@ -229,12 +240,8 @@ def lm_pass(rounds: int, device: str = "cpu", batch: int = 16, sync=lambda: None
     models = {p: load_model("gemma-3-270m", device=device, precision=p)
               for p in (["float32", "bfloat16"] if bf16_native(device) else ["float32"])}
     if row_major:
-        import copy
-
         for p in list(models):
-            models[f"{p}/row-major"] = stock = copy.deepcopy(models[p])
-            for param in stock.parameters():
-                param.data = param.data.contiguous()
+            models[f"{p}/row-major"] = row_major_copy(models[p])
     for name, model in models.items():
         check(f"the LM's weights ({name})", model.parameters())
     out, acts = {}, {}
@@ -267,16 +274,12 @@ def lm_full_forward(rounds: int, batch: int = 4) -> dict[str, float]:
     """The embedded model's whole forward pass to the logits (what the evals' CE-loss and KL runs, unembedding
     included) on ``batch`` × 128 tokens in fp32, its weights laid out for ``F.linear`` against row-major, interleaved:
     tokens/s (median over ``rounds`` after a warm-up round); the logits must be equal."""
-    import copy
-
     from saelib.models import load_model
 
     tokens = torch.randint(3, 50_000, (batch, 128), generator=torch.Generator().manual_seed(0))
     tokens[:, 0] = 2
     models = {"laid out": load_model("gemma-3-270m", precision="float32")}
-    models["row-major"] = copy.deepcopy(models["laid out"])
-    for param in models["row-major"].parameters():
-        param.data = param.data.contiguous()
+    models["row-major"] = row_major_copy(models["laid out"])
     times: dict[str, list[float]] = {name: [] for name in models}
     logits = {}
     with torch.no_grad():

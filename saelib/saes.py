@@ -55,9 +55,9 @@ class _PairCos2(torch.autograd.Function):
     """Σ_p w_p cos²(d_{i_p}, d_{j_p}) over pairs of rows of the raw decoder, as sparse products: the dots are
     ``W Wᵀ`` sampled at the pairs, and the gradient is a sparse (d_sae × d_sae) matrix of pair coefficients (each
     row's self term on its diagonal) times ``W``. No gathered copy of the rows is kept, so memory is
-    O(pairs + d_sae·d_in) however many pairs; the forward's sparse matrix is canonical (sorted, repeats summed), the backward's sums run in a fixed
-    order (``_row_combinations``), so a resumed run stays bit-identical on CPU. Computed in float32 for a
-    lower-precision decoder. 16,384 pairs at 16k × 640, forward and backward: 19 ms where gathering the rows took
+    O(pairs + d_sae·d_in) however many pairs; the forward's sparse matrix is canonical (sorted, repeats summed),
+    the backward's sums run in a fixed order (``_row_combinations``), so a resumed run stays bit-identical on CPU.
+    Computed in float32 for a lower-precision decoder. 16,384 pairs at 16k × 640, forward and backward: 19 ms where gathering the rows took
     30 ms (2 threads); the backward as one ``embedding_bag``: 10.7 → 5.2 ms (2026-12-01)."""
 
     @staticmethod
