@@ -66,51 +66,37 @@ def _new_rates(counts: torch.Tensor, tokens: int, weight: float) -> torch.Tensor
     return counts.float() / tokens * weight
 
 
-def _fold_torch(table_keys, table_rates, raw_keys, tokens: int, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_fold`` with ``torch.unique`` on the tensors' device (no copy to the host)."""
-    new_keys, counts = torch.unique(raw_keys, return_counts=True)
-    keys = torch.cat([table_keys, new_keys.to(torch.int64)])
-    rates = torch.cat([table_rates, _new_rates(counts, tokens, weight)])
-    uniq, inverse = torch.unique(keys, return_inverse=True)
-    return uniq, torch.zeros(len(uniq), dtype=rates.dtype, device=rates.device).index_add_(0, inverse, rates)
-
-
-def _fold_numpy(table_keys, table_rates, raw_keys, tokens: int, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_fold`` on the CPU in one numpy sort: the window's raw keys as ``2·key`` and the table's as ``2·key + 1``,
-    sorted together (int32 while they fit). Each run of equal keys is then one pair: its length less its tag is the
-    window's count, and tagged entries come out in the table's own (sorted) order, so its rates need no search.
-    5M window keys into a 1M-pair table: 75 ms where counting them, then merging by binary search, took 89 ms (2
-    cores, freed memory kept); same result bit for bit (tested against ``_fold_torch``)."""
-    raw, table = raw_keys.numpy(), table_keys.numpy()
-    if len(raw) + len(table) == 0:
-        return table_keys.clone(), table_rates.clone()
-    top = max(int(raw.max()) if len(raw) else 0, int(table[-1]) if len(table) else 0)
-    tagged = np.empty(len(raw) + len(table), dtype=np.int32 if 2 * top + 1 < 2**31 else np.int64)
-    tagged[:len(raw)], tagged[len(raw):] = raw, table
-    tagged <<= 1
-    tagged[len(raw):] += 1
-    tagged.sort()
-    key = tagged >> 1
-    first = np.empty(len(key), dtype=bool)  # where a run of equal keys begins
-    first[0] = True
-    np.not_equal(key[1:], key[:-1], out=first[1:])
-    starts = np.flatnonzero(first)
-    ends = np.r_[starts[1:], len(tagged)]
-    in_table = (tagged[ends - 1] & 1).astype(bool)  # a pair's table entry sorts last among its equal keys
-    counts = torch.from_numpy(ends - starts - in_table)
-    rates = np.zeros(len(starts), dtype=np.float32)
-    rates[in_table] = table_rates.numpy()
-    rates += _new_rates(counts, tokens, weight).numpy()  # x + 0 = x: a pair the window missed keeps its rate
-    return torch.from_numpy(key[starts].astype(np.int64)), torch.from_numpy(rates)
-
-
 def _fold(table_keys, table_rates, raw_keys, tokens: int, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold a window's raw co-firing keys (with repeats) into the table ``(table_keys, table_rates)`` (sorted unique
     int64 keys; rates already decayed): the union of keys, sorted, each rate plus ``count / tokens · weight``.
-    numpy on the CPU, where it is faster; ``torch.unique`` on any other device."""
-    if _host_numpy(raw_keys):
-        return _fold_numpy(table_keys, table_rates, raw_keys, tokens, weight)
-    return _fold_torch(table_keys, table_rates, raw_keys, tokens, weight)
+
+    One sort on the tensors' device (no host copy): the window's raw keys as ``2·key`` and the table's as
+    ``2·key + 1``, sorted together (int32 while they fit). Each run of equal keys is then one pair: its length less
+    its tag is the window's count, and tagged entries come out in the table's own (sorted) order, so its rates need
+    no search. On the CPU, torch's integer sort is a radix sort: 5M window keys into a 1M-pair table took 116 ms
+    where numpy's sort (the fold until 2026-12-02) took 353 ms on an AMD EPYC, same result bit for bit."""
+    n_raw = len(raw_keys)
+    if n_raw + len(table_keys) == 0:
+        return table_keys.clone(), table_rates.clone()
+    top = max(int(raw_keys.max()) if n_raw else 0, int(table_keys[-1]) if len(table_keys) else 0)
+    tagged = torch.empty(n_raw + len(table_keys), device=raw_keys.device,
+                         dtype=torch.int32 if 2 * top + 1 < 2**31 else torch.int64)
+    tagged[:n_raw], tagged[n_raw:] = raw_keys, table_keys
+    tagged.bitwise_left_shift_(1)
+    tagged[n_raw:] += 1
+    tagged = tagged.sort().values
+    key = tagged >> 1
+    first = torch.empty(len(key), dtype=torch.bool, device=key.device)  # where a run of equal keys begins
+    first[0] = True
+    torch.ne(key[1:], key[:-1], out=first[1:])
+    starts = first.nonzero().squeeze(1)
+    ends = torch.empty_like(starts)
+    ends[:-1], ends[-1] = starts[1:], len(key)
+    in_table = (tagged[ends - 1] & 1).bool()  # a pair's table entry sorts last among its equal keys
+    rates = torch.zeros(len(starts), dtype=table_rates.dtype, device=table_rates.device)
+    rates.masked_scatter_(in_table, table_rates)
+    rates += _new_rates(ends - starts - in_table.long(), tokens, weight)  # x + 0 = x: a pair the window missed
+    return key[starts].to(torch.int64), rates
 
 
 def _top_positions(values: torch.Tensor, n: int) -> torch.Tensor:

@@ -126,9 +126,18 @@ def test_competing_set_only_changes_when_a_window_is_folded():
     assert stats.competing(0.0) is first
 
 
+def _unique_fold(table_keys, table_rates, raw_keys, tokens, weight):
+    """The fold by definition: count the window's keys, then sum them into the table over the union of keys."""
+    new_keys, counts = torch.unique(raw_keys, return_counts=True)
+    keys = torch.cat([table_keys, new_keys.to(torch.int64)])
+    rates = torch.cat([table_rates, counts.float() / tokens * weight])
+    uniq, inverse = torch.unique(keys, return_inverse=True)
+    return uniq, torch.zeros(len(uniq)).index_add_(0, inverse, rates)
+
+
 @pytest.mark.parametrize("d_sae", [500, 40_000])  # int32 tagged keys, and int64 once 2·key + 1 overflows int32
-def test_the_numpy_fold_equals_a_unique_over_table_and_window(d_sae):
-    from saelib.competition import _fold_numpy, _fold_torch
+def test_the_fold_equals_a_unique_over_table_and_window(d_sae):
+    from saelib.competition import _fold
 
     g = torch.Generator().manual_seed(0)
     top = d_sae * d_sae
@@ -136,8 +145,8 @@ def test_the_numpy_fold_equals_a_unique_over_table_and_window(d_sae):
     rates = torch.rand(len(table), generator=g)
     raw = torch.cat([table[torch.randint(0, len(table), (200,), generator=g)],
                      torch.randint(0, top, (400,), generator=g)]).to(torch.int32 if top < 2**31 else torch.int64)
-    keys, merged = _fold_numpy(table, rates, raw, 37, 0.1)
-    ref_keys, ref_rates = _fold_torch(table, rates, raw, 37, 0.1)
+    keys, merged = _fold(table, rates, raw, 37, 0.1)
+    ref_keys, ref_rates = _unique_fold(table, rates, raw, 37, 0.1)
     assert keys.dtype == torch.int64 and torch.equal(keys, ref_keys)
     assert torch.equal(merged, ref_rates)  # bit for bit
     counts = {int(k): 0 for k in keys}
@@ -147,9 +156,28 @@ def test_the_numpy_fold_equals_a_unique_over_table_and_window(d_sae):
     for k, r in zip(keys.tolist(), merged.tolist()):
         assert r == pytest.approx(expected.get(k, 0.0) + counts[k] / 37 * 0.1, rel=1e-6)
     empty_k, empty_r = torch.zeros(0, dtype=torch.int64), torch.zeros(0)
-    assert torch.equal(_fold_numpy(empty_k, empty_r, raw, 37, 0.1)[0], torch.unique(raw).to(torch.int64))
-    assert torch.equal(_fold_numpy(table, rates, raw[:0], 37, 0.1)[1], rates)
-    assert len(_fold_numpy(empty_k, empty_r, raw[:0], 37, 0.1)[0]) == 0
+    assert torch.equal(_fold(empty_k, empty_r, raw, 37, 0.1)[0], torch.unique(raw).to(torch.int64))
+    assert torch.equal(_fold(table, rates, raw[:0], 37, 0.1)[1], rates)
+    assert len(_fold(empty_k, empty_r, raw[:0], 37, 0.1)[0]) == 0
+    one = _fold(empty_k, empty_r, raw[:1], 37, 0.1)  # a single key: one run
+    assert one[0].tolist() == [int(raw[0])] and one[1].tolist() == [pytest.approx(0.1 / 37)]
+
+
+def test_the_fold_keeps_a_window_at_the_scale_of_a_16k_sae():
+    """Millions of keys near 2^28 (16,384² pairs) with heavy repeats, as the 16k study folds them: same keys and
+    rates bit for bit as the definition (the radix sort's many passes, not only a small case)."""
+    from saelib.competition import _fold
+
+    g = torch.Generator().manual_seed(1)
+    F = 16_384
+    hot = torch.randint(0, F * F, (50_000,), generator=g)
+    raw = torch.cat([hot[torch.randint(0, len(hot), (1_500_000,), generator=g)],
+                     torch.randint(0, F * F, (500_000,), generator=g)]).to(torch.int32)
+    table = torch.unique(torch.cat([hot[:20_000], torch.randint(0, F * F, (200_000,), generator=g)]))
+    rates = torch.rand(len(table), generator=g) * 1e-3
+    keys, merged = _fold(table, rates, raw, 10_240, 0.0956)
+    ref_keys, ref_rates = _unique_fold(table, rates, raw, 10_240, 0.0956)
+    assert torch.equal(keys, ref_keys) and torch.equal(merged, ref_rates)
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -177,8 +205,8 @@ def test_competition_statistics_stay_on_the_sae_device(device):
 
 
 def test_the_device_path_never_copies_to_the_host(monkeypatch):
-    """The branch every non-CPU device takes (torch.unique / topk where the tensors live), run here on the CPU with
-    numpy forbidden: it gives the numpy path's table (and caps it: which of tied pairs survive may differ)."""
+    """The branch every non-CPU device takes (the fold and the cap's topk where the tensors live), run here on the
+    CPU with numpy forbidden: it gives the numpy path's table (and caps it: which of tied pairs survive may differ)."""
     import saelib.competition as competition
 
     monkeypatch.setattr(competition, "_host_numpy", lambda t: False)
