@@ -142,6 +142,7 @@ def layout_ab(precisions: list[str], rounds: int) -> None:
 SGO_PARTS = [  # (label, module, owner attribute path, function name): what sgo_ab times in place
     ("statistics: a batch's update, fold included", "saelib.competition", "CompetitionStats", "update_fired"),
     ("statistics: fold of a window (amortised)", "saelib.competition", "CompetitionStats", "flush"),
+    ("  of which its sort (amortised)", "saelib.competition", None, "_sort_keys"),
     ("competing set (amortised)", "saelib.competition", "CompetitionStats", "competing"),
     ("draw table (amortised)", "saelib.saes", None, "multinomial_table"),
     ("pair draw", "saelib.saes", None, "draw_pairs"),
@@ -187,8 +188,11 @@ def sgo_ab(best: str, rounds: int) -> dict[str, float]:
     print(f"SGO's parts, in place, over {steps} steps (ms a step):")
     for label, sec in spent.items():
         print(f"  {label:<44} {sec / steps * 1e3:7.2f}")
+    from saelib.competition import _CPU_SORTER
+
+    print(f"the fold's keys sorted by {_CPU_SORTER.get('cpu', '(not chosen)')} (saelib.competition._sort_keys)")
     result = {"sgo_overhead_16k": t["sgo"] / t["saelib"] - 1, "sgo_extra_ms_16k": (t["sgo"] - t["saelib"]) * 1e3}
-    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    print(json.dumps({k: round(v, 4) for k, v in result.items()} | {"fold_sorter": _CPU_SORTER.get("cpu")}))
     return result
 
 

@@ -163,10 +163,14 @@ def test_the_fold_equals_a_unique_over_table_and_window(d_sae):
     assert one[0].tolist() == [int(raw[0])] and one[1].tolist() == [pytest.approx(0.1 / 37)]
 
 
-def test_the_fold_keeps_a_window_at_the_scale_of_a_16k_sae():
-    """Millions of keys near 2^28 (16,384² pairs) with heavy repeats, as the 16k study folds them: same keys and
-    rates bit for bit as the definition (the radix sort's many passes, not only a small case)."""
+@pytest.mark.parametrize("sorter", ["numpy", "torch"])
+def test_the_fold_keeps_a_window_at_the_scale_of_a_16k_sae(sorter, monkeypatch):
+    """Millions of keys near 2^28 (16,384² pairs) with heavy repeats, as the 16k study folds them, by either CPU
+    sort: same keys and rates bit for bit as the definition (a radix sort's many passes, not only a small case)."""
+    from saelib import competition
     from saelib.competition import _fold
+
+    monkeypatch.setitem(competition._CPU_SORTER, "cpu", sorter)
 
     g = torch.Generator().manual_seed(1)
     F = 16_384
@@ -178,6 +182,24 @@ def test_the_fold_keeps_a_window_at_the_scale_of_a_16k_sae():
     keys, merged = _fold(table, rates, raw, 10_240, 0.0956)
     ref_keys, ref_rates = _unique_fold(table, rates, raw, 10_240, 0.0956)
     assert torch.equal(keys, ref_keys) and torch.equal(merged, ref_rates)
+
+
+def test_the_first_large_sort_chooses_the_cpu_sorter_once(monkeypatch):
+    from saelib import competition
+
+    monkeypatch.setattr(competition, "_CPU_SORTER", {})
+    monkeypatch.setattr(competition, "SORT_PROBE_KEYS", 1000)
+    keys = torch.randint(0, 2**29, (999,), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(competition._sort_keys(keys), keys.sort().values)
+    assert competition._CPU_SORTER == {}  # too few keys to time
+    more = torch.cat([keys, keys[:1]])
+    assert torch.equal(competition._sort_keys(more), more.sort().values)
+    chosen = competition._CPU_SORTER["cpu"]
+    assert chosen in ("numpy", "torch")
+    timed = []
+    monkeypatch.setattr(competition.time, "perf_counter", lambda: timed.append(1) or 0.0)
+    assert torch.equal(competition._sort_keys(more), more.sort().values)
+    assert not timed and competition._CPU_SORTER == {"cpu": chosen}  # chosen once: never timed again
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
