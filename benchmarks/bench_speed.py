@@ -1,7 +1,7 @@
 """Speed of one SAE training step (forward + backward + Adam) and of the LM pass, side by side in one run.
 
     .venv/bin/python benchmarks/bench_speed.py            # d_sae 4,096 and 16,384; batch 4,096, d_in 640, k 32
-    .venv/bin/python benchmarks/bench_speed.py --quick    # d_sae 16,384 only, fewer rounds: ≈ 4 minutes (6 on a slow CPU)
+    .venv/bin/python benchmarks/bench_speed.py --quick    # d_sae 16,384 only, fewer rounds: ≈ 4 minutes (6–7 on a slow CPU)
     .venv/bin/python benchmarks/bench_speed.py --layout-ab  # W_enc latent-major vs row-major only, 8 rounds: ≈ 3 minutes
     .venv/bin/python benchmarks/bench_speed.py --sgo-ab     # saelib vs sgo_topk only, 10 rounds, then SGO's parts: ≈ 2 minutes
     .venv/bin/python benchmarks/bench_speed.py --lm         # the LM pass only, fp32/bf16, laid out for F.linear or not, and a whole fp32 forward: ≈ 2 minutes
@@ -25,8 +25,8 @@ machine noise hits all alike; a row's time is the median over rounds of the mean
   penalty pairs); ``sgo/M8192`` halves the sampled pairs, which costs gradient fidelity
   (``benchmarks/ablate_competition_sampling.py``). Their table rows run minutes after the saelib row they are
   compared with, so the JSON's ``sgo_overhead_16k`` is measured again after the table, paired (``sgo_paired``: the
-  two steps alternating in blocks of 10 steps, 4 rounds quick, 6 otherwise); the table's figure is kept as
-  ``sgo_overhead_16k_table``;
+  two steps alternating in blocks of 10 steps, 4 rounds quick, 6 otherwise); the table's figures are kept as
+  ``sgo_overhead_<size>_table`` and ``sgo_m8192_overhead_<size>_table``;
 * ``saelib/dead10``: saelib's step with 10 % of the latents dead, so sae_lens's aux-k loss runs (k_aux = d_in / 2 =
   320 entries a row, 10× the main decode), as it does in real training once latents die (12–22 % at 16k here);
   the other rows have no dead latent;
@@ -154,10 +154,10 @@ SGO_PARTS = [  # (label, module, owner attribute path, function name): what sgo_
 ]
 
 
-def sgo_paired(best: str, rounds: int) -> tuple[dict[str, float], dict]:
+def sgo_paired(best: str, rounds: int) -> tuple[dict[str, float], dict, list]:
     """saelib's step against ``sgo_topk`` at 16k in its precision, alternating in blocks of 10 steps over ``rounds``
     (the main table's rows are minutes apart within a round; these are seconds apart): the SGO overhead as a paired
-    measure, ``(times, steppers)``."""
+    measure, ``(times, steppers, batches)``."""
     batches = [b for b, _ in zip(synthetic_batches(D_IN, BATCH, seed=16_384), range(6))]
     sgo = dict(orth_pen=0.02, competition_threshold=0.02, competition_warmup_steps=0, competition_window=10)
     steppers = {"saelib": sae_lens_stepper("saelib_topk", 16_384, best, 10**6),
@@ -165,7 +165,7 @@ def sgo_paired(best: str, rounds: int) -> tuple[dict[str, float], dict]:
     t = time_interleaved(steppers, {"saelib": 10, "sgo": 10}, batches, rounds, {"saelib": 2, "sgo": 10})
     print(f"{best}, {rounds} interleaved rounds of 10 steps: saelib {t['saelib']:.4f} s/step, sgo {t['sgo']:.4f} "
           f"s/step, overhead {t['sgo'] / t['saelib'] - 1:+.1%} ({(t['sgo'] - t['saelib']) * 1e3:.1f} ms a step)")
-    return t, steppers
+    return t, steppers, batches
 
 
 def sgo_ab(best: str, rounds: int) -> dict[str, float]:
@@ -175,8 +175,7 @@ def sgo_ab(best: str, rounds: int) -> dict[str, float]:
     import contextlib
     import importlib
 
-    t, steppers = sgo_paired(best, rounds)
-    batches = [b for b, _ in zip(synthetic_batches(D_IN, BATCH, seed=16_384), range(6))]
+    t, steppers, batches = sgo_paired(best, rounds)
     spent: dict[str, float] = dict.fromkeys([label for label, *_ in SGO_PARTS], 0.0)
     with contextlib.ExitStack() as undo:
         for label, module, owner, name in SGO_PARTS:
@@ -317,8 +316,11 @@ def main() -> None:
     from saelib.settings import matryoshka_widths
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="d_sae 16,384 only and fewer rounds (≈ 3 minutes)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per size (default 2 quick, 4)")
+    parser.add_argument("--quick", action="store_true",
+                        help="d_sae 16,384 only and fewer rounds (≈ 4 minutes; 6–7 on a slow CPU)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds per size (default 2 quick, 4; the paired SGO figure after the table "
+                             "always takes 4 quick, 6 otherwise)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (saelib's training and evals call keep_freed_memory; "
                              "by default this benchmark does too, for every contender alike)")
@@ -401,8 +403,8 @@ def main() -> None:
             sp_best = min(t[f"sparsify/{p}"] for p in precisions)
             results[f"vs_sparsify_{tag}"] = sp_best / t[f"saelib/{best}"]
             results[f"vs_sparsify_{tag}_fp32"] = t["sparsify/float32"] / t["saelib/float32"]
-        results[f"sgo_overhead_{tag}" + ("_table" if d_sae == 16_384 else "")] = t["sgo"] / t[f"saelib/{best}"] - 1
-        results[f"sgo_m8192_overhead_{tag}"] = t["sgo/M8192"] / t[f"saelib/{best}"] - 1
+        results[f"sgo_overhead_{tag}_table"] = t["sgo"] / t[f"saelib/{best}"] - 1  # unpaired (sgo_paired below)
+        results[f"sgo_m8192_overhead_{tag}_table"] = t["sgo/M8192"] / t[f"saelib/{best}"] - 1
         for family in ("batchtopk", "matryoshka_batchtopk"):
             results[f"{family}_speedup_{tag}"] = t[f"stock {family}"] / t[f"saelib {family}"]
         results[f"ortsae_overhead_{tag}"] = t["ortsae"] / t[f"saelib/{best}"] - 1
@@ -412,8 +414,8 @@ def main() -> None:
     print(f"\n{'d_sae':>6}  {'step':<30} {'s/step':>8} {'tokens/s':>9}  note")
     for d_sae, name, sec, tps, note in rows:
         print(f"{d_sae:>6}  {name:<30} {sec:8.3f} {tps:9.0f}  {note}")
-    print("\nSGO's overhead paired (the table's sgo row compares steps run minutes apart; this, seconds apart): ", end="")
-    paired, _ = sgo_paired(best, 4 if args.quick else 6)
+    print("\nSGO's overhead paired (the table's sgo rows compare steps minutes apart; this, seconds apart): ", end="")
+    paired, *_ = sgo_paired(best, 4 if args.quick else 6)
     results["sgo_overhead_16k"] = paired["sgo"] / paired["saelib"] - 1
     lm = lm_pass(rounds=2 if args.quick else 3, row_major=True)
     print(f"\nLM pass, Gemma 3 270M to block 8, batch 16×128: fp32 {lm['lm_float32_tokens_per_s']:.0f} tokens/s"

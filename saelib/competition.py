@@ -57,26 +57,28 @@ def fired_pairs_topk(idx_BK: torch.Tensor, fired_BK: torch.Tensor, d_sae: int) -
 
 
 def _host_numpy(t: torch.Tensor) -> bool:
-    """Whether ``t``'s fold and cap run through numpy (on CPU, where it is faster); on any other device it stays
-    there in torch (no copy to the host)."""
+    """Whether ``t``'s work may go through numpy (on the CPU: the cap's partition, and the fold's sort where numpy's
+    is faster); on any other device it stays there in torch (no copy to the host)."""
     return t.device.type == "cpu"
 
 
-#: On the CPU, which library sorts a fold's keys ("numpy" or "torch"), chosen by ``_sort_keys``'s first large sort.
-_CPU_SORTER: dict[str, str] = {}
+#: On the CPU, which library sorts a fold's keys ("numpy" or "torch") by (torch's thread count, key dtype): chosen
+#: by ``_sort_keys``'s first large sort of each (torch's radix sort runs on every thread, numpy's on one).
+_CPU_SORTER: dict[tuple[int, str], str] = {}
 SORT_PROBE_KEYS = 1 << 20  # a fold with at least this many keys times both sorts once, if not chosen yet
 
 
 def _sort_keys(keys: torch.Tensor) -> torch.Tensor:
     """``keys`` (1-D integers) sorted ascending. Off the CPU by torch on the device. On the CPU by numpy's sort
     (introsort, or AVX-512 quicksort where numpy dispatches it) or torch's (a parallel radix sort), whichever ran
-    faster in this process's first sort of ``SORT_PROBE_KEYS`` or more keys (each timed twice there, interleaved,
-    on those very keys): a fold's 6M keys took 309 ms by numpy and 79 ms by torch on an AMD EPYC, 36 against
-    72–86 ms on an Intel Xeon with AMX (2 threads, freed memory kept). Both give the same array, so the choice
-    changes the speed only."""
+    faster in this process's first sort of ``SORT_PROBE_KEYS`` or more keys of that dtype at that thread count (each
+    timed twice there, interleaved, on those very keys). 5M int32 keys took 288–309 ms by numpy and 113 ms by torch
+    on an AMD EPYC (a fold's 6M: 79 ms by torch with freed memory kept), 36 against 72–86 ms on an Intel Xeon with
+    AMX (2 threads). Both give the same array, so the choice changes the speed only."""
     if not _host_numpy(keys):
         return keys.sort().values
-    choice = _CPU_SORTER.get("cpu")
+    which = (torch.get_num_threads(), str(keys.dtype))
+    choice = _CPU_SORTER.get(which)
     if choice is None and len(keys) >= SORT_PROBE_KEYS:
         spent = {"torch": [], "numpy": []}
         for _ in range(2):
@@ -84,7 +86,7 @@ def _sort_keys(keys: torch.Tensor) -> torch.Tensor:
                 start = time.perf_counter()
                 result = sort()
                 spent[name].append(time.perf_counter() - start)
-        choice = _CPU_SORTER["cpu"] = min(spent, key=lambda name: min(spent[name]))
+        choice = _CPU_SORTER[which] = min(spent, key=lambda name: min(spent[name]))
         return torch.from_numpy(result) if isinstance(result, np.ndarray) else result
     if choice == "numpy":
         return torch.from_numpy(np.sort(keys.numpy()))

@@ -135,7 +135,8 @@ def _unique_fold(table_keys, table_rates, raw_keys, tokens, weight):
     return uniq, torch.zeros(len(uniq)).index_add_(0, inverse, rates)
 
 
-@pytest.mark.parametrize("d_sae", [500, 40_000])  # int32 tagged keys, and int64 once 2·key + 1 overflows int32
+# int32 tagged keys; int64 once 2·key + 1 overflows int32; int64 raw keys once d_sae² does (as fired_pairs gives them)
+@pytest.mark.parametrize("d_sae", [500, 40_000, 50_000])
 def test_the_fold_equals_a_unique_over_table_and_window(d_sae):
     from saelib.competition import _fold
 
@@ -170,7 +171,7 @@ def test_the_fold_keeps_a_window_at_the_scale_of_a_16k_sae(sorter, monkeypatch):
     from saelib import competition
     from saelib.competition import _fold
 
-    monkeypatch.setitem(competition._CPU_SORTER, "cpu", sorter)
+    monkeypatch.setitem(competition._CPU_SORTER, (torch.get_num_threads(), "torch.int32"), sorter)
 
     g = torch.Generator().manual_seed(1)
     F = 16_384
@@ -184,7 +185,11 @@ def test_the_fold_keeps_a_window_at_the_scale_of_a_16k_sae(sorter, monkeypatch):
     assert torch.equal(keys, ref_keys) and torch.equal(merged, ref_rates)
 
 
-def test_the_first_large_sort_chooses_the_cpu_sorter_once(monkeypatch):
+@pytest.mark.parametrize("faster", ["numpy", "torch"])
+def test_the_first_large_sort_chooses_the_faster_cpu_sorter_once(faster, monkeypatch):
+    """The probe times each sorter twice and keeps the one with the lower time (the clock scripted here: the other
+    sorter takes 10× as long), per thread count and dtype; it never times again, and either way the keys come out
+    sorted."""
     from saelib import competition
 
     monkeypatch.setattr(competition, "_CPU_SORTER", {})
@@ -192,14 +197,17 @@ def test_the_first_large_sort_chooses_the_cpu_sorter_once(monkeypatch):
     keys = torch.randint(0, 2**29, (999,), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     assert torch.equal(competition._sort_keys(keys), keys.sort().values)
     assert competition._CPU_SORTER == {}  # too few keys to time
+    clock = iter([0.0, 1.0, 1.0, 11.0, 11.0, 12.0, 12.0, 22.0] if faster == "torch" else
+                 [0.0, 10.0, 10.0, 11.0, 11.0, 21.0, 21.0, 22.0])  # torch, numpy, torch, numpy: start and end each
+    monkeypatch.setattr(competition.time, "perf_counter", lambda: next(clock))
     more = torch.cat([keys, keys[:1]])
     assert torch.equal(competition._sort_keys(more), more.sort().values)
-    chosen = competition._CPU_SORTER["cpu"]
-    assert chosen in ("numpy", "torch")
-    timed = []
-    monkeypatch.setattr(competition.time, "perf_counter", lambda: timed.append(1) or 0.0)
-    assert torch.equal(competition._sort_keys(more), more.sort().values)
-    assert not timed and competition._CPU_SORTER == {"cpu": chosen}  # chosen once: never timed again
+    assert competition._CPU_SORTER == {(torch.get_num_threads(), "torch.int32"): faster}
+    assert torch.equal(competition._sort_keys(more), more.sort().values)  # the clock is spent: timing again raises
+    wide = more.to(torch.int64)  # another dtype is timed on its own
+    monkeypatch.setattr(competition.time, "perf_counter", lambda: 0.0)
+    assert torch.equal(competition._sort_keys(wide), wide.sort().values)
+    assert len(competition._CPU_SORTER) == 2
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
