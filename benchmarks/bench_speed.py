@@ -200,9 +200,11 @@ def sgo_ab(best: str, rounds: int) -> dict[str, float]:
         print(f"  {label:<44} {sec / steps * 1e3:7.2f}")
     from saelib.competition import _CPU_SORTER
 
-    print(f"the fold's keys sorted by {_CPU_SORTER.get('cpu', '(not chosen)')} (saelib.competition._sort_keys)")
+    sorters = {f"{dtype.removeprefix('torch.')}, {threads} threads": name
+               for (threads, dtype), name in _CPU_SORTER.items()}
+    print(f"the fold's keys sorted by (saelib.competition._sort_keys): {sorters or '(not chosen)'}")
     result = {"sgo_overhead_16k": t["sgo"] / t["saelib"] - 1, "sgo_extra_ms_16k": (t["sgo"] - t["saelib"]) * 1e3}
-    print(json.dumps({k: round(v, 4) for k, v in result.items()} | {"fold_sorter": _CPU_SORTER.get("cpu")}))
+    print(json.dumps({k: round(v, 4) for k, v in result.items()} | {"fold_sorter": sorters}))
     return result
 
 
