@@ -66,6 +66,8 @@ def _host_numpy(t: torch.Tensor) -> bool:
 #: by ``_sort_keys``'s first large sort of each (torch's radix sort runs on every thread, numpy's on one).
 _CPU_SORTER: dict[tuple[int, str], str] = {}
 SORT_PROBE_KEYS = 1 << 20  # a fold with at least this many keys times both sorts once, if not chosen yet
+_CPU_SORTS = {"torch": lambda keys: keys.sort().values,  # the order the probe times them in
+              "numpy": lambda keys: torch.from_numpy(np.sort(keys.numpy()))}
 
 
 def _sort_keys(keys: torch.Tensor) -> torch.Tensor:
@@ -80,17 +82,15 @@ def _sort_keys(keys: torch.Tensor) -> torch.Tensor:
     which = (torch.get_num_threads(), str(keys.dtype))
     choice = _CPU_SORTER.get(which)
     if choice is None and len(keys) >= SORT_PROBE_KEYS:
-        spent = {"torch": [], "numpy": []}
+        spent: dict[str, list[float]] = {name: [] for name in _CPU_SORTS}
         for _ in range(2):
-            for name, sort in (("torch", lambda: keys.sort().values), ("numpy", lambda: np.sort(keys.numpy()))):
+            for name, sort in _CPU_SORTS.items():
                 start = time.perf_counter()
-                result = sort()
+                result = sort(keys)
                 spent[name].append(time.perf_counter() - start)
-        choice = _CPU_SORTER[which] = min(spent, key=lambda name: min(spent[name]))
-        return torch.from_numpy(result) if isinstance(result, np.ndarray) else result
-    if choice == "numpy":
-        return torch.from_numpy(np.sort(keys.numpy()))
-    return keys.sort().values
+        _CPU_SORTER[which] = min(spent, key=lambda name: min(spent[name]))
+        return result
+    return _CPU_SORTS[choice or "torch"](keys)
 
 
 def _new_rates(counts: torch.Tensor, tokens: int, weight: float) -> torch.Tensor:
