@@ -45,7 +45,7 @@ smoke: model
 
 ## test: unit tests, integration tests on the real model, nbval over every notebook
 test: model
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 	# at the smoke profile, in dependency order: evaluate reads the smoke run that train writes; compare/competition read tests/fixtures/study;
 	# tests/nbval_iopub.py: nbval reads a cell's output while it runs (alone, it drops what outgrows ZeroMQ's buffers)
 	SAELIB_PROFILE=smoke $(PY) -m pytest -q -p tests.nbval_iopub --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
